@@ -1,0 +1,111 @@
+"""Settings that producers and workers share, read from the environment (a `.env` file works too).
+
+Secrets (API keys) are not read here: producers never need them. Workers read them in
+`workers.settings`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+DEFAULT_API_URL = "https://api.awork.com/api/v1"
+DEFAULT_WORKSPACE = "default"
+# Written by `awork-uploads stack` so that other shells find the running stack's Redis.
+STACK_ENV_FILE = Path("var/stack.env")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed. The message names the variable."""
+
+
+def load_dotenv(path: Path = Path(".env")) -> None:
+    """Set variables from a `.env` file without overriding the real environment."""
+    for file in (path, STACK_ENV_FILE):
+        if not file.is_file():
+            continue
+        for raw in file.read_text().splitlines():
+            line = raw.strip()
+            if not line or line.startswith("#") or "=" not in line:
+                continue
+            key, _, value = line.partition("=")
+            key = key.strip().removeprefix("export ").strip()
+            value = value.strip().strip("'\"")
+            os.environ.setdefault(key, value)
+
+
+def redact_url(url: str) -> str:
+    """The URL minus its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    netloc = f"{user}:***@{host}" if user else f":***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class SharedSettings:
+    redis_url: str
+    staging_dir: Path
+    workspaces_file: Path | None
+    # Finished job records expire after this many seconds (done, failed and dead alike).
+    record_ttl_seconds: int
+    # Hosts an http(s) source URL may name (host or host:port); empty = URL sources refused.
+    source_url_hosts: tuple[str, ...]
+
+    @classmethod
+    def from_env(cls) -> SharedSettings:
+        load_dotenv()
+        redis_url = os.environ.get("REDIS_URL", "").strip()
+        if not redis_url:
+            raise ConfigError(
+                "REDIS_URL: not set (start `awork-uploads stack`, or point REDIS_URL at the "
+                "fleet's Redis)"
+            )
+        if urlsplit(redis_url).scheme not in {"redis", "rediss", "unix"}:
+            raise ConfigError(f"REDIS_URL: expected redis://, rediss:// or unix://, got {redact_url(redis_url)}")
+        wf = os.environ.get("AWORK_WORKSPACES_FILE", "").strip()
+        hosts = os.environ.get("AWORK_SOURCE_URL_HOSTS", "")
+        return cls(
+            redis_url=redis_url,
+            staging_dir=Path(os.environ.get("STAGING_DIR", "var/staging")).resolve(),
+            workspaces_file=Path(wf) if wf else None,
+            record_ttl_seconds=_env_int("AWORK_RECORD_TTL", 7 * 24 * 3600),
+            source_url_hosts=tuple(h.strip().lower() for h in hosts.split(",") if h.strip()),
+        )
+
+
+def read_workspaces_file(path: Path) -> dict[str, dict[str, object]]:
+    """Parse AWORK_WORKSPACES_FILE (TOML, `[workspaces.NAME]` tables) into name -> table."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"AWORK_WORKSPACES_FILE: {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"AWORK_WORKSPACES_FILE: {path} is not valid TOML: {exc}") from None
+    tables = data.get("workspaces")
+    if not isinstance(tables, dict) or not tables:
+        raise ConfigError(f"AWORK_WORKSPACES_FILE: {path} has no [workspaces.NAME] table")
+    out: dict[str, dict[str, object]] = {}
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"AWORK_WORKSPACES_FILE: workspaces.{name} must be a table")
+        out[name] = table
+    return out
