@@ -76,11 +76,12 @@ class SharedSettings:
         redis_url = os.environ.get("REDIS_URL", "").strip()
         if not redis_url:
             raise ConfigError(
-                "REDIS_URL: not set (start `awork-uploads stack`, or point REDIS_URL at the "
-                "fleet's Redis)"
+                "REDIS_URL: not set (start `awork-uploads stack`, or point REDIS_URL at the fleet's Redis)"
             )
         if urlsplit(redis_url).scheme not in {"redis", "rediss", "unix"}:
-            raise ConfigError(f"REDIS_URL: expected redis://, rediss:// or unix://, got {redact_url(redis_url)}")
+            raise ConfigError(
+                f"REDIS_URL: expected redis://, rediss:// or unix://, got {redact_url(redis_url)}"
+            )
         wf = os.environ.get("AWORK_WORKSPACES_FILE", "").strip()
         hosts = os.environ.get("AWORK_SOURCE_URL_HOSTS", "")
         return cls(

@@ -1,0 +1,229 @@
+"""`awork-uploads`: enqueue files, watch jobs, and run the fleet (worker, stack, demo, sandbox).
+
+The worker, stack, demo and sandbox commands live on the ops/workers side and are loaded only
+when called, so producers stay light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from producers.config import ConfigError
+from producers.contract import SpecError
+from producers.records import Job
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# Commands implemented outside producers: name -> (module with main(argv), help).
+OPS_COMMANDS: dict[str, tuple[str, str]] = {
+    "sandbox": ("ops.sandbox.cli", "run the awork sandbox (see ops/README.md)"),
+    "stack": ("ops.stack", "run Redis, the sandbox, workers and Flower on this machine"),
+    "demo": ("ops.demo", "start the stack and send a realistic batch through it"),
+}
+
+
+def job_json(job: Job) -> str:
+    err = job.error
+    return json.dumps(
+        {
+            "id": job.id,
+            "state": job.state.value,
+            "workspace": job.workspace,
+            "target": job.target,
+            "file_name": job.file_name,
+            "size": job.size,
+            "bytes_sent": job.bytes_sent,
+            "file_id": job.file_id,
+            "created": job.created,
+            "wait_reason": job.wait_reason,
+            "error": None
+            if err is None
+            else {
+                "step": err.step,
+                "code": err.code,
+                "description": err.description,
+                "status": err.status,
+                "trace_id": err.trace_id,
+            },
+        }
+    )
+
+
+def _print_jobs(jobs: Sequence[Job], as_json: bool) -> None:
+    from producers.progress import job_line
+
+    for job in jobs:
+        print(job_json(job) if as_json else f"{job.id}  {job_line(job)}", flush=True)
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    from producers.client import Uploads
+    from producers.progress import ProgressDisplay
+    from producers.spec import JobSpec
+
+    if args.name and len(args.paths) > 1:
+        raise SpecError("name", "--name applies to one file; give one PATH")
+    if args.idempotency_key and len(args.paths) > 1:
+        raise SpecError("idempotency_key", "--idempotency-key applies to one file; give one PATH")
+    specs = [
+        JobSpec(
+            source=p if p.lower().startswith(("http://", "https://")) else Path(p),
+            to=args.to,
+            workspace=args.workspace,
+            name=args.name,
+            description=args.description,
+            idempotency_key=args.idempotency_key,
+            content_type=args.content_type,
+        )
+        for p in args.paths
+    ]
+    with Uploads.from_env() as up:
+        jobs = up.enqueue_many(specs)
+        if not args.wait:
+            _print_jobs(jobs, args.json)
+            return EXIT_OK
+        display = None if args.json else ProgressDisplay()
+        final = up.wait_many(
+            [j.id for j in jobs],
+            timeout=args.timeout,
+            on_update=display.update if display else None,
+        )
+        _print_jobs(final, args.json)
+        return EXIT_OK if all(j.state.value == "done" for j in final) else EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from producers.client import Uploads
+
+    with Uploads.from_env() as up:
+        jobs = up.statuses(args.jobs)
+    _print_jobs(jobs, args.json)
+    return EXIT_OK
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from producers.client import Uploads
+
+    with Uploads.from_env() as up:
+        jobs = up.jobs(state=args.state, limit=args.limit)
+    _print_jobs(jobs, args.json)
+    return EXIT_OK
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Exec `celery -A workers worker` with defaults that fit this workload."""
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers",
+        "worker",
+        "--pool",
+        args.pool,
+        "--concurrency",
+        str(args.concurrency),
+        "--queues",
+        args.queues,
+        "--loglevel",
+        args.loglevel,
+        "--without-mingle",
+        "--without-gossip",
+        *args.celery_args,
+    ]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    os.execv(sys.executable, argv)
+    return EXIT_OK  # not reached
+
+
+def run_ops_command(command: str, rest: list[str]) -> int:
+    """sandbox / stack / demo / workspaces / dead live in ops and parse their own flags."""
+    import importlib
+
+    module = importlib.import_module(OPS_COMMANDS[command][0])
+    return int(module.main(rest))
+
+
+def cmd_passthrough(args: argparse.Namespace) -> int:
+    return run_ops_command(args.command, args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="awork-uploads", description="Get files into awork through a Celery fleet."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("enqueue", help="upload files to an awork entity")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="local files or http(s) URLs")
+    p.add_argument("--to", required=True, metavar="KIND:ID", help="task:<id>, image:projects/<id>, ...")
+    p.add_argument("--workspace", default="default")
+    p.add_argument("--name", help="the file name in awork (one PATH only)")
+    p.add_argument("--description")
+    p.add_argument("--idempotency-key", help="the same key returns the same job (one PATH only)")
+    p.add_argument("--content-type")
+    p.add_argument("--wait", action="store_true", help="show progress until every job ends")
+    p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after SECONDS")
+    p.add_argument("--json", action="store_true", help="one JSON object per job per line")
+    p.set_defaults(func=cmd_enqueue)
+
+    p = sub.add_parser("status", help="show jobs by id")
+    p.add_argument("jobs", nargs="+", metavar="JOB")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("jobs", help="list recent jobs")
+    p.add_argument("--state", help="queued, requesting_url, uploading, linking, done, failed, dead")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("worker", help="run a worker (celery -A workers worker with good defaults)")
+    p.add_argument("--pool", default="threads", help="threads (default) fits blocking HTTP")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--queues", default="awork.api,awork.transfer")
+    p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--hostname")
+    p.add_argument("celery_args", nargs=argparse.REMAINDER, help="more celery worker options")
+    p.set_defaults(func=cmd_worker)
+
+    for name, (_, text) in OPS_COMMANDS.items():
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=cmd_passthrough)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from producers.client import JobNotFound, RedisUnavailable
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in OPS_COMMANDS:
+        try:
+            return run_ops_command(argv[0], argv[1:])
+        except (ConfigError, RedisUnavailable) as exc:
+            print(f"awork-uploads: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (SpecError, ConfigError, RedisUnavailable) as exc:
+        print(f"awork-uploads: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except JobNotFound as exc:
+        print(f"awork-uploads: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except TimeoutError as exc:
+        print(f"awork-uploads: timeout: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""The job record: one Redis hash per job, the source of truth for status.
+
+Producers create records; workers advance them. Celery's result backend and Flower are views,
+not the truth. Field names here are the contract between the two sides.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from producers.contract import FINISHED_STATES, JobState
+
+JOB_PREFIX = "awork:job:"
+INDEX_KEY = "awork:jobs"  # zset: job id -> created_at, every job whose record still exists
+DEAD_KEY = "awork:jobs:dead"  # zset: job id -> finished_at, failed and dead jobs (dead letters)
+EVENTS_CHANNEL = "awork:job-events"  # pub/sub: a JSON line when a job finishes
+IDEMPOTENCY_TTL_SECONDS = 30 * 24 * 3600
+
+STEPS = ("generate", "put", "link", "multipart")
+
+_CREATE_SCRIPT = (Path(__file__).with_name("create_job.lua")).read_text()
+
+
+def job_key(job_id: str) -> str:
+    return f"{JOB_PREFIX}{job_id}"
+
+
+def idempotency_key(workspace: str, key: str) -> str:
+    return f"awork:idem:{workspace}:{key}"
+
+
+@dataclass(frozen=True)
+class JobError:
+    step: str | None
+    code: str | None
+    description: str | None
+    status: int | None
+    trace_id: str | None
+
+
+@dataclass(frozen=True)
+class Job:
+    """A read-only view of a job record."""
+
+    id: str
+    state: JobState
+    workspace: str
+    target: str
+    file_name: str
+    size: int | None
+    bytes_sent: int
+    file_id: str | None
+    upload_id: str | None
+    error: JobError | None
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    wait_reason: str | None
+    wait_until: float | None
+    attempts: dict[str, int]
+    created: bool = True  # False when an idempotency key returned an existing job
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["state"] = self.state.value
+        return out
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, str], created: bool = True) -> Job:
+        def num(name: str) -> float | None:
+            raw = record.get(name)
+            return float(raw) if raw not in (None, "") else None
+
+        def text(name: str) -> str | None:
+            raw = record.get(name)
+            return raw if raw not in (None, "") else None
+
+        error = None
+        if text("error_code") or text("error_description"):
+            status = num("error_status")
+            error = JobError(
+                step=text("error_step"),
+                code=text("error_code"),
+                description=text("error_description"),
+                status=int(status) if status is not None else None,
+                trace_id=text("error_trace_id"),
+            )
+        size = num("size")
+        return cls(
+            id=record["id"],
+            state=JobState(record.get("state", "queued")),
+            workspace=record.get("workspace", ""),
+            target=record.get("target", ""),
+            file_name=record.get("file_name", ""),
+            size=int(size) if size is not None else None,
+            bytes_sent=int(num("bytes_sent") or 0),
+            file_id=text("file_id"),
+            upload_id=text("upload_id"),
+            error=error,
+            created_at=num("created_at") or 0.0,
+            updated_at=num("updated_at") or 0.0,
+            finished_at=num("finished_at"),
+            wait_reason=text("wait_reason"),
+            wait_until=num("wait_until"),
+            attempts={s: int(record.get(f"attempts_{s}", "0") or 0) for s in STEPS},
+            created=created,
+        )
+
+
+class JobStore:
+    """Reads and writes job records. Every write stamps `updated_at`."""
+
+    def __init__(self, client: redis.Redis, record_ttl_seconds: int = 7 * 24 * 3600) -> None:
+        self.redis = client
+        self.record_ttl_seconds = record_ttl_seconds
+        self._create = client.register_script(_CREATE_SCRIPT)
+
+    # -- producers ---------------------------------------------------------------------------
+    def create(self, record: Mapping[str, str], idem_key: str | None) -> tuple[str, bool]:
+        """Write a new record unless `idem_key` already names a live job; return (id, created)."""
+        return self.create_many([(record, idem_key)])[0]
+
+    def create_many(self, items: Sequence[tuple[Mapping[str, str], str | None]]) -> list[tuple[str, bool]]:
+        """Create records in one pipelined round trip; an existing job wins its idempotency key."""
+        if not items:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for record, idem_key in items:
+            job_id = record["id"]
+            idem = idempotency_key(record["workspace"], idem_key) if idem_key else ""
+            flat: list[str] = []
+            for k, v in record.items():
+                flat += [k, v]
+            args = [job_id, record["created_at"], str(IDEMPOTENCY_TTL_SECONDS), *flat]
+            self._create(keys=[job_key(job_id), idem, INDEX_KEY], args=args, client=pipe)
+        return [(_s(found), bool(int(created))) for found, created in pipe.execute()]
+
+    def find_by_idempotency_key(self, workspace: str, key: str) -> str | None:
+        found = self.redis.get(idempotency_key(workspace, key))
+        if found is None:
+            return None
+        job_id = _s(found)
+        return job_id if self.redis.exists(job_key(job_id)) else None
+
+    def delete(self, job_id: str, idem_key: str | None, workspace: str) -> None:
+        """Undo a create whose message could not be published (nothing half-done)."""
+        pipe = self.redis.pipeline()
+        pipe.delete(job_key(job_id))
+        pipe.zrem(INDEX_KEY, job_id)
+        if idem_key:
+            pipe.delete(idempotency_key(workspace, idem_key))
+        pipe.execute()
+
+    # -- reads -------------------------------------------------------------------------------
+    def get(self, job_id: str) -> dict[str, str] | None:
+        raw = self.redis.hgetall(job_key(job_id))
+        if not raw:
+            return None
+        return {_s(k): _s(v) for k, v in raw.items()}
+
+    def get_many(self, job_ids: Iterable[str]) -> list[dict[str, str] | None]:
+        ids = list(job_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(job_key(job_id))
+        return [{_s(k): _s(v) for k, v in raw.items()} or None for raw in pipe.execute()]
+
+    def list_ids(self, limit: int = 1000, newest_first: bool = True) -> list[str]:
+        ids: list[bytes] = self.redis.zrange(INDEX_KEY, 0, limit - 1, desc=newest_first)  # type: ignore[assignment]
+        return [_s(i) for i in ids]
+
+    def prune_index(self, job_ids: Iterable[str]) -> None:
+        """Drop ids whose records expired from the indexes."""
+        ids = list(job_ids)
+        if ids:
+            self.redis.zrem(INDEX_KEY, *ids)
+            self.redis.zrem(DEAD_KEY, *ids)
+
+    # -- workers -----------------------------------------------------------------------------
+    def update(self, job_id: str, **fields: object) -> None:
+        mapping: dict[Any, Any] = {k: _encode(v) for k, v in fields.items()}
+        mapping["updated_at"] = _now()
+        self.redis.hset(job_key(job_id), mapping=mapping)
+
+    def clear(self, job_id: str, *fields: str) -> None:
+        if fields:
+            self.redis.hdel(job_key(job_id), *fields)
+
+    def incr(self, job_id: str, field: str, by: int = 1) -> int:
+        pipe = self.redis.pipeline()
+        pipe.hincrby(job_key(job_id), field, by)
+        pipe.hset(job_key(job_id), "updated_at", _now())
+        return int(pipe.execute()[0])
+
+    def finish(self, job_id: str, state: JobState, **fields: object) -> None:
+        """End a job: set the final state, start its expiry, keep failures in the dead letters."""
+        now = time.time()
+        mapping: dict[Any, Any] = {k: _encode(v) for k, v in fields.items()}
+        mapping.update(state=state.value, finished_at=repr(now), updated_at=repr(now))
+        pipe = self.redis.pipeline()
+        key = job_key(job_id)
+        pipe.hset(key, mapping=mapping)
+        # The upload URL is a write credential: it has no use once the job has ended.
+        pipe.hdel(key, "upload_url")
+        pipe.expire(key, self.record_ttl_seconds)
+        if state in (JobState.FAILED, JobState.DEAD):
+            pipe.zadd(DEAD_KEY, {job_id: now})
+        else:
+            pipe.zrem(DEAD_KEY, job_id)
+        pipe.publish(EVENTS_CHANNEL, json.dumps({"id": job_id, "state": state.value}))
+        pipe.execute()
+
+
+def _now() -> str:
+    return repr(time.time())
+
+
+def _encode(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,182 @@
+"""A job spec and its validation: every field checked before anything is staged or enqueued."""
+
+from __future__ import annotations
+
+import mimetypes
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from producers.contract import SpecError, Target
+
+_CONTENT_TYPE = re.compile(r"^[A-Za-z0-9][\w.+-]*/[\w.+-]+(\s*;.*)?$")
+_WORKSPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_IDEM_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+MAX_FILE_NAME = 255
+MAX_DESCRIPTION = 4000
+
+IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+)
+
+
+def sniff_image(head: bytes) -> str | None:
+    """The image MIME type from the first bytes, or None when it is no image we know."""
+    for magic, mime in IMAGE_MAGIC:
+        if head.startswith(magic):
+            return mime
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a producer asks for. `source` is a local path, raw bytes, or an http(s) URL."""
+
+    source: str | Path | bytes
+    to: str
+    workspace: str = "default"
+    name: str | None = None
+    description: str | None = None
+    idempotency_key: str | None = None
+    content_type: str | None = None
+
+
+@dataclass(frozen=True)
+class ValidSpec:
+    """A spec that passed every check; `path`/`url`/`data` says where the bytes are."""
+
+    target: Target
+    workspace: str
+    file_name: str
+    description: str | None
+    idempotency_key: str | None
+    content_type: str
+    size: int | None
+    path: Path | None = None
+    url: str | None = None
+    data: bytes | None = None
+
+
+def validate(
+    spec: JobSpec,
+    known_workspaces: set[str] | None,
+    source_url_hosts: tuple[str, ...],
+) -> ValidSpec:
+    target = Target.parse(spec.to, "to")
+    workspace = _workspace(spec.workspace, known_workspaces)
+    idem = spec.idempotency_key
+    if idem is not None and not _IDEM_KEY.match(idem):
+        raise SpecError("idempotency_key", "1 to 200 printable ASCII characters without spaces")
+    description = spec.description
+    if description is not None and len(description) > MAX_DESCRIPTION:
+        raise SpecError("description", f"longer than {MAX_DESCRIPTION} characters")
+
+    path: Path | None = None
+    url: str | None = None
+    data: bytes | None = None
+    size: int | None
+    head: bytes | None = None
+    src = spec.source
+    if isinstance(src, bytes | bytearray):
+        data = bytes(src)
+        if not data:
+            raise SpecError("source", "no bytes given (awork does not take empty files)")
+        if not spec.name:
+            raise SpecError("name", "required when the source is raw bytes")
+        size, head = len(data), data[:16]
+        default_name = spec.name
+    elif isinstance(src, str) and src.lower().startswith(("http://", "https://")):
+        url = _source_url(src, source_url_hosts)
+        size = None
+        default_name = Path(unquote(urlsplit(url).path)).name
+    elif isinstance(src, str | Path):
+        from producers.staging import check_local_file
+
+        path = Path(src).expanduser()
+        size = check_local_file(path, "path")
+        default_name = path.name
+        if target.route.name == "IMAGE_BY_UPLOAD_ID":
+            try:
+                with path.open("rb") as fh:
+                    head = fh.read(16)
+            except OSError as exc:
+                raise SpecError("path", f"{path}: not readable ({exc.strerror})") from None
+    else:
+        raise SpecError("source", f"expected a path, bytes or an http(s) URL, got {type(src).__name__}")
+
+    file_name = _file_name(spec.name or default_name)
+    if size is not None and size > target.max_bytes:
+        raise SpecError(
+            "path",
+            f"{size} bytes is over the {target.max_bytes} byte cap of the {target.route.value} route",
+        )
+    content_type = _content_type(spec.content_type, file_name)
+    if target.route.name == "IMAGE_BY_UPLOAD_ID":
+        sniffed = sniff_image(head) if head is not None else None
+        if head is not None and sniffed is None:
+            raise SpecError("path", f"{file_name}: not an image (PNG, JPEG, GIF or WebP) for {target}")
+        if sniffed and not spec.content_type:
+            content_type = sniffed
+    return ValidSpec(
+        target=target,
+        workspace=workspace,
+        file_name=file_name,
+        description=description,
+        idempotency_key=idem,
+        content_type=content_type,
+        size=size,
+        path=path,
+        url=url,
+        data=data,
+    )
+
+
+def _workspace(name: str, known: set[str] | None) -> str:
+    if not isinstance(name, str) or not _WORKSPACE.match(name):
+        raise SpecError("workspace", f"malformed workspace name {name!r}")
+    if known is not None and name not in known:
+        listed = ", ".join(sorted(known)) or "none"
+        raise SpecError("workspace", f"unknown workspace {name!r} (known: {listed})")
+    return name
+
+
+def _file_name(name: str) -> str:
+    name = name.strip()
+    if not name:
+        raise SpecError("name", "the file name is empty")
+    if len(name) > MAX_FILE_NAME:
+        raise SpecError("name", f"longer than {MAX_FILE_NAME} characters")
+    if any(ord(c) < 32 or c in "/\\" for c in name):
+        raise SpecError("name", f"{name!r} contains a control character or a path separator")
+    return name
+
+
+def _content_type(given: str | None, file_name: str) -> str:
+    if given is not None:
+        if not _CONTENT_TYPE.match(given):
+            raise SpecError("content_type", f"malformed MIME type {given!r}")
+        return given
+    guessed, _ = mimetypes.guess_type(file_name)
+    return guessed or "application/octet-stream"
+
+
+def _source_url(url: str, allowed: tuple[str, ...]) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SpecError("source", f"only http(s) URLs with a host are accepted, got {url!r}")
+    if parts.username or parts.password:
+        raise SpecError("source", "URLs with credentials are refused (they would travel in messages)")
+    host = parts.hostname.lower()
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if host not in allowed and f"{host}:{port}" not in allowed:
+        raise SpecError(
+            "source",
+            f"host {host}:{port} is not on the allow-list AWORK_SOURCE_URL_HOSTS",
+        )
+    return url

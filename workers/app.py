@@ -1,0 +1,11 @@
+"""The Celery app: `celery -A workers worker` finds it as `workers.app`."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from producers.broker import celery_config
+from producers.config import SharedSettings
+
+app = Celery("workers", include=["workers.steps", "workers.signals"])
+app.conf.update(celery_config(SharedSettings.from_env().redis_url))

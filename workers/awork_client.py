@@ -1,0 +1,151 @@
+"""A small awork API client: one requests Session per thread, explicit timeouts, classified errors.
+
+Every response (success or error) is passed to `on_response` so the rate limiter can learn from
+awork's headers. Errors keep awork's code, description and trace id for the job record.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import requests
+
+from workers.errors import AworkError, PermanentError, RateLimited, TransientError
+from workers.settings import Secret
+
+ResponseHook = Callable[[int, Mapping[str, str]], None]
+# awork codes that say "try again" although they come with a 4xx status.
+RETRYABLE_CODES = frozenset({"concurrency-violation", "database-commit"})
+USER_AGENT = "awork-uploads/0.1"
+
+
+class AworkClient:
+    def __init__(
+        self,
+        api_url: str,
+        api_key: Secret,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+        on_response: ResponseHook | None = None,
+    ) -> None:
+        self.api_url = api_url.rstrip("/")
+        self._api_key = api_key
+        self.timeout = (connect_timeout, read_timeout)
+        self.on_response = on_response
+        self._local = threading.local()
+
+    @property
+    def session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.trust_env = False
+            session.headers["Authorization"] = f"Bearer {self._api_key.reveal()}"
+            session.headers["User-Agent"] = USER_AGENT
+            self._local.session = session
+        return session
+
+    # -- the calls ---------------------------------------------------------------------------
+    def generate_upload_url(self) -> tuple[str, str]:
+        """POST /files/generateuploadurl -> (uploadId, uploadURL); the key is read case-insensitively."""
+        body = self._request("POST", "/files/generateuploadurl", idempotent=True)
+        fields = {k.lower(): v for k, v in body.items()} if isinstance(body, dict) else {}
+        upload_id, upload_url = fields.get("uploadid"), fields.get("uploadurl")
+        if not upload_id or not upload_url:
+            raise TransientError("generateuploadurl answered without uploadId/uploadURL")
+        return str(upload_id), str(upload_url)
+
+    def link_upload(
+        self, path: str, upload_id: str, file_name: str, description: str | None
+    ) -> dict[str, Any]:
+        body = {"uploadId": upload_id, "fileName": file_name, "description": description}
+        result = self._request("POST", path, json=body, idempotent=False)
+        return result if isinstance(result, dict) else {}
+
+    def multipart_upload(
+        self, path: str, body: Any, content_type: str, content_length: int | None
+    ) -> dict[str, Any]:
+        headers = {"Content-Type": content_type}
+        if content_length is not None:
+            headers["Content-Length"] = str(content_length)
+        result = self._request("POST", path, data=body, headers=headers, idempotent=False)
+        return result if isinstance(result, dict) else {}
+
+    def list_files(self, path: str, page_size: int = 1000, max_pages: int = 50) -> list[dict[str, Any]]:
+        """Every FileInfo of an entity, following awork's paging headers."""
+        out: list[dict[str, Any]] = []
+        for page in range(1, max_pages + 1):
+            batch = self._request("GET", path, params={"page": page, "pageSize": page_size}, idempotent=True)
+            if not isinstance(batch, list):
+                break
+            out.extend(b for b in batch if isinstance(b, dict))
+            if len(batch) < page_size:
+                break
+        return out
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def _request(self, method: str, path: str, idempotent: bool, **kwargs: Any) -> Any:
+        url = f"{self.api_url}{path}"
+        try:
+            resp = self.session.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.exceptions.ConnectTimeout as exc:
+            raise TransientError(f"{method} {path}: connect timeout ({type(exc).__name__})") from None
+        except requests.exceptions.ReadTimeout:
+            raise TransientError(f"{method} {path}: read timeout", outcome_unknown=not idempotent) from None
+        except requests.exceptions.RequestException as exc:
+            # The request may have reached awork before the connection broke.
+            raise TransientError(
+                f"{method} {path}: connection error ({type(exc).__name__})", outcome_unknown=not idempotent
+            ) from None
+        if self.on_response is not None:
+            self.on_response(resp.status_code, resp.headers)
+        if resp.status_code < 300:
+            if not resp.content:
+                return None
+            try:
+                return resp.json()
+            except ValueError:
+                raise TransientError(
+                    f"{method} {path}: answer is not JSON", status=resp.status_code, outcome_unknown=True
+                ) from None
+        raise classify(method, path, resp)
+
+
+def classify(method: str, path: str, resp: requests.Response) -> AworkError:
+    """Map an error response to Permanent, Transient or RateLimited, keeping awork's details."""
+    status = resp.status_code
+    code = description = None
+    details: list[str] = []
+    trace_id = resp.headers.get("Trace-Id") or resp.headers.get("traceparent")
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        code = body.get("code")
+        description = body.get("description")
+        trace_id = trace_id or body.get("traceId")
+        details = [str(d) for d in body.get("details") or []]
+        for v in body.get("validationErrors") or []:
+            if isinstance(v, dict):
+                details.append(f"{v.get('property')}: {v.get('message')}")
+    message = f"{method} {path}: {description or resp.reason or 'HTTP ' + str(status)}"
+    kw: dict[str, Any] = {"status": status, "code": code, "trace_id": trace_id, "details": details}
+    if status == 429:
+        return RateLimited(message, retry_after=_retry_after(resp.headers), **kw)
+    if status >= 500 or status in (408, 409) or code in RETRYABLE_CODES:
+        return TransientError(message, retry_after=_retry_after(resp.headers), **kw)
+    return PermanentError(message, **kw)
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    for name in ("Retry-After", "ratelimit-reset"):
+        raw = headers.get(name)
+        if raw:
+            try:
+                return max(0.0, float(raw))
+            except ValueError:
+                continue
+    return None

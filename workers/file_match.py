@@ -1,0 +1,41 @@
+"""Recognising our own file among an entity's files after a link whose answer was lost."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+# awork's clock and ours may differ a little; a file created this long before we sent is not ours.
+CLOCK_SKEW_SECONDS = 120
+
+
+def find_linked_file(files: list[dict[str, Any]], record: dict[str, str]) -> dict[str, Any] | None:
+    """The newest file with our name and size created after we sent the link, if any."""
+    name = record.get("file_name")
+    size = int(record["size"]) if record.get("size") else None
+    started = float(record.get("link_started_at") or 0) - CLOCK_SKEW_SECONDS
+    best: tuple[float, dict[str, Any]] | None = None
+    for info in files:
+        if name not in (info.get("fileName"), info.get("name")):
+            continue
+        versions = info.get("fileVersions") or []
+        if size is not None and versions and isinstance(versions[-1], dict):
+            got = versions[-1].get("size")
+            if got is not None and int(got) != size:
+                continue
+        created = _timestamp(info.get("createdOn"))
+        if created is not None and created < started:
+            continue
+        key = created or 0.0
+        if best is None or key > best[0]:
+            best = (key, info)
+    return best[1] if best else None
+
+
+def _timestamp(value: object) -> float | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None

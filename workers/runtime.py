@@ -1,0 +1,88 @@
+"""Per-process resources the steps share: settings, Redis, the job store, limiter, clients.
+
+Built lazily on first use so importing the app (as Flower or `celery inspect` do) needs no keys.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import redis
+
+from producers.records import JobStore
+from workers.awork_client import AworkClient
+from workers.blob import BlobUploader, TransferPolicy
+from workers.ratelimit import RateLimiter
+from workers.settings import WorkerSettings
+
+
+@dataclass
+class Runtime:
+    settings: WorkerSettings
+    _clients: dict[str, AworkClient] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(
+            self.settings.shared.redis_url,
+            socket_connect_timeout=5,
+            socket_timeout=30,
+            health_check_interval=10,
+            retry_on_timeout=True,
+        )
+
+    @cached_property
+    def store(self) -> JobStore:
+        return JobStore(self.redis, self.settings.shared.record_ttl_seconds)
+
+    @cached_property
+    def limiter(self) -> RateLimiter:
+        return RateLimiter(self.redis)
+
+    @cached_property
+    def uploader(self) -> BlobUploader:
+        return BlobUploader(self.settings.upload_hosts, TransferPolicy.from_env())
+
+    def client(self, workspace: str) -> AworkClient:
+        """The workspace's API client; every response feeds the shared limiter."""
+        with self._lock:
+            existing = self._clients.get(workspace)
+            if existing is not None:
+                return existing
+            ws = self.settings.workspace(workspace)
+
+            def observe(status: int, headers: Mapping[str, str]) -> None:
+                self.limiter.observe(ws.name, ws.limits, status, headers)
+
+            client = AworkClient(
+                ws.api_url,
+                ws.api_key,
+                self.settings.connect_timeout,
+                self.settings.read_timeout,
+                on_response=observe,
+            )
+            self._clients[workspace] = client
+            return client
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def runtime() -> Runtime:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = Runtime(WorkerSettings.from_env())
+        return _runtime
+
+
+def reset_runtime() -> None:
+    """Forget the cached runtime (after a fork, or in tests that change the environment)."""
+    global _runtime
+    with _runtime_lock:
+        _runtime = None

@@ -1,0 +1,164 @@
+"""Worker-side configuration: where awork is, the workspaces' keys and limits, where PUTs may go.
+
+API keys are read here and only here. `Secret` keeps them out of reprs, logs and tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from producers.config import (
+    DEFAULT_API_URL,
+    DEFAULT_WORKSPACE,
+    ConfigError,
+    SharedSettings,
+    read_workspaces_file,
+)
+
+
+class Secret:
+    """A string that never shows itself: repr and str print a placeholder."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+@dataclass(frozen=True)
+class Workspace:
+    name: str
+    api_key: Secret = field(repr=False)
+    limits: Any  # workers.ratelimit.WorkspaceLimits
+    api_url: str
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff with full jitter for transient errors; waits for rate tokens do not count."""
+
+    max_attempts: int = 8
+    base_seconds: float = 2.0
+    max_seconds: float = 300.0
+    # A step that kills its worker again and again (a poison message) stops after this many starts.
+    max_deliveries: int = 20
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    shared: SharedSettings
+    api_url: str
+    workspaces: dict[str, Workspace]
+    upload_hosts: tuple[str, ...]
+    retry: RetryPolicy
+    connect_timeout: float
+    read_timeout: float
+
+    @classmethod
+    def from_env(cls) -> WorkerSettings:
+        from workers.ratelimit import default_limits_from_env, limits_from_table
+
+        shared = SharedSettings.from_env()
+        api_url = os.environ.get("AWORK_API_URL", "").strip() or DEFAULT_API_URL
+        _check_url("AWORK_API_URL", api_url)
+        workspaces: dict[str, Workspace] = {}
+        if shared.workspaces_file is not None:
+            for name, table in read_workspaces_file(shared.workspaces_file).items():
+                key = _key_from_table(name, table)
+                limits = limits_from_table(table)
+                if name == DEFAULT_WORKSPACE and not any(k in table for k in ("per_minute", "per_second")):
+                    limits = default_limits_from_env(limits)
+                ws_url = str(table.get("api_url") or api_url)
+                _check_url(f"workspaces.{name}.api_url", ws_url)
+                workspaces[name] = Workspace(name, key, limits, ws_url.rstrip("/"))
+        key = os.environ.get("AWORK_API_KEY", "").strip()
+        if key and DEFAULT_WORKSPACE not in workspaces:
+            workspaces[DEFAULT_WORKSPACE] = Workspace(
+                DEFAULT_WORKSPACE, Secret(key), default_limits_from_env(None), api_url.rstrip("/")
+            )
+        hosts = tuple(
+            h.strip().lower() for h in os.environ.get("AWORK_UPLOAD_HOSTS", "").split(",") if h.strip()
+        )
+        return cls(
+            shared=shared,
+            api_url=api_url.rstrip("/"),
+            workspaces=workspaces,
+            upload_hosts=hosts,
+            retry=RetryPolicy(
+                max_attempts=_int("AWORK_MAX_ATTEMPTS", 8),
+                base_seconds=_float("AWORK_RETRY_BASE_SECONDS", 2.0),
+                max_seconds=_float("AWORK_RETRY_MAX_SECONDS", 300.0),
+            ),
+            connect_timeout=_float("AWORK_CONNECT_TIMEOUT", 10.0),
+            read_timeout=_float("AWORK_READ_TIMEOUT", 60.0),
+        )
+
+    def workspace(self, name: str) -> Workspace:
+        try:
+            return self.workspaces[name]
+        except KeyError:
+            raise ConfigError(
+                f"workspace {name!r}: no API key configured on this worker "
+                "(AWORK_API_KEY for `default`, or AWORK_WORKSPACES_FILE)"
+            ) from None
+
+
+def _key_from_table(name: str, table: dict[str, object]) -> Secret:
+    where = f"AWORK_WORKSPACES_FILE: workspaces.{name}"
+    if "api_key" in table:
+        raise ConfigError(f"{where}.api_key: keys do not belong in the file; use api_key_env or api_key_file")
+    env = table.get("api_key_env")
+    if env:
+        value = os.environ.get(str(env), "").strip()
+        if not value:
+            raise ConfigError(f"{where}.api_key_env: environment variable {env} is not set")
+        return Secret(value)
+    file = table.get("api_key_file")
+    if file:
+        path = Path(str(file))
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            raise ConfigError(f"{where}.api_key_file: {path} does not exist") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(f"{where}.api_key_file: {path} is readable by others; chmod 600 it")
+        return Secret(path.read_text().strip())
+    raise ConfigError(f"{where}: set api_key_env or api_key_file")
+
+
+def _check_url(name: str, url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name}: expected an http(s) URL, got {url!r}")
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return int(raw) if raw else default
+    except ValueError:
+        raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None

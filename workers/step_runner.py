@@ -1,0 +1,280 @@
+"""What every step does around its own work: record checks, a lock, heartbeats, retries.
+
+One place decides how a failure ends: a rate wait is deferred without using up retries, a
+transient error retries with backoff and full jitter until the budget is spent (then `dead`),
+a permanent error fails the job at once, keeping awork's code and trace id.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Ignore
+
+from producers import staging
+from producers.broker import MAX_COUNTDOWN_SECONDS
+from producers.contract import JobState
+from producers.records import job_key
+from workers.errors import AworkError, PermanentError, RateLimited, TransientError, UploadUrlExpired
+from workers.runtime import Runtime, runtime
+
+log = logging.getLogger("awork.steps")
+
+LOCK_TTL_SECONDS = 90
+HEARTBEAT_SECONDS = 15
+# A step found running elsewhere is looked at again after this long.
+LOCKED_RECHECK_SECONDS = 20
+# Waits this short are slept in place; longer ones are deferred with a countdown.
+MAX_INLINE_WAIT_SECONDS = 1.0
+
+
+class JobEnded(Exception):
+    """The job reached `failed` or `dead`: the chain stops here. Listed in the tasks' `throws`."""
+
+
+@dataclass
+class RateWait(Exception):
+    """No rate token now: defer the step by `seconds` (does not count as an error)."""
+
+    seconds: float
+    reason: str = "rate_limit"
+
+
+@dataclass
+class StepContext:
+    """What a step body gets: its job record and the shared resources."""
+
+    task: Task
+    job_id: str
+    step: str
+    record: dict[str, str]
+    rt: Runtime
+    _last_progress: float = field(default=0.0)
+
+    @property
+    def workspace(self) -> str:
+        return self.record["workspace"]
+
+    def update(self, **fields: object) -> None:
+        self.rt.store.update(self.job_id, **fields)
+        self.record.update({k: "" if v is None else str(v) for k, v in fields.items()})
+
+    def take_token(self) -> None:
+        """A rate token for one awork API request, or RateWait when the wait is long."""
+        ws = self.rt.settings.workspace(self.workspace)
+        deadline = time.monotonic() + MAX_INLINE_WAIT_SECONDS * 3
+        while True:
+            wait = self.rt.limiter.acquire(ws.name, ws.limits)
+            if wait <= 0:
+                if self.record.get("wait_reason"):
+                    self.rt.store.clear(self.job_id, "wait_reason", "wait_until")
+                    self.record.pop("wait_reason", None)
+                return
+            if wait > MAX_INLINE_WAIT_SECONDS or time.monotonic() + wait > deadline:
+                raise RateWait(wait)
+            time.sleep(wait)
+
+    def progress(self, sent: int, total: int) -> None:
+        """Byte progress into the record and, as a custom PROGRESS state, into Flower."""
+        now = time.monotonic()
+        if now - self._last_progress < 0.5 and sent < total:
+            return
+        self._last_progress = now
+        self.rt.store.update(self.job_id, bytes_sent=sent, bytes_total=total)
+        try:
+            self.task.send_event("task-progress", job_id=self.job_id, bytes_sent=sent, bytes_total=total)
+        except Exception:  # events are best effort; the record is the truth
+            log.debug("could not send progress event", exc_info=True)
+
+
+def run_step(
+    task: Task,
+    job_id: str,
+    step: str,
+    state: JobState,
+    already_done: Callable[[dict[str, str]], bool],
+    body: Callable[[StepContext], dict[str, Any]],
+) -> dict[str, Any]:
+    """Run one step for one job, safely when delivered twice or concurrently."""
+    rt = runtime()
+    record = rt.store.get(job_id)
+    if record is None:
+        log.warning("step=%s job=%s outcome=skipped reason=no-record", step, job_id)
+        raise Ignore()
+    if JobState(record.get("state", "queued")).finished:
+        log.info("step=%s job=%s outcome=skipped reason=job-finished", step, job_id)
+        raise Ignore()
+    if already_done(record):
+        log.info("step=%s job=%s outcome=skipped reason=already-done", step, job_id)
+        return {"job_id": job_id, "step": step, "skipped": True}
+    ctx = StepContext(task, job_id, step, record, rt)
+    with _step_lock(rt, job_id, step) as held:
+        if not held:
+            log.info("step=%s job=%s outcome=deferred reason=running-elsewhere", step, job_id)
+            raise task.retry(countdown=LOCKED_RECHECK_SECONDS, max_retries=None)
+        unfinished = rt.store.incr(job_id, f"unfinished_{step}")
+        if unfinished > rt.settings.retry.max_deliveries:
+            _end(ctx, JobState.DEAD, AworkError(f"{step} started {unfinished} times without finishing"))
+        attempt = rt.store.incr(job_id, f"attempts_{step}")
+        try:
+            ctx.update(state=state.value)
+            result = body(ctx)
+        except RateWait as wait:
+            _clean_exit(rt, job_id, step)
+            countdown = min(MAX_COUNTDOWN_SECONDS, wait.seconds + random.uniform(0, 0.25))
+            ctx.update(wait_reason=wait.reason, wait_until=time.time() + countdown)
+            rt.store.incr(job_id, "rate_waits")
+            _log(ctx, attempt, "deferred", None, f"wait={countdown:.2f}s")
+            raise task.retry(countdown=countdown, max_retries=None) from None
+        except UploadUrlExpired as exc:
+            _clean_exit(rt, job_id, step)
+            raise _renew_url(ctx, attempt, exc) from None
+        except PermanentError as exc:
+            _clean_exit(rt, job_id, step)
+            _log(ctx, attempt, "failed", exc)
+            _end(ctx, JobState.FAILED, exc)
+        except RateLimited as exc:
+            _clean_exit(rt, job_id, step)
+            countdown = min(MAX_COUNTDOWN_SECONDS, (exc.retry_after or 1.0) + random.uniform(0, 0.5))
+            ctx.update(wait_reason="rate_limit_429", wait_until=time.time() + countdown)
+            rt.store.incr(job_id, "rate_limited")
+            _log(ctx, attempt, "rate_limited", exc, f"wait={countdown:.2f}s")
+            raise task.retry(countdown=countdown, max_retries=None) from None
+        except (TransientError, OSError) as exc:
+            _clean_exit(rt, job_id, step)
+            raise _retry_or_die(ctx, attempt, exc) from None
+        except (JobEnded, Ignore):
+            _clean_exit(rt, job_id, step)
+            raise
+        except Exception as exc:
+            if _is_celery_control(exc):
+                _clean_exit(rt, job_id, step)
+                raise
+            log.exception("step=%s job=%s unexpected error", step, job_id)
+            _clean_exit(rt, job_id, step)
+            raise _retry_or_die(ctx, attempt, exc) from None
+        _clean_exit(rt, job_id, step)
+        _log(ctx, attempt, "ok", None)
+        return {"job_id": job_id, "step": step, **result}
+
+
+def _is_celery_control(exc: BaseException) -> bool:
+    from celery.exceptions import Retry
+
+    return isinstance(exc, Retry)
+
+
+def _clean_exit(rt: Runtime, job_id: str, step: str) -> None:
+    rt.store.incr(job_id, f"unfinished_{step}", -1)
+
+
+def _retry_or_die(ctx: StepContext, attempt: int, exc: BaseException) -> BaseException:
+    rt = ctx.rt
+    errors = rt.store.incr(ctx.job_id, f"errors_{ctx.step}")
+    err = exc if isinstance(exc, AworkError) else TransientError(f"{type(exc).__name__}: {exc}")
+    _record_error(ctx, err)
+    policy = rt.settings.retry
+    if errors >= policy.max_attempts:
+        _log(ctx, attempt, "dead", err)
+        _end(ctx, JobState.DEAD, err)
+    ceiling = min(policy.max_seconds, policy.base_seconds * (2 ** (errors - 1)))
+    retry_after = getattr(err, "retry_after", None) or 0.0
+    countdown = min(MAX_COUNTDOWN_SECONDS, max(retry_after, random.uniform(ceiling / 2, ceiling)))
+    _log(ctx, attempt, "retry", err, f"in={countdown:.1f}s")
+    return ctx.task.retry(countdown=countdown, max_retries=None)
+
+
+def _renew_url(ctx: StepContext, attempt: int, exc: UploadUrlExpired) -> BaseException:
+    """Go back to step 1 for a fresh URL; the rest of the chain (link) is kept by `replace`."""
+    renewals = ctx.rt.store.incr(ctx.job_id, "url_renewals")
+    if renewals > 10:
+        _end(ctx, JobState.DEAD, AworkError(f"upload URL refused {renewals} times: {exc.message}"))
+    ctx.rt.store.clear(ctx.job_id, "upload_id", "upload_url", "upload_url_expires")
+    _log(ctx, attempt, "url_expired", exc)
+    from workers.steps import generate_upload_url, put_file
+
+    kwargs = dict(ctx.task.request.kwargs or {})
+    sig = generate_upload_url.si(**kwargs) | put_file.si(**kwargs)
+    return ctx.task.replace(sig)
+
+
+def _record_error(ctx: StepContext, err: AworkError) -> None:
+    ctx.update(
+        error_step=ctx.step,
+        error_code=err.code or type(err).__name__,
+        error_description=err.message,
+        error_status=err.status,
+        error_trace_id=err.trace_id,
+    )
+
+
+def _end(ctx: StepContext, state: JobState, err: AworkError) -> None:
+    """Finish the job as failed/dead, clean staging, stop the chain."""
+    _record_error(ctx, err)
+    ctx.rt.store.finish(ctx.job_id, state)
+    cleanup_staging(ctx)
+    raise JobEnded(f"{state.value}: {err.code or ''} {err.message}".strip())
+
+
+def cleanup_staging(ctx: StepContext) -> None:
+    if ctx.record.get("staged_owned") == "1":
+        staging.remove_job_dir(ctx.rt.settings.shared.staging_dir, ctx.job_id)
+
+
+def _log(ctx: StepContext, attempt: int, outcome: str, err: AworkError | None, extra: str = "") -> None:
+    log.info(
+        "step=%s job=%s workspace=%s attempt=%d outcome=%s status=%s code=%s trace_id=%s %s",
+        ctx.step,
+        ctx.job_id,
+        ctx.workspace,
+        attempt,
+        outcome,
+        getattr(err, "status", None) or "-",
+        getattr(err, "code", None) or "-",
+        getattr(err, "trace_id", None) or "-",
+        extra,
+    )
+
+
+@contextmanager
+def _step_lock(rt: Runtime, job_id: str, step: str) -> Iterator[bool]:
+    """At most one copy of a step runs per job; a heartbeat keeps the lock while it works.
+
+    If the holder dies, the lock expires after LOCK_TTL_SECONDS and a redelivery takes over.
+    """
+    key = f"{job_key(job_id)}:lock:{step}"
+    token = uuid.uuid4().hex
+    if not rt.redis.set(key, token, nx=True, ex=LOCK_TTL_SECONDS):
+        yield False
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            try:
+                if rt.redis.get(key) == token.encode():
+                    rt.redis.expire(key, LOCK_TTL_SECONDS)
+                rt.redis.hset(job_key(job_id), "heartbeat_at", repr(time.time()))
+            except Exception:
+                log.debug("heartbeat failed", exc_info=True)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{job_id[:8]}", daemon=True)
+    thread.start()
+    try:
+        yield True
+    finally:
+        stop.set()
+        try:
+            if rt.redis.get(key) == token.encode():
+                rt.redis.delete(key)
+        except Exception:
+            log.debug("lock release failed", exc_info=True)

@@ -1,0 +1,230 @@
+"""The upload steps. Task names are the stable strings in producers.contract.
+
+Each body is safe to run twice: it looks at the job record first and skips work already done.
+Only non-secret values go in and out: the upload URL stays in the job record.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from celery import Task
+
+from producers.contract import (
+    TASK_GENERATE_UPLOAD_URL,
+    TASK_LINK_FILE,
+    TASK_MULTIPART_UPLOAD,
+    TASK_PUT_FILE,
+    JobState,
+    Target,
+)
+from workers.app import app
+from workers.blob import multipart_body
+from workers.block_journal import RedisBlockJournal
+from workers.errors import PermanentError, TransientError, UploadUrlExpired
+from workers.file_match import find_linked_file
+from workers.sources import ByteSource, FileSource, UrlSource
+from workers.step_runner import JobEnded, StepContext, cleanup_staging, run_step
+
+# A URL this close to its `se=` expiry is not worth starting a PUT with.
+URL_EXPIRY_MARGIN_SECONDS = 30
+
+
+class StepTask(Task):
+    acks_late = True
+    reject_on_worker_lost = True
+    max_retries = None
+    ignore_result = True
+    throws = (JobEnded,)
+
+
+def _target(record: dict[str, str]) -> Target:
+    return Target.parse(record["target"])
+
+
+# -- step 1 ----------------------------------------------------------------------------------
+def _has_fresh_url(record: dict[str, str]) -> bool:
+    expires = float(record.get("upload_url_expires") or 0)
+    return bool(record.get("upload_id") and record.get("upload_url")) and (
+        expires == 0 or expires > time.time() + URL_EXPIRY_MARGIN_SECONDS
+    )
+
+
+def _generate(ctx: StepContext) -> dict[str, Any]:
+    ctx.take_token()
+    upload_id, upload_url = ctx.rt.client(ctx.workspace).generate_upload_url()
+    ctx.update(
+        upload_id=upload_id,
+        upload_url=upload_url,
+        upload_url_expires=url_expiry(upload_url) or "",
+        uploaded_upload_id="",
+        bytes_sent=0,
+    )
+    return {"upload_id": upload_id}
+
+
+@app.task(bind=True, base=StepTask, name=TASK_GENERATE_UPLOAD_URL)
+def generate_upload_url(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
+    return run_step(self, job_id, "generate", JobState.REQUESTING_URL, _has_fresh_url, _generate)
+
+
+# -- step 2 ----------------------------------------------------------------------------------
+def _put_done(record: dict[str, str]) -> bool:
+    return bool(record.get("upload_id")) and record.get("uploaded_upload_id") == record.get("upload_id")
+
+
+def _put(ctx: StepContext) -> dict[str, Any]:
+    record = ctx.record
+    url = record.get("upload_url")
+    if not url or not record.get("upload_id"):
+        raise UploadUrlExpired("no upload URL in the job record")
+    expires = float(record.get("upload_url_expires") or 0)
+    if expires and expires < time.time() + URL_EXPIRY_MARGIN_SECONDS:
+        raise UploadUrlExpired("the upload URL is past its se= expiry")
+    source = open_source(record)
+    journal = RedisBlockJournal(ctx.rt.redis, ctx.job_id)
+    outcome = ctx.rt.uploader.upload(
+        url,
+        source,
+        content_type=record.get("content_type") or "application/octet-stream",
+        journal=journal,
+        progress=ctx.progress,
+    )
+    ctx.update(
+        uploaded_upload_id=record["upload_id"],
+        size=outcome.size,
+        md5=outcome.md5_b64,
+        bytes_sent=outcome.size,
+        bytes_total=outcome.size,
+        put_mode=outcome.mode,
+    )
+    return {"upload_id": record["upload_id"], "size": outcome.size, "mode": outcome.mode}
+
+
+@app.task(bind=True, base=StepTask, name=TASK_PUT_FILE)
+def put_file(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
+    return run_step(self, job_id, "put", JobState.UPLOADING, _put_done, _put)
+
+
+# -- step 3 ----------------------------------------------------------------------------------
+def _linked(record: dict[str, str]) -> bool:
+    return bool(record.get("file_id"))
+
+
+def _link(ctx: StepContext) -> dict[str, Any]:
+    record = ctx.record
+    upload_id = record.get("upload_id", "")
+    if not upload_id or record.get("uploaded_upload_id") != upload_id:
+        # A link from an older chain, or the put's record write was lost: the put of the current
+        # chain (or the sweeper) brings the job here again.
+        raise TransientError("the upload has not finished yet")
+    target = _target(record)
+    client = ctx.rt.client(ctx.workspace)
+    if record.get("link_sent_for") == upload_id:
+        found = _reconcile(ctx, target)
+        if found:
+            return found
+    ctx.take_token()
+    ctx.update(link_sent_for=upload_id, link_started_at=time.time())
+    try:
+        info = client.link_upload(
+            target.link_path, upload_id, record["file_name"], record.get("description") or None
+        )
+    except PermanentError:
+        # A previous attempt may have linked it after all (its answer was lost).
+        if record.get("link_attempts_unknown") == "1":
+            found = _reconcile(ctx, target)
+            if found:
+                return found
+        raise
+    except TransientError as exc:
+        if exc.outcome_unknown:
+            ctx.update(link_attempts_unknown=1)
+        raise
+    return _done(ctx, info)
+
+
+@app.task(bind=True, base=StepTask, name=TASK_LINK_FILE)
+def link_file(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
+    return run_step(self, job_id, "link", JobState.LINKING, _linked, _link)
+
+
+# -- one-request route -----------------------------------------------------------------------
+def _multipart(ctx: StepContext) -> dict[str, Any]:
+    record = ctx.record
+    target = _target(record)
+    if record.get("multipart_sent") == "1":
+        found = _reconcile(ctx, target)
+        if found:
+            return found
+    source = open_source(record)
+    ctx.take_token()
+    body, content_type, length = multipart_body(
+        source, record["file_name"], record.get("content_type") or "application/octet-stream"
+    )
+    ctx.update(multipart_sent=1, link_started_at=time.time())
+    info = ctx.rt.client(ctx.workspace).multipart_upload(target.link_path, body, content_type, length)
+    return _done(ctx, info)
+
+
+@app.task(bind=True, base=StepTask, name=TASK_MULTIPART_UPLOAD)
+def multipart_upload(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
+    return run_step(self, job_id, "multipart", JobState.UPLOADING, _linked, _multipart)
+
+
+# -- shared ----------------------------------------------------------------------------------
+def _reconcile(ctx: StepContext, target: Target) -> dict[str, Any] | None:
+    """After an attempt whose outcome is unknown: does awork already hold the file?"""
+    if target.list_path is None:
+        return None
+    ctx.take_token()
+    files = ctx.rt.client(ctx.workspace).list_files(target.list_path)
+    info = find_linked_file(files, ctx.record)
+    if info is None:
+        return None
+    ctx.rt.store.incr(ctx.job_id, "reconciled")
+    return _done(ctx, info)
+
+
+def _done(ctx: StepContext, info: dict[str, Any]) -> dict[str, Any]:
+    file_id = str(info.get("id") or "")
+    if not file_id:
+        raise TransientError("awork answered without a file id", outcome_unknown=True)
+    size = _awork_size(info)
+    expected = ctx.record.get("size")
+    verified = size is not None and expected not in (None, "") and int(expected) == size
+    ctx.rt.store.finish(ctx.job_id, JobState.DONE, file_id=file_id, size_verified=verified)
+    cleanup_staging(ctx)
+    return {"file_id": file_id}
+
+
+def _awork_size(info: dict[str, Any]) -> int | None:
+    versions = info.get("fileVersions") or []
+    if versions and isinstance(versions[-1], dict) and versions[-1].get("size") is not None:
+        return int(versions[-1]["size"])
+    return None
+
+
+def open_source(record: dict[str, str]) -> ByteSource:
+    if record.get("source_kind") == "url":
+        return UrlSource(record["source"])
+    path = Path(record["source"])
+    if not path.is_file():
+        raise PermanentError(f"staged file {path.name} is gone", code="staging-missing")
+    return FileSource(path)
+
+
+def url_expiry(url: str) -> float | None:
+    """The `se=` expiry of a SAS-style URL as a unix time, when it has one."""
+    values = parse_qs(urlsplit(url).query).get("se")
+    if not values:
+        return None
+    try:
+        return datetime.fromisoformat(values[0].replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
