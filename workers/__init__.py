@@ -1,5 +1,17 @@
-"""The worker side: the Celery app and the upload steps. Start with `celery -A workers worker`."""
+"""The worker side: the Celery app and the upload steps. Start with `celery -A workers worker`.
 
-from workers.app import app
+`workers.app` is resolved lazily, so importing a helper module (the rate limiter, the blob
+transfer) does not need a broker URL.
+"""
 
-__all__ = ["app"]
+from __future__ import annotations
+
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        from workers.celery_app import app
+
+        return app
+    raise AttributeError(f"module 'workers' has no attribute {name!r}")

@@ -9,7 +9,6 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from producers.config import (
@@ -19,6 +18,7 @@ from producers.config import (
     SharedSettings,
     read_workspaces_file,
 )
+from workers.limits_config import WorkspaceLimits
 
 
 class Secret:
@@ -45,7 +45,7 @@ class Secret:
 class Workspace:
     name: str
     api_key: Secret = field(repr=False)
-    limits: Any  # workers.ratelimit.WorkspaceLimits
+    limits: WorkspaceLimits
     api_url: str
 
 
@@ -72,7 +72,7 @@ class WorkerSettings:
 
     @classmethod
     def from_env(cls) -> WorkerSettings:
-        from workers.ratelimit import default_limits_from_env, limits_from_table
+        from workers.limits_config import limits_for_workspace
 
         shared = SharedSettings.from_env()
         api_url = os.environ.get("AWORK_API_URL", "").strip() or DEFAULT_API_URL
@@ -81,16 +81,14 @@ class WorkerSettings:
         if shared.workspaces_file is not None:
             for name, table in read_workspaces_file(shared.workspaces_file).items():
                 key = _key_from_table(name, table)
-                limits = limits_from_table(table)
-                if name == DEFAULT_WORKSPACE and not any(k in table for k in ("per_minute", "per_second")):
-                    limits = default_limits_from_env(limits)
+                limits = limits_for_workspace(name, table)
                 ws_url = str(table.get("api_url") or api_url)
                 _check_url(f"workspaces.{name}.api_url", ws_url)
                 workspaces[name] = Workspace(name, key, limits, ws_url.rstrip("/"))
         key = os.environ.get("AWORK_API_KEY", "").strip()
         if key and DEFAULT_WORKSPACE not in workspaces:
             workspaces[DEFAULT_WORKSPACE] = Workspace(
-                DEFAULT_WORKSPACE, Secret(key), default_limits_from_env(None), api_url.rstrip("/")
+                DEFAULT_WORKSPACE, Secret(key), limits_for_workspace(DEFAULT_WORKSPACE), api_url.rstrip("/")
             )
         hosts = tuple(
             h.strip().lower() for h in os.environ.get("AWORK_UPLOAD_HOSTS", "").split(",") if h.strip()

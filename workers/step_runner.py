@@ -71,17 +71,12 @@ class StepContext:
     def take_token(self) -> None:
         """A rate token for one awork API request, or RateWait when the wait is long."""
         ws = self.rt.settings.workspace(self.workspace)
-        deadline = time.monotonic() + MAX_INLINE_WAIT_SECONDS * 3
-        while True:
-            wait = self.rt.limiter.acquire(ws.name, ws.limits)
-            if wait <= 0:
-                if self.record.get("wait_reason"):
-                    self.rt.store.clear(self.job_id, "wait_reason", "wait_until")
-                    self.record.pop("wait_reason", None)
-                return
-            if wait > MAX_INLINE_WAIT_SECONDS or time.monotonic() + wait > deadline:
-                raise RateWait(wait)
-            time.sleep(wait)
+        wait = self.rt.limiter.wait_for_token(ws.name, ws.limits, max_wait=MAX_INLINE_WAIT_SECONDS)
+        if wait > 0:
+            raise RateWait(wait)
+        if self.record.get("wait_reason"):
+            self.rt.store.clear(self.job_id, "wait_reason", "wait_until")
+            self.record.pop("wait_reason", None)
 
     def progress(self, sent: int, total: int) -> None:
         """Byte progress into the record and, as a custom PROGRESS state, into Flower."""

@@ -22,7 +22,7 @@ from producers.contract import (
     JobState,
     Target,
 )
-from workers.app import app
+from workers.celery_app import app
 from workers.blob import multipart_body
 from workers.block_journal import RedisBlockJournal
 from workers.errors import PermanentError, TransientError, UploadUrlExpired

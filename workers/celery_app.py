@@ -1,4 +1,4 @@
-"""The Celery app: `celery -A workers worker` finds it as `workers.app`."""
+"""The Celery app: `celery -A workers worker` finds it as `workers.app` (defined in workers.celery_app)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,44 @@
+"""Shared fixtures: a private redis-server per session (never the machine's Redis on 6379)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from ops.redis_server import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"), appendonly=False).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """A clean database on the private server for each test."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    yield redis_server.url
+
+
+@pytest.fixture
+def staging_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "staging"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def producer_env(monkeypatch: pytest.MonkeyPatch, redis_url: str, staging_dir: Path) -> dict[str, str]:
+    env = {"REDIS_URL": redis_url, "STAGING_DIR": str(staging_dir)}
+    for key in ("AWORK_WORKSPACES_FILE", "AWORK_SOURCE_URL_HOSTS", "AWORK_API_URL", "AWORK_API_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
