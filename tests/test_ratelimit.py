@@ -15,9 +15,6 @@ from email.utils import format_datetime
 import fakeredis
 import pytest
 
-# `import workers` loads the Celery app, which wants a broker URL; nothing connects to it here.
-os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:1/0")
-
 from producers.config import ConfigError
 from workers.errors import RateLimited
 from workers.limits_config import (

@@ -8,7 +8,6 @@ merged record must never hold more than the limit in any 1 s or 60 s interval, a
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -16,8 +15,6 @@ from pathlib import Path
 
 import pytest
 import redis
-
-os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:1/0")
 
 from ops.redis_server import RedisServer
 from workers.limits_config import WorkspaceLimits

@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import redis
 
 from ops.redis_server import RedisServer
-
-if TYPE_CHECKING:  # `import workers` needs REDIS_URL, set once the server runs
-    from workers.limits_config import WorkspaceLimits
+from workers.limits_config import WorkspaceLimits
+from workers.ratelimit import RateLimiter
 
 
 def _rate(fn: Callable[[], object], seconds: float) -> tuple[int, float]:
@@ -48,15 +45,10 @@ def _evalsha_usec(client: redis.Redis) -> float:
 
 def _unreachable_limits() -> WorkspaceLimits:
     """Limits nobody reaches: every call takes a token."""
-    from workers.limits_config import WorkspaceLimits
-
     return WorkspaceLimits(per_minute=10**9, per_second=10**9, margin=1.0)
 
 
 def _proc(url: str, seconds: float, start_at: float, out: multiprocessing.Queue) -> None:
-    os.environ.setdefault("REDIS_URL", url)
-    from workers.ratelimit import RateLimiter
-
     client = redis.Redis.from_url(url)
     rl = RateLimiter(client, pace_tolerance=0.0)
     lim = _unreachable_limits()
@@ -72,10 +64,6 @@ def main() -> None:
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as srv:
-        os.environ.setdefault("REDIS_URL", srv.url)  # `import workers` wants one
-        from workers.limits_config import WorkspaceLimits
-        from workers.ratelimit import RateLimiter
-
         client = redis.Redis.from_url(srv.url)
         print(f"redis-server {client.info('server')['redis_version']} on {srv.url}, "
               f"{args.seconds:g} s per measurement")
