@@ -15,7 +15,8 @@ import requests
 from workers.errors import AworkError, PermanentError, RateLimited, TransientError
 from workers.settings import Secret
 
-ResponseHook = Callable[[int, Mapping[str, str]], None]
+# (status, headers, seconds the request took)
+ResponseHook = Callable[[int, Mapping[str, str], float], None]
 # awork codes that say "try again" although they come with a 4xx status.
 RETRYABLE_CODES = frozenset({"concurrency-violation", "database-commit"})
 USER_AGENT = "awork-uploads/0.1"
@@ -100,7 +101,7 @@ class AworkClient:
                 f"{method} {path}: connection error ({type(exc).__name__})", outcome_unknown=not idempotent
             ) from None
         if self.on_response is not None:
-            self.on_response(resp.status_code, resp.headers)
+            self.on_response(resp.status_code, resp.headers, resp.elapsed.total_seconds())
         if resp.status_code < 300:
             if not resp.content:
                 return None

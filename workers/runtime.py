@@ -55,8 +55,8 @@ class Runtime:
                 return existing
             ws = self.settings.workspace(workspace)
 
-            def observe(status: int, headers: Mapping[str, str]) -> None:
-                self.limiter.observe(ws.name, ws.limits, status, headers)
+            def observe(status: int, headers: Mapping[str, str], elapsed: float) -> None:
+                self.limiter.observe(ws.name, ws.limits, status, headers, elapsed=elapsed)
 
             client = AworkClient(
                 ws.api_url,
