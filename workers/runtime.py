@@ -14,9 +14,9 @@ import redis
 
 from producers.records import JobStore
 from workers.awork_client import AworkClient
-from workers.blob import BlobUploader, TransferPolicy
+from workers.blob import BlobUploader, RedisFallbackStore
 from workers.ratelimit import RateLimiter
-from workers.settings import WorkerSettings
+from workers.settings import WorkerSettings, transfer_policy_from_env
 
 
 @dataclass
@@ -45,7 +45,12 @@ class Runtime:
 
     @cached_property
     def uploader(self) -> BlobUploader:
-        return BlobUploader(self.settings.upload_hosts, TransferPolicy.from_env())
+        # The fleet learns together which upload hosts refuse block uploads.
+        return BlobUploader(
+            self.settings.upload_hosts,
+            transfer_policy_from_env(),
+            fallback_store=RedisFallbackStore(self.redis),
+        )
 
     def client(self, workspace: str) -> AworkClient:
         """The workspace's API client; every response feeds the shared limiter."""

@@ -18,6 +18,7 @@ from producers.config import (
     SharedSettings,
     read_workspaces_file,
 )
+from workers.blob import TransferPolicy
 from workers.limits_config import WorkspaceLimits
 
 
@@ -85,10 +86,13 @@ class WorkerSettings:
                 ws_url = str(table.get("api_url") or api_url)
                 _check_url(f"workspaces.{name}.api_url", ws_url)
                 workspaces[name] = Workspace(name, key, limits, ws_url.rstrip("/"))
-        key = os.environ.get("AWORK_API_KEY", "").strip()
-        if key and DEFAULT_WORKSPACE not in workspaces:
+        env_key = os.environ.get("AWORK_API_KEY", "").strip()
+        if env_key and DEFAULT_WORKSPACE not in workspaces:
             workspaces[DEFAULT_WORKSPACE] = Workspace(
-                DEFAULT_WORKSPACE, Secret(key), limits_for_workspace(DEFAULT_WORKSPACE), api_url.rstrip("/")
+                DEFAULT_WORKSPACE,
+                Secret(env_key),
+                limits_for_workspace(DEFAULT_WORKSPACE),
+                api_url.rstrip("/"),
             )
         hosts = tuple(
             h.strip().lower() for h in os.environ.get("AWORK_UPLOAD_HOSTS", "").split(",") if h.strip()
@@ -115,6 +119,17 @@ class WorkerSettings:
                 f"workspace {name!r}: no API key configured on this worker "
                 "(AWORK_API_KEY for `default`, or AWORK_WORKSPACES_FILE)"
             ) from None
+
+
+def transfer_policy_from_env() -> TransferPolicy:
+    """Block upload settings: AWORK_SINGLE_PUT_THRESHOLD, AWORK_BLOCK_SIZE (bytes),
+    AWORK_PARALLEL_BLOCKS."""
+    base = TransferPolicy()
+    return TransferPolicy(
+        single_put_threshold=_int("AWORK_SINGLE_PUT_THRESHOLD", base.single_put_threshold),
+        block_size=_int("AWORK_BLOCK_SIZE", base.block_size),
+        parallel_blocks=_int("AWORK_PARALLEL_BLOCKS", base.parallel_blocks),
+    )
 
 
 def _key_from_table(name: str, table: dict[str, object]) -> Secret:

@@ -7,10 +7,9 @@ Only non-secret values go in and out: the upload URL stays in the job record.
 from __future__ import annotations
 
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from celery import Task
 
@@ -22,16 +21,29 @@ from producers.contract import (
     JobState,
     Target,
 )
-from workers.celery_app import app
-from workers.blob import multipart_body
+from workers.blob import multipart_body, plain_session, url_expiry
 from workers.block_journal import RedisBlockJournal
+from workers.celery_app import app
 from workers.errors import PermanentError, TransientError, UploadUrlExpired
 from workers.file_match import find_linked_file
 from workers.sources import ByteSource, FileSource, UrlSource
 from workers.step_runner import JobEnded, StepContext, cleanup_staging, run_step
 
-# A URL this close to its `se=` expiry is not worth starting a PUT with.
-URL_EXPIRY_MARGIN_SECONDS = 30
+# A URL this close to its `se=` expiry is not worth starting a PUT with (at most a quarter of
+# its lifetime, so short-lived URLs stay usable).
+URL_EXPIRY_MARGIN_SECONDS = 30.0
+
+
+def url_usable(record: dict[str, str], now: float | None = None) -> bool:
+    """The job has an upload URL that is not at (or near) its `se=` expiry."""
+    if not (record.get("upload_id") and record.get("upload_url")):
+        return False
+    expires = float(record.get("upload_url_expires") or 0)
+    if not expires:
+        return True
+    issued = float(record.get("upload_url_issued_at") or 0) or expires
+    margin = min(URL_EXPIRY_MARGIN_SECONDS, max(0.0, expires - issued) / 4)
+    return expires > (now or time.time()) + margin
 
 
 class StepTask(Task):
@@ -47,20 +59,16 @@ def _target(record: dict[str, str]) -> Target:
 
 
 # -- step 1 ----------------------------------------------------------------------------------
-def _has_fresh_url(record: dict[str, str]) -> bool:
-    expires = float(record.get("upload_url_expires") or 0)
-    return bool(record.get("upload_id") and record.get("upload_url")) and (
-        expires == 0 or expires > time.time() + URL_EXPIRY_MARGIN_SECONDS
-    )
-
-
 def _generate(ctx: StepContext) -> dict[str, Any]:
     ctx.take_token()
+    issued = time.time()
     upload_id, upload_url = ctx.rt.client(ctx.workspace).generate_upload_url()
+    expires = url_expiry(upload_url)
     ctx.update(
         upload_id=upload_id,
         upload_url=upload_url,
-        upload_url_expires=url_expiry(upload_url) or "",
+        upload_url_issued_at=issued,
+        upload_url_expires=expires.timestamp() if expires else "",
         uploaded_upload_id="",
         bytes_sent=0,
     )
@@ -69,7 +77,7 @@ def _generate(ctx: StepContext) -> dict[str, Any]:
 
 @app.task(bind=True, base=StepTask, name=TASK_GENERATE_UPLOAD_URL)
 def generate_upload_url(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
-    return run_step(self, job_id, "generate", JobState.REQUESTING_URL, _has_fresh_url, _generate)
+    return run_step(self, job_id, "generate", JobState.REQUESTING_URL, url_usable, _generate)
 
 
 # -- step 2 ----------------------------------------------------------------------------------
@@ -80,12 +88,9 @@ def _put_done(record: dict[str, str]) -> bool:
 def _put(ctx: StepContext) -> dict[str, Any]:
     record = ctx.record
     url = record.get("upload_url")
-    if not url or not record.get("upload_id"):
-        raise UploadUrlExpired("no upload URL in the job record")
-    expires = float(record.get("upload_url_expires") or 0)
-    if expires and expires < time.time() + URL_EXPIRY_MARGIN_SECONDS:
-        raise UploadUrlExpired("the upload URL is past its se= expiry")
-    source = open_source(record)
+    if not url or not url_usable(record):
+        raise UploadUrlExpired("no upload URL, or it is at its se= expiry")
+    source = open_source(record, ctx.rt.settings.shared.source_url_hosts)
     journal = RedisBlockJournal(ctx.rt.redis, ctx.job_id)
     outcome = ctx.rt.uploader.upload(
         url,
@@ -161,7 +166,7 @@ def _multipart(ctx: StepContext) -> dict[str, Any]:
         found = _reconcile(ctx, target)
         if found:
             return found
-    source = open_source(record)
+    source = open_source(record, ctx.rt.settings.shared.source_url_hosts)
     ctx.take_token()
     body, content_type, length = multipart_body(
         source, record["file_name"], record.get("content_type") or "application/octet-stream"
@@ -209,22 +214,17 @@ def _awork_size(info: dict[str, Any]) -> int | None:
     return None
 
 
-def open_source(record: dict[str, str]) -> ByteSource:
+def open_source(record: dict[str, str], source_url_hosts: tuple[str, ...]) -> ByteSource:
+    """The job's bytes: its staged file, or its URL re-checked against the allow-list here too."""
     if record.get("source_kind") == "url":
-        return UrlSource(record["source"])
+        url = record["source"]
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        if host not in source_url_hosts and f"{host}:{port}" not in source_url_hosts:
+            raise PermanentError(f"source host {host}:{port} is not allowed", code="source-refused")
+        return UrlSource(url, plain_session())
     path = Path(record["source"])
     if not path.is_file():
         raise PermanentError(f"staged file {path.name} is gone", code="staging-missing")
     return FileSource(path)
-
-
-def url_expiry(url: str) -> float | None:
-    """The `se=` expiry of a SAS-style URL as a unix time, when it has one."""
-    values = parse_qs(urlsplit(url).query).get("se")
-    if not values:
-        return None
-    try:
-        return datetime.fromisoformat(values[0].replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
