@@ -150,7 +150,7 @@ class Stack:
                 dead = [w.name for w in self.workers if not w.alive()]
                 if dead:
                     raise RuntimeError(f"{', '.join(dead)} exited; see {self.config.data_dir}/logs/")
-                replies = _ping_workers(self.env)
+                replies = ping_workers(self.env)
                 if replies >= len(self.workers):
                     return
                 time.sleep(0.5)
@@ -199,7 +199,7 @@ def worker_argv(concurrency: int, hostname: str, loglevel: str = "INFO") -> list
     ]  # fmt: skip
 
 
-def _ping_workers(env: dict[str, str]) -> int:
+def ping_workers(env: dict[str, str]) -> int:
     from celery import Celery
 
     from producers.broker import celery_config

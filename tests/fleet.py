@@ -1,0 +1,138 @@
+"""A whole fleet for end-to-end tests: private Redis, the sandbox, real worker processes.
+
+Workers are real `celery -A workers worker` processes talking real HTTP on loopback to the
+sandbox. Each test seeds its own entities, so tests share one fleet without interfering.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from ops.processes import Child, stop_all
+from ops.redis_server import RedisServer
+from ops.sandbox.launcher import SandboxProcess
+from ops.stack import ping_workers, worker_argv
+from producers.client import Uploads
+from producers.config import SharedSettings
+from producers.records import Job
+
+API_KEY = "test-key-" + secrets.token_hex(8)
+SECOND_KEY = "second-key-" + secrets.token_hex(8)
+ADMIN_TOKEN = "admin-" + secrets.token_hex(8)
+
+
+@dataclass
+class Fleet:
+    root: Path
+    worker_count: int = 2
+    concurrency: int = 4
+    extra_env: dict[str, str] = field(default_factory=dict)
+    sandbox_args: list[str] = field(default_factory=list)
+    redis: RedisServer | None = None
+    sandbox: Any = None
+    workers: list[Child] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    _uploads: Uploads | None = None
+
+    def start(self) -> Fleet:
+        self.redis = RedisServer(self.root / "redis").start()
+        self.sandbox = SandboxProcess(
+            api_keys={API_KEY: "default", SECOND_KEY: "second"},
+            admin_token=ADMIN_TOKEN,
+            data_dir=self.root / "sandbox",
+            extra_args=self.sandbox_args,
+        )
+        self.sandbox.start()
+        staging = self.root / "staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        workspaces = self.root / "workspaces.toml"
+        workspaces.write_text(
+            '[workspaces.default]\napi_key_env = "AWORK_API_KEY"\n\n'
+            '[workspaces.second]\napi_key_env = "SECOND_AWORK_KEY"\n'
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWORK_", "FLOWER_"))}
+        env.update(
+            REDIS_URL=self.redis.url,
+            STAGING_DIR=str(staging),
+            AWORK_API_URL=self.sandbox.api_url,
+            AWORK_API_KEY=API_KEY,
+            SECOND_AWORK_KEY=SECOND_KEY,
+            AWORK_WORKSPACES_FILE=str(workspaces),
+            AWORK_UPLOAD_HOSTS=self.sandbox.upload_host,
+            AWORK_RETRY_BASE_SECONDS="0.3",
+            AWORK_RETRY_MAX_SECONDS="2",
+            AWORK_MAX_ATTEMPTS="6",
+        )
+        env.update(self.extra_env)
+        self.env = env
+        for n in range(self.worker_count):
+            self.add_worker(n + 1)
+        self.wait_ready()
+        return self
+
+    def add_worker(self, n: int) -> Child:
+        log = self.root / "logs" / f"worker-{n}-{len(self.workers)}.log"
+        child = Child(
+            f"worker-{n}", worker_argv(self.concurrency, f"w{n}-{uuid.uuid4().hex[:6]}@%h"), self.env, log
+        )
+        self.workers.append(child.start())
+        return child
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        alive = [w for w in self.workers if w.alive()]
+        while time.monotonic() < deadline:
+            if ping_workers(self.env) >= len(alive):
+                return
+            time.sleep(0.3)
+        raise TimeoutError("workers did not answer ping; logs: " + str(self.root / "logs"))
+
+    def stop(self) -> None:
+        stop_all(self.workers, grace=10)
+        if self._uploads is not None:
+            self._uploads.close()
+        if self.sandbox is not None:
+            self.sandbox.stop()
+        if self.redis is not None:
+            self.redis.stop()
+
+    # -- helpers for tests -------------------------------------------------------------------
+    @property
+    def uploads(self) -> Uploads:
+        if self._uploads is None:
+            saved = dict(os.environ)
+            os.environ.update({k: self.env[k] for k in ("REDIS_URL", "STAGING_DIR", "AWORK_WORKSPACES_FILE")})
+            try:
+                self._uploads = Uploads(SharedSettings.from_env())
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+        return self._uploads
+
+    def client(self) -> redis.Redis:
+        assert self.redis is not None
+        return redis.Redis.from_url(self.redis.url, decode_responses=True)
+
+    def entity(self, kind: str) -> str:
+        """Seed a fresh entity of `kind` (plural path name) and return its id."""
+        entity_id = str(uuid.uuid4())
+        self.sandbox.seed(kind, entity_id)
+        return entity_id
+
+    def wait(self, jobs: Iterable[Job], timeout: float = 60) -> list[Job]:
+        return self.uploads.wait_many([j.id for j in jobs], timeout=timeout)
+
+    def record(self, job_id: str) -> dict[str, str]:
+        return self.uploads.store.get(job_id) or {}
+
+    def files_of(self, entity_id: str) -> list[dict[str, Any]]:
+        return [f for f in self.sandbox.stats()["files"] if f["entity_id"] == entity_id]
