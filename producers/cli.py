@@ -114,6 +114,31 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_dead(args: argparse.Namespace) -> int:
+    """Dead letters: list, retry from the failed step, purge old ones."""
+    from producers.client import Uploads
+    from producers.dead_letters import DeadLetters, parse_duration
+
+    with Uploads.from_env() as up:
+        dead = DeadLetters(up)
+        if args.action == "list":
+            _print_jobs(dead.jobs(), args.json)
+        elif args.action == "retry":
+            if not args.all and not args.jobs:
+                raise SpecError("jobs", "name JOB ids or pass --all")
+            _print_jobs(dead.retry_all() if args.all else dead.retry(args.jobs), args.json)
+        else:
+            if not args.older_than:
+                raise SpecError("older_than", "purge needs --older-than DURATION (e.g. 7d)")
+            try:
+                seconds = parse_duration(args.older_than)
+            except ValueError as exc:
+                raise SpecError("older_than", str(exc)) from None
+            count = dead.purge(seconds)
+            print(json.dumps({"purged": count}) if args.json else f"purged {count} dead letter(s)")
+    return EXIT_OK
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """Exec `celery -A workers worker` with defaults that fit this workload."""
     argv = [
@@ -183,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs)
 
+    p = sub.add_parser("dead", help="dead letters: list, retry, purge failed and dead jobs")
+    p.add_argument("action", choices=["list", "retry", "purge"])
+    p.add_argument("jobs", nargs="*", metavar="JOB", help="with retry: the jobs to re-drive")
+    p.add_argument("--all", action="store_true", help="with retry: every dead letter")
+    p.add_argument("--older-than", metavar="DURATION", help="with purge: e.g. 7d, 12h, 30m")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_dead)
+
     p = sub.add_parser("worker", help="run a worker (celery -A workers worker with good defaults)")
     p.add_argument("--pool", default="threads", help="threads (default) fits blocking HTTP")
     p.add_argument("--concurrency", type=int, default=8)
@@ -215,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SpecError, ConfigError, RedisUnavailable) as exc:
         print(f"awork-uploads: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except JobNotFound as exc:
+    except (JobNotFound, ValueError) as exc:
         print(f"awork-uploads: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except TimeoutError as exc:

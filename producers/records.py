@@ -19,6 +19,7 @@ from producers.contract import FINISHED_STATES, JobState
 
 JOB_PREFIX = "awork:job:"
 INDEX_KEY = "awork:jobs"  # zset: job id -> created_at, every job whose record still exists
+ACTIVE_KEY = "awork:jobs:active"  # zset: job id -> created_at, jobs not yet finished (the sweeper's list)
 DEAD_KEY = "awork:jobs:dead"  # zset: job id -> finished_at, failed and dead jobs (dead letters)
 EVENTS_CHANNEL = "awork:job-events"  # pub/sub: a JSON line when a job finishes
 IDEMPOTENCY_TTL_SECONDS = 30 * 24 * 3600
@@ -143,7 +144,7 @@ class JobStore:
             for k, v in record.items():
                 flat += [k, v]
             args = [job_id, record["created_at"], str(IDEMPOTENCY_TTL_SECONDS), *flat]
-            self._create(keys=[job_key(job_id), idem, INDEX_KEY], args=args, client=pipe)
+            self._create(keys=[job_key(job_id), idem, INDEX_KEY, ACTIVE_KEY], args=args, client=pipe)
         return [(_s(found), bool(int(created))) for found, created in pipe.execute()]
 
     def find_by_idempotency_key(self, workspace: str, key: str) -> str | None:
@@ -158,6 +159,7 @@ class JobStore:
         pipe = self.redis.pipeline()
         pipe.delete(job_key(job_id))
         pipe.zrem(INDEX_KEY, job_id)
+        pipe.zrem(ACTIVE_KEY, job_id)
         if idem_key:
             pipe.delete(idempotency_key(workspace, idem_key))
         pipe.execute()
@@ -214,6 +216,7 @@ class JobStore:
         # The upload URL is a write credential: it has no use once the job has ended.
         pipe.hdel(key, "upload_url")
         pipe.expire(key, self.record_ttl_seconds)
+        pipe.zrem(ACTIVE_KEY, job_id)
         if state in (JobState.FAILED, JobState.DEAD):
             pipe.zadd(DEAD_KEY, {job_id: now})
         else:

@@ -130,7 +130,8 @@ def test_permanent_error_fails_at_once_with_awork_code_and_trace_id(fleet: Fleet
     assert final.error.trace_id
     assert final.error.step == "link"
     assert final.attempts["link"] == 1
-    assert not (Path(fleet.env["STAGING_DIR"]) / job.id).exists()
+    # kept for `awork-uploads dead retry`; purge removes it
+    assert (Path(fleet.env["STAGING_DIR"]) / job.id).exists()
     assert "upload_url" not in fleet.record(job.id)
 
 

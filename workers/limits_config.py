@@ -153,9 +153,7 @@ def limits_from_table(table: Mapping[str, object], where: str = "workspace") -> 
     return WorkspaceLimits(per_minute=per_minute, per_second=per_second, margin=margin)
 
 
-def apply_env_overrides(
-    limits: WorkspaceLimits, environ: Mapping[str, str] | None = None
-) -> WorkspaceLimits:
+def apply_env_overrides(limits: WorkspaceLimits, environ: Mapping[str, str] | None = None) -> WorkspaceLimits:
     """The AWORK_RATE_LIMIT_* variables applied on top of `limits` (blank = not set)."""
     env = os.environ if environ is None else environ
     per_minute, per_second, margin = limits.per_minute, limits.per_second, limits.margin

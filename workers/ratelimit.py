@@ -265,9 +265,7 @@ class RateLimiter:
         """0.0 = token taken; > 0 = seconds to wait, nothing taken."""
         return self.try_acquire(workspace, limits).wait
 
-    def wait_for_token(
-        self, workspace: str, limits: WorkspaceLimits, max_wait: float
-    ) -> float:
+    def wait_for_token(self, workspace: str, limits: WorkspaceLimits, max_wait: float) -> float:
         """Block until a token is taken, sleeping only while the total stays within `max_wait`.
 
         Returns 0.0 when the token was taken, else the wait still needed (> 0, nothing taken):
@@ -358,9 +356,7 @@ class RateLimiter:
         )
         if status == 429:
             left = (int(_text(paused)) - int(_text(_now))) / 1_000_000
-            log.warning(
-                "rate limiter: 429 for workspace %s, paused for %.1f s (%s)", workspace, left, reason
-            )
+            log.warning("rate limiter: 429 for workspace %s, paused for %.1f s (%s)", workspace, left, reason)
         if int(added_m) or int(added_s):
             log.info(
                 "rate limiter: workspace %s: %s/min and %s/s used by other clients",

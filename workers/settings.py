@@ -57,8 +57,8 @@ class RetryPolicy:
     max_attempts: int = 8
     base_seconds: float = 2.0
     max_seconds: float = 300.0
-    # A step that kills its worker again and again (a poison message) stops after this many starts.
-    max_deliveries: int = 20
+    # A step whose worker died this many times (a poison message) sends the job to `dead`.
+    max_crashes: int = 5
 
 
 @dataclass(frozen=True)

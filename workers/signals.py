@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutdown
 
 from producers.client import WORKSPACES_KEY
 
@@ -21,3 +21,24 @@ def announce_workspaces(**_: Any) -> None:
     if names:
         rt.redis.sadd(WORKSPACES_KEY, *names)
     log.info("worker ready for workspaces: %s", ", ".join(names) or "none (set AWORK_API_KEY)")
+
+
+_sweeper: Any = None
+
+
+@worker_ready.connect
+def start_sweeper(**_: Any) -> None:
+    """Every worker runs the sweeper loop; a Redis lease lets one of them work at a time."""
+    global _sweeper
+    from workers.runtime import runtime
+    from workers.sweeper import Sweeper
+
+    rt = runtime()
+    _sweeper = Sweeper(rt.redis, rt.settings.shared.redis_url, rt.settings.shared.staging_dir)
+    _sweeper.start()
+
+
+@worker_shutdown.connect
+def stop_sweeper(**_: Any) -> None:
+    if _sweeper is not None:
+        _sweeper.stop()

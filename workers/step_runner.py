@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Retry
 
 from producers import staging
 from producers.broker import MAX_COUNTDOWN_SECONDS
@@ -59,6 +59,7 @@ class StepContext:
     record: dict[str, str]
     rt: Runtime
     _last_progress: float = field(default=0.0)
+    seconds: float = 0.0
 
     @property
     def workspace(self) -> str:
@@ -116,60 +117,46 @@ def run_step(
         if not held:
             log.info("step=%s job=%s outcome=deferred reason=running-elsewhere", step, job_id)
             raise task.retry(countdown=LOCKED_RECHECK_SECONDS, max_retries=None)
-        unfinished = rt.store.incr(job_id, f"unfinished_{step}")
-        if unfinished > rt.settings.retry.max_deliveries:
-            _end(ctx, JobState.DEAD, AworkError(f"{step} started {unfinished} times without finishing"))
+        if record.get("running") == step:
+            # The last copy of this step never got to its `finally`: its worker died.
+            crashes = rt.store.incr(job_id, f"crashes_{step}")
+            if crashes > rt.settings.retry.max_crashes:
+                _end(ctx, JobState.DEAD, AworkError(f"{step} lost its worker {crashes} times", code="poison"))
         attempt = rt.store.incr(job_id, f"attempts_{step}")
+        started = time.monotonic()
         try:
-            ctx.update(state=state.value)
+            ctx.update(state=state.value, running=step, heartbeat_at=time.time())
             result = body(ctx)
         except RateWait as wait:
-            _clean_exit(rt, job_id, step)
             countdown = min(MAX_COUNTDOWN_SECONDS, wait.seconds + random.uniform(0, 0.25))
             ctx.update(wait_reason=wait.reason, wait_until=time.time() + countdown)
             rt.store.incr(job_id, "rate_waits")
             _log(ctx, attempt, "deferred", None, f"wait={countdown:.2f}s")
             raise task.retry(countdown=countdown, max_retries=None) from None
         except UploadUrlExpired as exc:
-            _clean_exit(rt, job_id, step)
             raise _renew_url(ctx, attempt, exc) from None
         except PermanentError as exc:
-            _clean_exit(rt, job_id, step)
             _log(ctx, attempt, "failed", exc)
             _end(ctx, JobState.FAILED, exc)
         except RateLimited as exc:
-            _clean_exit(rt, job_id, step)
             countdown = min(MAX_COUNTDOWN_SECONDS, (exc.retry_after or 1.0) + random.uniform(0, 0.5))
             ctx.update(wait_reason="rate_limit_429", wait_until=time.time() + countdown)
             rt.store.incr(job_id, "rate_limited")
             _log(ctx, attempt, "rate_limited", exc, f"wait={countdown:.2f}s")
             raise task.retry(countdown=countdown, max_retries=None) from None
         except (TransientError, OSError) as exc:
-            _clean_exit(rt, job_id, step)
             raise _retry_or_die(ctx, attempt, exc) from None
-        except (JobEnded, Ignore):
-            _clean_exit(rt, job_id, step)
+        except (JobEnded, Ignore, Retry):
             raise
         except Exception as exc:
-            if _is_celery_control(exc):
-                _clean_exit(rt, job_id, step)
-                raise
             log.exception("step=%s job=%s unexpected error", step, job_id)
-            _clean_exit(rt, job_id, step)
             raise _retry_or_die(ctx, attempt, exc) from None
-        _clean_exit(rt, job_id, step)
+        finally:
+            # Reached on every exit but a dead process: what the sweeper looks for.
+            rt.store.clear(job_id, "running")
+            ctx.seconds = time.monotonic() - started
         _log(ctx, attempt, "ok", None)
         return {"job_id": job_id, "step": step, **result}
-
-
-def _is_celery_control(exc: BaseException) -> bool:
-    from celery.exceptions import Retry
-
-    return isinstance(exc, Retry)
-
-
-def _clean_exit(rt: Runtime, job_id: str, step: str) -> None:
-    rt.store.incr(job_id, f"unfinished_{step}", -1)
 
 
 def _retry_or_die(ctx: StepContext, attempt: int, exc: BaseException) -> BaseException:
@@ -184,6 +171,7 @@ def _retry_or_die(ctx: StepContext, attempt: int, exc: BaseException) -> BaseExc
     ceiling = min(policy.max_seconds, policy.base_seconds * (2 ** (errors - 1)))
     retry_after = getattr(err, "retry_after", None) or 0.0
     countdown = min(MAX_COUNTDOWN_SECONDS, max(retry_after, random.uniform(ceiling / 2, ceiling)))
+    ctx.update(wait_reason="retry", wait_until=time.time() + countdown)
     _log(ctx, attempt, "retry", err, f"in={countdown:.1f}s")
     return ctx.task.retry(countdown=countdown, max_retries=None)
 
@@ -213,10 +201,13 @@ def _record_error(ctx: StepContext, err: AworkError) -> None:
 
 
 def _end(ctx: StepContext, state: JobState, err: AworkError) -> None:
-    """Finish the job as failed/dead, clean staging, stop the chain."""
+    """Finish the job as failed/dead and stop the chain.
+
+    The staged bytes stay, so `awork-uploads dead retry` can re-drive the job; `dead purge`
+    (or the sweeper, once the record has expired) removes them.
+    """
     _record_error(ctx, err)
     ctx.rt.store.finish(ctx.job_id, state)
-    cleanup_staging(ctx)
     raise JobEnded(f"{state.value}: {err.code or ''} {err.message}".strip())
 
 

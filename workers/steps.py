@@ -202,7 +202,10 @@ def _done(ctx: StepContext, info: dict[str, Any]) -> dict[str, Any]:
     size = _awork_size(info)
     expected = ctx.record.get("size")
     verified = size is not None and expected not in (None, "") and int(expected) == size
-    ctx.rt.store.finish(ctx.job_id, JobState.DONE, file_id=file_id, size_verified=verified)
+    done_fields: dict[str, object] = {"file_id": file_id, "size_verified": verified}
+    if expected:
+        done_fields["bytes_sent"] = expected
+    ctx.rt.store.finish(ctx.job_id, JobState.DONE, **done_fields)
     cleanup_staging(ctx)
     return {"file_id": file_id}
 

@@ -1,0 +1,106 @@
+"""Dead letters: jobs that ended `failed` or `dead`, listed, re-driven or purged by an operator.
+
+`retry` re-drives a job from the step that failed: a link that failed reuses the upload that was
+already made; a failed PUT starts with a fresh upload URL. The staged bytes of failed jobs are
+kept until `purge`, so a retry has something to send.
+"""
+
+from __future__ import annotations
+
+import time
+
+from producers import staging
+from producers.client import JobNotFound, Uploads
+from producers.contract import JobState
+from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, STEPS, Job, job_key
+from producers.redrive import canvas_from, resume_step
+
+RESET_FIELDS = (
+    "error_step",
+    "error_code",
+    "error_description",
+    "error_status",
+    "error_trace_id",
+    "finished_at",
+    "wait_reason",
+    "wait_until",
+    "url_renewals",
+    *(f"errors_{s}" for s in STEPS),
+    "running",
+    *(f"crashes_{s}" for s in STEPS),
+)
+
+
+class DeadLetters:
+    def __init__(self, uploads: Uploads) -> None:
+        self.up = uploads
+        self.redis = uploads.redis
+
+    def jobs(self, limit: int = 1000) -> list[Job]:
+        ids = [i.decode() for i in self.redis.zrange(DEAD_KEY, 0, limit - 1)]  # type: ignore[union-attr]
+        records = self.up.store.get_many(ids)
+        self.up.store.prune_index([i for i, r in zip(ids, records, strict=True) if r is None])
+        return [Job.from_record(r) for r in records if r is not None]
+
+    def retry(self, job_ids: list[str]) -> list[Job]:
+        """Re-drive each job from the step that failed; returns the jobs, now queued again."""
+        out = []
+        for job_id in job_ids:
+            record = self.up.store.get(job_id)
+            if record is None:
+                raise JobNotFound(job_id)
+            if record.get("state") not in (JobState.FAILED.value, JobState.DEAD.value):
+                raise ValueError(f"job {job_id}: state is {record.get('state')}, not failed or dead")
+            first = _retry_step(record)
+            pipe = self.redis.pipeline()
+            key = job_key(job_id)
+            pipe.hdel(key, *RESET_FIELDS)
+            pipe.hset(key, mapping={"state": JobState.QUEUED.value, "updated_at": repr(time.time())})
+            pipe.hincrby(key, "redrives", 1)
+            pipe.persist(key)
+            pipe.zrem(DEAD_KEY, job_id)
+            created = float(record.get("created_at") or time.time())
+            pipe.zadd(INDEX_KEY, {job_id: created})
+            pipe.zadd(ACTIVE_KEY, {job_id: created})
+            pipe.execute()
+            canvas_from(self.up._app, record, first).apply_async()
+            out.append(self.up.status(job_id))
+        return out
+
+    def retry_all(self) -> list[Job]:
+        return self.retry([j.id for j in self.jobs()])
+
+    def purge(self, older_than_seconds: float) -> int:
+        """Delete dead letters that ended more than `older_than_seconds` ago, with their bytes."""
+        cutoff = time.time() - older_than_seconds
+        ids = [i.decode() for i in self.redis.zrangebyscore(DEAD_KEY, 0, cutoff)]  # type: ignore[union-attr]
+        for job_id in ids:
+            record = self.up.store.get(job_id) or {}
+            if record.get("staged_owned") == "1":
+                staging.remove_job_dir(self.up.settings.staging_dir, job_id)
+            pipe = self.redis.pipeline()
+            pipe.delete(job_key(job_id), f"{job_key(job_id)}:blocks")
+            pipe.zrem(DEAD_KEY, job_id)
+            pipe.zrem(INDEX_KEY, job_id)
+            pipe.execute()
+        return len(ids)
+
+
+def _retry_step(record: dict[str, str]) -> str:
+    """Link again when the upload was made (a failed link); otherwise start with a fresh URL
+    (finishing a job removes its upload URL)."""
+    if record.get("route") == "multipart":
+        return "multipart"
+    return "link" if resume_step(record) == "link" else "generate"
+
+
+def parse_duration(text: str) -> float:
+    """`90s`, `15m`, `12h`, `7d`, `2w` or plain seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    raw = text.strip().lower()
+    try:
+        if raw and raw[-1] in units:
+            return float(raw[:-1]) * units[raw[-1]]
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"--older-than: expected a duration like 90s, 15m, 12h, 7d, got {text!r}") from None
