@@ -33,7 +33,7 @@ def _no_faults(fleet: Fleet) -> Iterator[None]:
     fleet.sandbox.set_faults(
         {
             "routes": {
-                r: {"500": 0, "503": 0, "429": 0, "drop": 0}
+                r: {"500": 0, "503": 0, "429": 0, "drop": 0, "latency_ms": 0}
                 for r in ("*", "generate", "link", "image_link", "multipart", "list", "blob")
             },
             "latency_ms": 0,
@@ -136,21 +136,22 @@ def test_permanent_error_fails_at_once_with_awork_code_and_trace_id(fleet: Fleet
 
 
 def test_expired_upload_url_gets_a_fresh_one(fleet: Fleet, tmp_path: Path) -> None:
-    # URLs live 1 s and every request takes 1.2 s: the PUT always arrives after expiry.
-    fleet.sandbox.set_faults({"upload_url_lifetime_s": 1, "latency_ms": 1200})
-    before = fleet.sandbox.stats()["statuses"].get("403", 0)
+    # URLs live 1 s and every PUT fails (503) until we stop it: retrying, the put step finds its
+    # URL expired (by its se= or by the host's 403) and goes back to step 1 for a fresh one.
+    fleet.sandbox.set_faults({"upload_url_lifetime_s": 1, "routes": {"blob": {"503": 1.0}}})
     entity = fleet.entity("documents")
     f = random_file(tmp_path / "late.bin", 30_000)
     job = fleet.uploads.enqueue(f, to=f"document:{entity}")
-    wait_until(lambda: fleet.sandbox.stats()["statuses"].get("403", 0) > before, timeout=30)
-    fleet.sandbox.set_faults({"upload_url_lifetime_s": 900, "latency_ms": 0})
+    wait_until(lambda: int(fleet.record(job.id).get("url_renewals") or 0) >= 1, timeout=40)
+    fleet.sandbox.set_faults({"upload_url_lifetime_s": 900, "routes": {"blob": {"503": 0}}})
     (final,) = fleet.wait([job], timeout=60)
     assert final.state.value == "done", final.error
     record = fleet.record(job.id)
-    assert int(record["url_renewals"]) >= 1
     assert int(record["attempts_generate"]) >= 2
+    stats = fleet.sandbox.stats()
+    assert stats["links"][record["upload_id"]] == 1
     files = fleet.files_of(entity)
-    assert len(files) == 1 and files[0]["md5"] == md5_hex(f)
+    assert len(files) == 1 and files[0]["md5"] == md5_hex(f) and files[0]["upload_id"] == record["upload_id"]
 
 
 def test_idempotency_key_uploads_once(fleet: Fleet, tmp_path: Path) -> None:
