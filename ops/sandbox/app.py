@@ -1,0 +1,641 @@
+"""awork's file API under /api/v1: the routes of the contract the pipeline uses, strictly.
+
+Routes are registered one per concrete contract path (e.g. `/tasks/{taskId}/files/byuploadid`),
+so the test that compares the router with awork-openapi-files.json compares real entries.
+Paths match case-insensitively, as awork's do (`generateUploadURL`, `byUploadId`).
+
+Per request: trace id -> auth (401) -> workspace rate limit (429) -> no such path (404) ->
+injected latency and faults -> handler. Errors are awork's JSON body; every response carries
+Trace-Id, and every response to an authenticated request carries Kong's rate-limit headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import mimetypes
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from . import errors as E
+from .core import UPLOAD_CONTAINER, Sandbox
+from .errors import ApiError
+from .faults import Fault
+from .sas import format_se
+from .state import StoredFile, link_or_copy, now_iso
+from .storage import BodyTooLarge, DiskSink, Dropped
+
+API_PREFIX = "/api/v1"
+JSON_BODY_MAX = 1 << 20
+MULTIPART_SLACK = 1 << 20  # framing allowance over the file cap before we refuse unread
+
+BYUPLOADID_ENTITIES: dict[str, str] = {
+    "tasks": "taskId",
+    "projects": "projectId",
+    "documents": "documentId",
+    "tasktemplates": "tasktemplateId",
+}
+MULTIPART_ENTITIES: dict[str, str] = {
+    **BYUPLOADID_ENTITIES,
+    "companies": "companyId",
+    "users": "userId",
+    "workspaces": "workspaceId",
+    "projecttemplates": "projecttemplateId",
+}
+# The contract has no GET /companies/{companyId}/files.
+LIST_ENTITIES = {k: v for k, v in MULTIPART_ENTITIES.items() if k != "companies"}
+IMAGE_ENTITY_NAMES = frozenset(
+    {"companies", "contactpersons", "projects", "projecttemplates", "users", "workspaces"}
+)
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+
+
+@dataclass
+class Ctx:
+    """One authenticated API request."""
+
+    sandbox: Sandbox
+    request: web.BaseRequest
+    workspace: str
+    user_id: str
+    trace_id: str
+    fault: Fault
+
+
+Handler = Callable[[Ctx, dict[str, str]], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class ApiRoute:
+    method: str
+    path: str  # as in the contract, below /api/v1
+    stat: str  # the key in stats["requests"]
+    fault: str  # the fault route name
+    handler: Handler
+    entity: str | None
+    regex: re.Pattern[str]
+
+
+def _compile(path: str) -> re.Pattern[str]:
+    pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(path))
+    return re.compile(f"^{pattern}/?$", re.IGNORECASE)
+
+
+class ApiRouter:
+    def __init__(self) -> None:
+        self.routes: list[ApiRoute] = []
+        self._by_first: dict[str, list[ApiRoute]] = {}
+
+    def add(
+        self, method: str, path: str, stat: str, fault: str, handler: Handler,
+        entity: str | None = None,
+    ) -> None:
+        route = ApiRoute(method, path, f"{method} {API_PREFIX}{stat}", fault, handler, entity,
+                         _compile(path))
+        self.routes.append(route)
+        first = path.split("/")[1].lower()
+        self._by_first.setdefault(first, []).append(route)
+
+    def match(self, method: str, path: str) -> tuple[ApiRoute | None, dict[str, str], bool]:
+        """(route, params, path_exists): path_exists tells 404 from a wrong method."""
+        first = path.split("/", 2)[1].lower() if path.startswith("/") else ""
+        exists = False
+        for route in self._by_first.get(first, ()):
+            m = route.regex.match(path)
+            if m is None:
+                continue
+            if route.method == method:
+                return route, m.groupdict(), True
+            exists = True
+        return None, {}, exists
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _json_response(data: Any, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=json.dumps(data).encode(), content_type="application/json", headers=headers
+    )
+
+
+def _entity_id(value: str) -> str:
+    """Route ids are GUIDs; anything else matches no route in awork (404)."""
+    if not _UUID.match(value):
+        raise E.NO_ROUTE
+    return value.lower()
+
+
+def _require_entity(ctx: Ctx, entity: str, entity_id: str) -> None:
+    if not ctx.sandbox.state.entity_visible(entity, entity_id, ctx.workspace):
+        raise E.not_found(f"No {entity} entity with the id '{entity_id}' exists.")
+
+
+def _media_type(request: web.BaseRequest) -> str:
+    return request.content_type.lower()
+
+
+def _is_json_type(mt: str) -> bool:
+    return mt == "application/json" or (mt.startswith("application/") and mt.endswith("+json"))
+
+
+def _is_image(head: bytes) -> bool:
+    return (
+        head.startswith(b"\x89PNG\r\n\x1a\n")
+        or head.startswith(b"\xff\xd8\xff")
+        or head.startswith((b"GIF87a", b"GIF89a"))
+        or (head.startswith(b"RIFF") and head[8:12] == b"WEBP")
+    )
+
+
+def _guess_mime(file_name: str, declared: str | None) -> str:
+    """The declared type unless it says nothing, else a guess from the name."""
+    if declared and declared.lower() != "application/octet-stream":
+        return declared
+    return mimetypes.guess_type(file_name)[0] or declared or "application/octet-stream"
+
+
+async def _read_json(ctx: Ctx) -> Any:
+    request = ctx.request
+    if not _is_json_type(_media_type(request)):
+        raise ApiError(
+            415, E.UNSUPPORTED_MEDIA_TYPE, "The request body must be application/json.",
+        )
+    if request.content_length is not None and request.content_length > JSON_BODY_MAX:
+        raise ApiError(400, E.REQUEST_BODY_TOO_LARGE, "The request body is too large.")
+    raw = await request.content.read(JSON_BODY_MAX + 1)
+    if len(raw) > JSON_BODY_MAX:
+        raise ApiError(400, E.REQUEST_BODY_TOO_LARGE, "The request body is too large.")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise E.validation_failed(
+            [("$", "The JSON value could not be converted to UploadByUploadIdForm.")]
+        ) from None
+
+
+def _parse_upload_form(body: Any) -> tuple[str, str, str | None]:
+    """UploadByUploadIdForm: property names case-insensitive as in ASP.NET, nothing extra."""
+    if not isinstance(body, dict):
+        raise E.validation_failed([("$", "The request body must be a JSON object.")])
+    fields = {k.lower(): (k, v) for k, v in body.items()}
+    problems: list[tuple[str, str]] = []
+    for key in fields:
+        if key not in ("uploadid", "filename", "description"):
+            problems.append((fields[key][0], "Unknown property: UploadByUploadIdForm has no such member."))
+    values: dict[str, str | None] = {}
+    for key, prop in (("uploadid", "uploadId"), ("filename", "fileName")):
+        value = fields.get(key, (prop, None))[1]
+        if value is None:
+            problems.append((prop, f"The {prop} field is required."))
+        elif not isinstance(value, str):
+            problems.append((prop, f"The {prop} field must be a string."))
+        elif not value.strip():
+            problems.append((prop, f"The {prop} field must not be empty."))
+        else:
+            values[key] = value
+    description = fields.get("description", ("description", None))[1]
+    if description is not None and not isinstance(description, str):
+        problems.append(("description", "The description field must be a string or null."))
+    if problems:
+        raise E.validation_failed(problems)
+    return str(values["uploadid"]), str(values["filename"]), description
+
+
+# --- handlers --------------------------------------------------------------------------------
+
+
+async def generate_upload_url(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
+    sb = ctx.sandbox
+    upload_id = uuid.uuid4().hex  # opaque, deliberately not GUID-shaped
+    expires_at = float(math.ceil(time.time() + sb.settings.upload_url_lifetime_s))
+    path = f"/{UPLOAD_CONTAINER}/{upload_id}"
+    query = sb.signer.sign_query(path, sb.settings.upload_url_permissions, expires_at)
+    sb.state.new_upload(upload_id, ctx.workspace, format_se(expires_at))
+    return _json_response({"uploadId": upload_id, "uploadURL": f"{sb.blob_base}{path}?{query}"})
+
+
+async def _link(ctx: Ctx, entity: str, entity_id: str, image: bool) -> web.StreamResponse:
+    sb = ctx.sandbox
+    upload_id, file_name, description = _parse_upload_form(await _read_json(ctx))
+    counters = sb.state.counters
+    counters.link_attempts[upload_id] += 1
+    _require_entity(ctx, entity, entity_id)
+    up = sb.state.uploads.get(upload_id)
+    if up is None or up.workspace != ctx.workspace:
+        raise ApiError(
+            400, E.INVALID_OPERATION, "The upload id is unknown.",
+            details=[f"No upload with the id '{upload_id}' exists in this workspace."],
+        )
+    if not up.committed:
+        raise ApiError(
+            400, E.INVALID_OPERATION, "No file has been uploaded for this upload id.",
+            details=[f"The blob of upload '{upload_id}' was never committed."],
+        )
+    if counters.links[upload_id] and not sb.settings.duplicate_on_relink:
+        raise ApiError(
+            400, E.DUPLICATION_VIOLATION, "A file was already created from this upload id.",
+            details=[f"Upload '{upload_id}' is already linked."],
+        )
+    if image:
+        with open(up.blob_path, "rb") as f:
+            head = f.read(16)
+        if not _is_image(head):
+            raise E.validation_failed([("file", "The uploaded file is not an image.")])
+    file_id = str(uuid.uuid4())
+    path = sb.state.new_file_path(file_id)
+    link_or_copy(up.blob_path, path)
+    stored = StoredFile(
+        id=file_id,
+        workspace=ctx.workspace,
+        entity=entity,
+        entity_id=entity_id,
+        image=image,
+        name=file_name,
+        file_name=file_name,
+        description=description,
+        size=up.size,
+        md5=up.md5,
+        mime_type=_guess_mime(file_name, up.content_type),
+        upload_id=upload_id,
+        created_on=now_iso(),
+        created_by=ctx.user_id,
+        path=path,
+        content_md5=up.content_md5,
+    )
+    sb.state.add_file(stored)
+    counters.links[upload_id] += 1
+    return _json_response(stored.file_info())
+
+
+def link_handler(entity: str, param: str) -> Handler:
+    async def handler(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
+        return await _link(ctx, entity, _entity_id(params[param]), image=False)
+
+    return handler
+
+
+def _image_entity(name: str) -> str:
+    entity = name.lower()
+    if entity not in IMAGE_ENTITY_NAMES:
+        raise E.validation_failed(
+            [("entityName", f"'{name}' has no profile image; one of "
+              f"{', '.join(sorted(IMAGE_ENTITY_NAMES))}.")]
+        )
+    return entity
+
+
+async def image_link(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
+    entity = _image_entity(params["entityName"])
+    return await _link(ctx, entity, _entity_id(params["entityId"]), image=True)
+
+
+async def _multipart(ctx: Ctx, entity: str, entity_id: str, image: bool) -> web.StreamResponse:
+    sb = ctx.sandbox
+    request = ctx.request
+    _require_entity(ctx, entity, entity_id)
+    cap = sb.settings.multipart_max_bytes
+    too_large = ApiError(
+        400, E.REQUEST_BODY_TOO_LARGE,
+        f"The request body is too large: files may have at most {cap} bytes.",
+    )
+    if request.content_length is not None and request.content_length > cap + MULTIPART_SLACK:
+        raise too_large
+    if _media_type(request) != "multipart/form-data":
+        raise ApiError(415, E.UNSUPPORTED_MEDIA_TYPE, "The request body must be multipart/form-data.")
+    drop_at = None
+    if ctx.fault.kind == "drop":
+        drop_at = int(ctx.fault.fraction * (request.content_length or 0))
+    sink: DiskSink | None = None
+    file_name = ""
+    part_type: str | None = None
+    form: dict[str, str] = {}
+    try:
+        try:
+            reader = await request.multipart()
+            while True:
+                part = await reader.next()
+                if part is None:
+                    break
+                if not isinstance(part, BodyPartReader):
+                    raise ValueError("nested multipart is not supported")
+                name = (part.name or "").lower()
+                if name == "file" and part.filename is not None and sink is None:
+                    file_name = part.filename
+                    part_type = part.headers.get("Content-Type")
+                    sink = DiskSink(sb.state.tmp_path())
+                    await _receive_part(part, sink, cap, drop_at, request)
+                elif name in ("name", "description") and part.filename is None:
+                    form[name] = (await part.read(decode=True)).decode("utf-8", "replace")
+                else:
+                    await part.release()
+        except (ValueError, AssertionError) as exc:
+            raise E.validation_failed([("File", f"Malformed multipart body: {exc}")]) from None
+        except BodyTooLarge:
+            raise too_large from None
+        if drop_at is not None:  # the drop point fell in the framing, not in the file
+            _abort(request)
+            raise Dropped("sandbox fault: connection dropped")
+        if sink is None:
+            raise E.validation_failed([("File", "The File field is required.")])
+        md5 = await sink.finish()
+    except BaseException:
+        if sink is not None:
+            await sink.abort()
+        raise
+    if image and not _is_image(sink.head):
+        sink.path.unlink()
+        raise E.validation_failed([("file", "The uploaded file is not an image.")])
+    file_id = str(uuid.uuid4())
+    path = sb.state.new_file_path(file_id)
+    sink.path.replace(path)
+    sb.state.counters.bytes_received += sink.size
+    display = form.get("name") or file_name
+    stored = StoredFile(
+        id=file_id,
+        workspace=ctx.workspace,
+        entity=entity,
+        entity_id=entity_id,
+        image=image,
+        name=display,
+        file_name=file_name,
+        description=form.get("description"),
+        size=sink.size,
+        md5=md5,
+        mime_type=_guess_mime(file_name, part_type),
+        upload_id=None,
+        created_on=now_iso(),
+        created_by=ctx.user_id,
+        path=path,
+    )
+    sb.state.add_file(stored)
+    return _json_response(stored.file_info())
+
+
+async def _receive_part(
+    part: BodyPartReader, sink: DiskSink, cap: int, drop_at: int | None,
+    request: web.BaseRequest,
+) -> None:
+    """Stream one multipart part (aiohttp decodes it chunk by chunk) into `sink`."""
+    while True:
+        chunk = await part.read_chunk(1 << 20)
+        if not chunk:
+            return
+        if drop_at is not None and sink.size + len(chunk) >= drop_at:
+            _abort(request)
+            raise Dropped("sandbox fault: connection dropped mid-body")
+        if sink.size + len(chunk) > cap:
+            raise BodyTooLarge
+        await sink.write(chunk)
+
+
+def multipart_handler(entity: str, param: str) -> Handler:
+    async def handler(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
+        return await _multipart(ctx, entity, _entity_id(params[param]), image=False)
+
+    return handler
+
+
+async def image_multipart(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
+    entity = _image_entity(params["entityName"])
+    return await _multipart(ctx, entity, _entity_id(params["entityId"]), image=True)
+
+
+def _int_param(request: web.BaseRequest, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise E.validation_failed([(name, f"The value '{raw}' is not valid for {name}.")]) from None
+    if not lo <= value <= hi:
+        raise E.validation_failed([(name, f"{name} must be between {lo} and {hi}.")])
+    return value
+
+
+def list_handler(entity: str, param: str) -> Handler:
+    async def handler(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
+        entity_id = _entity_id(params[param])
+        page = _int_param(ctx.request, "page", 1, 1, 1_000_000)
+        page_size = _int_param(ctx.request, "pageSize", 10, 1, 1000)
+        _require_entity(ctx, entity, entity_id)
+        state = ctx.sandbox.state
+        ids = state.files_by_entity.get((entity, entity_id), [])
+        chosen = ids[(page - 1) * page_size : page * page_size]
+        items = [state.files[i].file_info() for i in chosen]
+        return _json_response(
+            items,
+            headers={
+                "aw-page": str(page),
+                "aw-pagesize": str(page_size),
+                "aw-items": str(len(items)),
+                "aw-totalitems": str(len(ids)),
+            },
+        )
+
+    return handler
+
+
+def _file_of(ctx: Ctx, file_id: str, entity: str | None, entity_id: str | None) -> StoredFile:
+    f = ctx.sandbox.state.files.get(file_id.lower()) if _UUID.match(file_id) else None
+    if (
+        f is None
+        or f.workspace != ctx.workspace
+        or (entity is not None and (f.image or f.entity != entity or f.entity_id != entity_id))
+    ):
+        raise E.not_found(f"No file with the id '{file_id}' exists.")
+    return f
+
+
+def _download(f: StoredFile, inline: bool) -> web.StreamResponse:
+    disposition = "inline" if inline else "attachment"
+    quoted = f.file_name.replace("\\", "\\\\").replace('"', '\\"')
+    return web.FileResponse(
+        f.path,
+        headers={
+            "Content-Type": f.mime_type,
+            "Content-Disposition": f'{disposition}; filename="{quoted}"',
+        },
+    )
+
+
+async def download(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
+    f = _file_of(ctx, params["fileId"], None, None)
+    return _download(f, ctx.request.query.get("inline", "").lower() == "true")
+
+
+def entity_download_handler(entity: str, param: str) -> Handler:
+    async def handler(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
+        entity_id = _entity_id(params[param])
+        _require_entity(ctx, entity, entity_id)
+        f = _file_of(ctx, params["fileId"], entity, entity_id)
+        return _download(f, ctx.request.query.get("inline", "").lower() == "true")
+
+    return handler
+
+
+def metadata_handler(entity: str, param: str) -> Handler:
+    async def handler(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
+        entity_id = _entity_id(params[param])
+        _require_entity(ctx, entity, entity_id)
+        return _json_response(_file_of(ctx, params["fileId"], entity, entity_id).file_info())
+
+    return handler
+
+
+async def image_get(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
+    entity = _image_entity(params["entityName"])
+    entity_id = _entity_id(params["entityId"])
+    _require_entity(ctx, entity, entity_id)
+    file_id = ctx.sandbox.state.images.get((entity, entity_id))
+    if file_id is None:
+        raise E.not_found(f"The {entity} entity '{entity_id}' has no image.")
+    return _download(ctx.sandbox.state.files[file_id], inline=True)
+
+
+def build_router() -> ApiRouter:
+    r = ApiRouter()
+    r.add("POST", "/files/generateuploadurl", "/files/generateuploadurl", "generate",
+          generate_upload_url)
+    for entity, param in BYUPLOADID_ENTITIES.items():
+        r.add("POST", f"/{entity}/{{{param}}}/files/byuploadid",
+              "/{entity}/{id}/files/byuploadid", "link", link_handler(entity, param), entity)
+    r.add("POST", "/files/images/{entityName}/{entityId}/byuploadid",
+          "/files/images/{entityName}/{id}/byuploadid", "image_link", image_link)
+    for entity, param in MULTIPART_ENTITIES.items():
+        r.add("POST", f"/{entity}/{{{param}}}/files", "/{entity}/{id}/files", "multipart",
+              multipart_handler(entity, param), entity)
+        r.add("GET", f"/{entity}/{{{param}}}/files/{{fileId}}", "/{entity}/{id}/files/{fileId}",
+              "list", metadata_handler(entity, param), entity)
+        r.add("GET", f"/{entity}/{{{param}}}/files/{{fileId}}/download",
+              "/{entity}/{id}/files/{fileId}/download", "download",
+              entity_download_handler(entity, param), entity)
+    for entity, param in LIST_ENTITIES.items():
+        r.add("GET", f"/{entity}/{{{param}}}/files", "/{entity}/{id}/files", "list",
+              list_handler(entity, param), entity)
+    r.add("POST", "/files/images/{entityName}/{entityId}", "/files/images/{entityName}/{id}",
+          "multipart", image_multipart)
+    r.add("GET", "/files/images/{entityName}/{entityId}", "/files/images/{entityName}/{id}",
+          "download", image_get)
+    r.add("GET", "/files/{fileId}/download", "/files/{fileId}/download", "download", download)
+    return r
+
+
+# --- dispatch --------------------------------------------------------------------------------
+
+
+def _abort(request: web.BaseRequest) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+class ApiFrontDoor:
+    """Everything under /api/v1: auth, limits, faults, counters around the handlers."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
+        self.router = build_router()
+        self._keys = sandbox.config.api_keys
+
+    async def handle(self, request: web.BaseRequest, sub_path: str) -> web.StreamResponse:
+        sb = self.sandbox
+        counters = sb.state.counters
+        trace_id = secrets.token_hex(16)
+        counters.api_requests += 1
+        method = request.method
+        route, params, path_exists = self.router.match(method, sub_path or "/")
+        stat = route.stat if route is not None else f"{method} {API_PREFIX}/<unmatched>"
+        counters.requests[stat] += 1
+        headers = {"Trace-Id": trace_id, "X-Edge-Ref": f"sandbox-{trace_id[:12]}"}
+        fault_kind: str | None = None
+        try:
+            auth = request.headers.get("Authorization", "")
+            scheme, _, token = auth.partition(" ")
+            workspace = self._keys.get(token.strip()) if scheme.lower() == "bearer" else None
+            if workspace is None:
+                counters.unauthorized += 1
+                headers["WWW-Authenticate"] = "Bearer"
+                raise ApiError(
+                    401, E.UNAUTHORIZED,
+                    "The request is not authorized: missing or unknown bearer token.",
+                )
+            counters.requests_by_workspace[workspace] += 1
+            decision = sb.limiter.hit(workspace, time.time())
+            headers.update(decision.headers)
+            if not decision.allowed:
+                counters.rate_limited += 1
+                counters.rate_limited_by_workspace[workspace] += 1
+                if sb.settings.retry_after_header:
+                    headers["Retry-After"] = str(decision.reset)
+                raise ApiError(429, E.TOO_MANY_REQUESTS, "API rate limit exceeded.")
+            if route is None:
+                if path_exists:
+                    raise ApiError(
+                        405, E.METHOD_NOT_ALLOWED,
+                        f"The method {method} is not allowed for this URL.",
+                    )
+                raise E.NO_ROUTE
+            fault = sb.faults.decide(route.fault)
+            if fault.delay_s > 0:
+                counters.faults_injected["latency"] += 1
+                await asyncio.sleep(fault.delay_s)
+            fault_kind = fault.kind
+            if fault_kind is not None:
+                self._before(request, workspace, fault, headers)
+            ctx = Ctx(sb, request, workspace, sb.user_ids[token.strip()], trace_id, fault)
+            response = await route.handler(ctx, params)
+            if fault_kind == "drop_after":
+                counters.faults_injected["drop_after"] += 1
+                _abort(request)
+                raise Dropped("sandbox fault: response dropped after the work was done")
+            if fault_kind == "500_after":
+                counters.faults_injected["500_after"] += 1
+                raise ApiError(500, E.SERVER_ERROR, "An internal server error occurred.")
+        except ApiError as exc:
+            response = web.Response(
+                status=exc.status, body=exc.body(trace_id), content_type="application/json"
+            )
+            if exc.headers:
+                headers.update(exc.headers)
+        except Dropped:
+            raise
+        response.headers.update(headers)
+        status = str(response.status)
+        counters.statuses[status] += 1
+        counters.statuses_by_route[stat][status] += 1
+        return response
+
+    def _before(self, request: web.BaseRequest, workspace: str, fault: Fault,
+                headers: dict[str, str]) -> None:
+        """Faults that strike before the handler runs (drop mid-body is the handler's)."""
+        counters = self.sandbox.state.counters
+        kind = fault.kind
+        if kind == "429":
+            counters.faults_injected["429"] += 1
+            rl_headers, reset = self.sandbox.limiter.exhausted_headers(workspace, time.time())
+            headers.update(rl_headers)
+            if self.sandbox.settings.retry_after_header:
+                headers["Retry-After"] = str(reset)
+            raise ApiError(429, E.TOO_MANY_REQUESTS, "API rate limit exceeded.")
+        if kind == "503":
+            counters.faults_injected["503"] += 1
+            raise ApiError(503, E.SERVICE_UNAVAILABLE, "The service is temporarily unavailable.")
+        if kind == "500":
+            counters.faults_injected["500"] += 1
+            raise ApiError(500, E.SERVER_ERROR, "An internal server error occurred.")
+        if kind == "drop":
+            counters.faults_injected["drop"] += 1
+            # Requests with a body stream it in the handler and drop part-way through.
+            if not (request.content_length and request.content_type.startswith("multipart/")):
+                _abort(request)
+                raise Dropped("sandbox fault: connection dropped")

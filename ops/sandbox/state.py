@@ -1,0 +1,304 @@
+"""Everything the sandbox remembers: entities, uploads (blobs and blocks), files, counters.
+
+In memory, one event loop, no locks beyond per-upload commit locks: a sandbox restart starts
+from nothing (the data directory only holds bytes). Counters are what tests assert on, so
+they count what was sent, not what was meant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+# Admin entity types (awork path segments) and what FileInfo calls them.
+ENTITY_TYPES: dict[str, str] = {
+    "tasks": "task",
+    "projects": "project",
+    "documents": "document",
+    "tasktemplates": "taskTemplate",
+    "companies": "company",
+    "users": "user",
+    "workspaces": "workspace",
+    "projecttemplates": "projectTemplate",
+    "contactpersons": "contactPerson",
+}
+# FileInfo's owner id field per entity type (workspaces and contact persons have none).
+OWNER_FIELDS: dict[str, str] = {
+    "tasks": "taskId",
+    "projects": "projectId",
+    "documents": "documentId",
+    "tasktemplates": "taskTemplateId",
+    "companies": "companyId",
+    "users": "userId",
+    "projecttemplates": "projectTemplateId",
+}
+ALL_OWNER_FIELDS = (
+    "projectId", "projectTemplateId", "companyId", "taskId", "taskTemplateId", "userId",
+    "documentId",
+)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class Block:
+    block_id: str  # base64, as the client sent it
+    size: int
+    md5: bytes
+    path: Path
+
+
+@dataclass
+class Upload:
+    """One generated upload URL: its blob's committed content and its blocks."""
+
+    upload_id: str
+    workspace: str
+    created_on: str
+    expires: str
+    dir: Path
+    committed: bool = False
+    size: int = 0
+    md5: bytes = b""  # of the committed bytes, computed by the sandbox
+    content_md5: str | None = None  # the blob's Content-MD5 property (base64), as Azure keeps it
+    content_type: str | None = None
+    etag: str = ""
+    last_modified: str = ""
+    blob_puts: int = 0
+    committed_blocks: list[Block] = field(default_factory=list)
+    uncommitted: dict[str, Block] = field(default_factory=dict)
+    block_id_len: int | None = None  # all block ids of a blob decode to the same length
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _seq: int = 0
+
+    @property
+    def blob_path(self) -> Path:
+        return self.dir / "blob"
+
+    def next_path(self, prefix: str) -> Path:
+        """A fresh file name: a replaced block or blob never overwrites bytes still in use."""
+        self._seq += 1
+        return self.dir / f"{prefix}-{self._seq}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "upload_id": self.upload_id,
+            "workspace": self.workspace,
+            "created_on": self.created_on,
+            "expires": self.expires,
+            "committed": self.committed,
+            "size": self.size if self.committed else None,
+            "md5": self.md5.hex() if self.committed else None,
+            "content_md5": self.content_md5,
+            "content_type": self.content_type,
+            "blob_puts": self.blob_puts,
+            "committed_blocks": len(self.committed_blocks),
+            "uncommitted_blocks": len(self.uncommitted),
+        }
+
+
+@dataclass
+class StoredFile:
+    id: str
+    workspace: str
+    entity: str  # awork path segment: tasks, projects, ...
+    entity_id: str
+    image: bool  # a profile image (files/images/...) rather than an entity file
+    name: str
+    file_name: str
+    description: str | None
+    size: int
+    md5: bytes
+    mime_type: str
+    upload_id: str | None
+    created_on: str
+    created_by: str
+    path: Path
+    content_md5: str | None = None
+    version_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    def to_stats(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "workspace": self.workspace,
+            "entity": self.entity,
+            "entity_id": self.entity_id,
+            "image": self.image,
+            "name": self.name,
+            "file_name": self.file_name,
+            "description": self.description,
+            "size": self.size,
+            "md5": self.md5.hex(),
+            "content_md5": self.content_md5,
+            "mime_type": self.mime_type,
+            "upload_id": self.upload_id,
+            "created_on": self.created_on,
+        }
+
+    def file_info(self) -> dict[str, Any]:
+        """awork's FileInfo (every property of the contract's schema, nothing else)."""
+        info: dict[str, Any] = {
+            "name": self.name,
+            "description": self.description,
+            "id": self.id,
+            "entityId": self.entity_id,
+        }
+        owner = OWNER_FIELDS.get(self.entity)
+        for f in ALL_OWNER_FIELDS:
+            info[f] = self.entity_id if f == owner else None
+        info.update(
+            {
+                "fileName": self.file_name,
+                "entityType": ENTITY_TYPES[self.entity],
+                "mimeType": self.mime_type,
+                "createdOn": self.created_on,
+                "createdBy": self.created_by,
+                "updatedOn": self.created_on,
+                "updatedBy": self.created_by,
+                "fileVersions": [
+                    {
+                        "id": self.version_id,
+                        "fileInfoId": self.id,
+                        "version": 1,
+                        "size": self.size,
+                        "width": None,
+                        "height": None,
+                        "createdOn": self.created_on,
+                        "createdBy": self.created_by,
+                        "updatedOn": self.created_on,
+                        "updatedBy": self.created_by,
+                    }
+                ],
+                "isCommentFile": False,
+                "externalProvider": None,
+                "externalFileUrl": None,
+                "isHiddenForConnectUsers": False,
+            }
+        )
+        return info
+
+
+class Counters:
+    """What tests read from GET /_sandbox/stats."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[str] = Counter()
+        self.statuses: Counter[str] = Counter()
+        self.statuses_by_route: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        self.api_requests = 0
+        self.blob_requests = 0
+        self.rate_limited = 0
+        self.rate_limited_by_workspace: Counter[str] = Counter()
+        self.requests_by_workspace: Counter[str] = Counter()
+        self.unauthorized = 0
+        self.links: Counter[str] = Counter()
+        self.link_attempts: Counter[str] = Counter()
+        self.blocks: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        self.faults_injected: Counter[str] = Counter()
+        self.blob_authorization_headers = 0
+        self.bytes_received = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "requests": dict(self.requests),
+            "api_requests": self.api_requests,
+            "blob_requests": self.blob_requests,
+            "statuses": dict(self.statuses),
+            "statuses_by_route": {k: dict(v) for k, v in self.statuses_by_route.items()},
+            "rate_limited": self.rate_limited,
+            "rate_limited_by_workspace": dict(self.rate_limited_by_workspace),
+            "requests_by_workspace": dict(self.requests_by_workspace),
+            "unauthorized": self.unauthorized,
+            "links": dict(self.links),
+            "link_attempts": dict(self.link_attempts),
+            "blocks": {k: dict(v) for k, v in self.blocks.items()},
+            "faults_injected": {
+                k: self.faults_injected.get(k, 0)
+                for k in ("500", "503", "429", "drop", "drop_after", "500_after", "latency")
+            },
+            "blob_authorization_headers": self.blob_authorization_headers,
+            "bytes_received": self.bytes_received,
+        }
+
+
+class SandboxState:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.uploads_dir = data_dir / "uploads"
+        self.files_dir = data_dir / "files"
+        self.tmp_dir = data_dir / "tmp"
+        # type -> id -> workspace it belongs to (None: visible to every workspace)
+        self.entities: dict[str, dict[str, str | None]] = {t: {} for t in ENTITY_TYPES}
+        self.uploads: dict[str, Upload] = {}
+        self.files: dict[str, StoredFile] = {}
+        self.files_by_entity: defaultdict[tuple[str, str], list[str]] = defaultdict(list)
+        self.images: dict[tuple[str, str], str] = {}  # (entityName, id) -> current image file
+        self.counters = Counters()
+        self._make_dirs()
+
+    def _make_dirs(self) -> None:
+        for d in (self.uploads_dir, self.files_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def reset(self, entities: bool) -> None:
+        """Forget uploads, files and counters (and entities if asked); delete their bytes."""
+        self.uploads.clear()
+        self.files.clear()
+        self.files_by_entity.clear()
+        self.images.clear()
+        self.counters = Counters()
+        if entities:
+            for ids in self.entities.values():
+                ids.clear()
+        for d in (self.uploads_dir, self.files_dir, self.tmp_dir):
+            shutil.rmtree(d, ignore_errors=True)
+        self._make_dirs()
+
+    def entity_visible(self, entity: str, entity_id: str, workspace: str) -> bool:
+        ids = self.entities.get(entity)
+        if ids is None or entity_id not in ids:
+            return False
+        owner = ids[entity_id]
+        return owner is None or owner == workspace
+
+    def new_upload(self, upload_id: str, workspace: str, expires: str) -> Upload:
+        d = self.uploads_dir / upload_id  # created by the first blob write
+        up = Upload(upload_id, workspace, now_iso(), expires, d)
+        self.uploads[upload_id] = up
+        return up
+
+    def add_file(self, f: StoredFile) -> None:
+        self.files[f.id] = f
+        if f.image:
+            self.images[(f.entity, f.entity_id)] = f.id
+        else:
+            self.files_by_entity[(f.entity, f.entity_id)].append(f.id)
+
+    def new_file_path(self, file_id: str) -> Path:
+        return self.files_dir / file_id
+
+    def tmp_path(self) -> Path:
+        return self.tmp_dir / uuid.uuid4().hex
+
+    def entities_json(self) -> dict[str, list[dict[str, str | None]]]:
+        return {
+            t: [{"id": i, "workspace": ws} for i, ws in ids.items()]
+            for t, ids in self.entities.items()
+        }
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A file keeps its bytes even if the blob is overwritten later: hard link, else copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
