@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(eq=False)
 class AworkError(Exception):
     """An error with awork's (or Azure's) details kept for the job record and for support."""
 
@@ -26,7 +26,7 @@ class AworkError(Exception):
         return " ".join(bits)
 
 
-@dataclass
+@dataclass(eq=False)
 class TransientError(AworkError):
     """Worth retrying: 429, 5xx, timeouts, dropped connections, concurrency conflicts.
 
@@ -39,16 +39,16 @@ class TransientError(AworkError):
     outcome_unknown: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class PermanentError(AworkError):
     """Retrying cannot help (400, 401, 403, 404): the job fails at once."""
 
 
-@dataclass
+@dataclass(eq=False)
 class UploadUrlExpired(AworkError):
     """The upload URL is past its `se=` expiry or its signature was refused: get a new one."""
 
 
-@dataclass
+@dataclass(eq=False)
 class RateLimited(TransientError):
     """The workspace is over awork's limit (429) or our own limiter says wait."""
