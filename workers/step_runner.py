@@ -41,7 +41,7 @@ class JobEnded(Exception):
     """The job reached `failed` or `dead`: the chain stops here. Listed in the tasks' `throws`."""
 
 
-@dataclass
+@dataclass(eq=False)
 class RateWait(Exception):
     """No rate token now: defer the step by `seconds` (does not count as an error)."""
 
