@@ -1,0 +1,352 @@
+"""Byte sources for the blob transfer: a staged file, or an http(s) URL streamed straight through.
+
+The transfer engine reads every source sequentially, block by block, so a multi-GiB file never
+sits in memory and an http(s) source never touches disk. A `FileSource` can be re-read at will
+(its MD5 can be computed beforehand, a retry re-opens it); a `UrlSource` is read once, and if
+the stream breaks it resumes with a `Range` GET where the server allows it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+import urllib3.exceptions
+
+from workers.errors import PermanentError, TransientError
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+READ_CHUNK = 1 * MiB
+
+
+def md5_b64(data: bytes | bytearray | memoryview) -> str:
+    """MD5 in base64, as Content-MD5 wants it."""
+    return base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
+
+
+def file_md5_b64(path: str | os.PathLike[str], chunk: int = 4 * MiB) -> str:
+    """The MD5 (base64) of a file in one streaming pass: constant memory whatever the size."""
+    digest = hashlib.md5()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return base64.b64encode(digest.digest()).decode("ascii")
+
+
+class SourceInterrupted(TransientError):
+    """The source stream broke and could not be resumed in place: the upload pass restarts."""
+
+
+@runtime_checkable
+class SourceReader(Protocol):
+    """A sequential reader from byte 0. `size` is None when the source did not say."""
+
+    size: int | None
+
+    def read(self, n: int) -> bytes:
+        """Up to `n` bytes; fewer only at the end; b"" at the end."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class ByteSource(Protocol):
+    """Something the uploader can open (again) from the start."""
+
+    @property
+    def label(self) -> str:
+        """For logs and errors; never contains credentials."""
+        ...
+
+    @property
+    def rereadable(self) -> bool:
+        """True when reading it twice is cheap (a local file): MD5 beforehand, retries re-open."""
+        ...
+
+    def open(self) -> SourceReader: ...
+
+
+def read_exact(reader: SourceReader, n: int) -> bytes:
+    """Exactly `n` bytes unless the source ends first."""
+    first = reader.read(n)
+    if len(first) == n or not first:
+        return first
+    parts = [first]
+    got = len(first)
+    while got < n:
+        chunk = reader.read(n - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+# -- files ---------------------------------------------------------------------------------
+
+
+class _FileReader:
+    def __init__(self, path: Path, size: int) -> None:
+        self._f = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self.size: int | None = size
+        self._left = size
+
+    def read(self, n: int) -> bytes:
+        # Never read past the size seen at open: a file still growing must not change the upload.
+        n = min(n, self._left)
+        if n <= 0:
+            return b""
+        data = self._f.read(n)
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class FileSource:
+    """A local (staged) file. Pass `md5_b64` when the producer already computed it while staging."""
+
+    def __init__(self, path: str | os.PathLike[str], md5_b64: str | None = None) -> None:
+        self.path = Path(path)
+        self._md5 = md5_b64
+
+    @property
+    def label(self) -> str:
+        return f"file:{self.path.name}"
+
+    @property
+    def known_md5(self) -> str | None:
+        """The MD5 given at construction or computed so far (None: not known yet)."""
+        return self._md5
+
+    @property
+    def rereadable(self) -> bool:
+        return True
+
+    @property
+    def size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            raise PermanentError(f"source file is gone: {self.path}", code="source-missing") from None
+
+    def open(self) -> _FileReader:
+        size = self.size
+        try:
+            return _FileReader(self.path, size)
+        except FileNotFoundError:
+            raise PermanentError(f"source file is gone: {self.path}", code="source-missing") from None
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        """Any range (pread): lets a caller read blocks concurrently or re-read one for a retry."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            parts = []
+            while length > 0:
+                chunk = os.pread(fd, length, offset)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                offset += len(chunk)
+                length -= len(chunk)
+            return b"".join(parts)
+        finally:
+            os.close(fd)
+
+    def md5_b64(self) -> str:
+        """The whole file's MD5, computed once (streaming) and cached."""
+        if self._md5 is None:
+            self._md5 = file_md5_b64(self.path)
+        return self._md5
+
+
+# -- http(s) URLs --------------------------------------------------------------------------
+
+_STREAM_ERRORS: tuple[type[BaseException], ...] = (
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    urllib3.exceptions.ProtocolError,
+    urllib3.exceptions.ReadTimeoutError,
+    urllib3.exceptions.IncompleteRead,
+    OSError,
+)
+
+
+def redact_url(url: str) -> str:
+    """The URL without query or userinfo: safe for logs (a SAS query is a credential)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _raise_for_source_status(resp: requests.Response, label: str) -> None:
+    status = resp.status_code
+    if status in (200, 206):
+        return
+    msg = f"source {label} answered {status}"
+    if status in (408, 425, 429) or status >= 500:
+        raise TransientError(msg, status=status, code="source-unavailable")
+    raise PermanentError(msg, status=status, code="source-refused")
+
+
+class _UrlReader:
+    """Reads a streamed GET; on a break, resumes with `Range` + `If-Range` when the server allows."""
+
+    def __init__(self, source: UrlSource) -> None:
+        self._src = source
+        self.pos = 0
+        self._resumes = 0
+        self._resp = self._get(None)
+        headers = self._resp.headers
+        length = headers.get("Content-Length")
+        self.size: int | None = int(length) if length and length.isdigit() else None
+        self._validator = headers.get("ETag") or headers.get("Last-Modified")
+        if self._validator and self._validator.startswith("W/"):
+            self._validator = None  # weak ETags may not be used with If-Range
+        self._ranges = headers.get("Accept-Ranges", "").lower() == "bytes"
+
+    def _get(self, start: int | None) -> requests.Response:
+        headers = {"Accept-Encoding": "identity"}
+        if start is not None:
+            headers["Range"] = f"bytes={start}-"
+            if self._validator:
+                headers["If-Range"] = self._validator
+        try:
+            resp = self._src.session.get(
+                self._src.url, headers=headers, stream=True, timeout=self._src.timeout
+            )
+        except _STREAM_ERRORS as exc:
+            raise SourceInterrupted(f"source {self._src.label}: {exc}", code="source-unreachable") from exc
+        try:
+            _raise_for_source_status(resp, self._src.label)
+        except Exception:
+            resp.close()
+            raise
+        return resp
+
+    @property
+    def resumable(self) -> bool:
+        return self._ranges and self._validator is not None and self.size is not None
+
+    def _resume(self, cause: BaseException) -> None:
+        self._resp.close()
+        if not self.resumable or self._resumes >= self._src.max_resumes:
+            raise SourceInterrupted(
+                f"source {self._src.label} broke at byte {self.pos} and cannot be resumed: {cause}",
+                code="source-interrupted",
+            ) from cause
+        self._resumes += 1
+        log.info("source %s broke at byte %d, resuming with Range (%s)", self._src.label, self.pos, cause)
+        resp = self._get(self.pos)
+        expected = f"bytes {self.pos}-"
+        content_range = resp.headers.get("Content-Range", "")
+        if (
+            resp.status_code != 206
+            or not content_range.startswith(expected)
+            or (not content_range.endswith(f"/{self.size}"))
+        ):
+            # 200 means the representation changed (If-Range failed) or ranges were ignored.
+            resp.close()
+            raise SourceInterrupted(
+                f"source {self._src.label} did not resume at byte {self.pos} "
+                f"(status {resp.status_code}, Content-Range {content_range!r})",
+                code="source-changed",
+            ) from cause
+        self._resp = resp
+
+    def read(self, n: int) -> bytes:
+        parts: list[bytes] = []
+        got = 0
+        while got < n:
+            want = min(n - got, READ_CHUNK)
+            try:
+                chunk = self._resp.raw.read(want, decode_content=False)
+            except _STREAM_ERRORS as exc:
+                self._resume(exc)
+                continue
+            if not chunk:
+                if self.size is not None and self.pos < self.size:
+                    self._resume(EOFError(f"stream ended at {self.pos} of {self.size}"))
+                    continue
+                break
+            parts.append(chunk)
+            got += len(chunk)
+            self.pos += len(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def close(self) -> None:
+        self._resp.close()
+
+
+class UrlSource:
+    """An http(s) URL streamed through, never written to disk.
+
+    The caller owns `session` (and its allow-list); it is used only for the GETs of this source.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        session: requests.Session,
+        *,
+        timeout: tuple[float, float] = (10.0, 120.0),
+        max_resumes: int = 5,
+    ) -> None:
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise PermanentError(f"not an http(s) URL: {redact_url(url)}", code="source-refused")
+        self.url = url
+        self.session = session
+        self.timeout = timeout
+        self.max_resumes = max_resumes
+
+    @property
+    def label(self) -> str:
+        return redact_url(self.url)
+
+    @property
+    def rereadable(self) -> bool:
+        return False
+
+    def open(self) -> _UrlReader:
+        return _UrlReader(self)
+
+
+def iter_blocks(reader: SourceReader, block_size: int) -> Iterator[bytes]:
+    """Sequential blocks of `block_size` bytes (the last one shorter), read lazily."""
+    while True:
+        block = read_exact(reader, block_size)
+        if not block:
+            return
+        yield block
+        if len(block) < block_size:
+            return
+
+
+__all__ = [
+    "ByteSource",
+    "FileSource",
+    "SourceInterrupted",
+    "SourceReader",
+    "UrlSource",
+    "file_md5_b64",
+    "iter_blocks",
+    "md5_b64",
+    "read_exact",
+    "redact_url",
+]
