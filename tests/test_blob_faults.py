@@ -389,3 +389,19 @@ def test_file_not_matching_its_staging_md5_is_never_committed(fake: FakeBlobHost
     assert info.value.code == "source-changed"
     assert fake.requests_for("stale.bin", "blocklist") == []
     assert "/uploads/stale.bin" not in fake.blobs
+
+
+def test_url_source_of_unknown_size_goes_up_as_blocks(fake: FakeBlobHost) -> None:
+    data = os.urandom(MiB + 100)
+    seen: list[tuple[int, int]] = []
+    src_url = fake.source_url("chunked.bin", data, content_length=False, ranges=False)
+    with _uploader(fake) as up:
+        out = up.upload(
+            fake.url("chunked.bin"),
+            UrlSource(src_url, requests.Session()),
+            content_type="x/y",
+            progress=lambda d, t: seen.append((d, t)),
+        )
+    assert (out.mode, out.blocks_sent, out.size) == ("blocks", 5, len(data))
+    assert seen[-1] == (len(data), len(data))
+    assert fake.blob("chunked.bin") == data

@@ -489,10 +489,15 @@ class _Progress:
             self.total = total
             self.done = 0
 
-    def finish(self) -> None:
+    def finish(self, size: int | None = None) -> None:
+        """The last call: everything is on the server (a URL source's size is known by now)."""
+        with self._lock:
+            if size is not None:
+                self.total = self.done = size
+            done, total = self.done, self.total
         if self._cb is not None:
             with self._cb_lock:
-                self._cb(self.done, self.total)
+                self._cb(done, total)
 
 
 @dataclass
@@ -579,7 +584,7 @@ class BlobUploader:
                 log.warning("upload host lost uncommitted blocks (%s); sending them all again", exc.code)
                 journal.reset()
                 continue
-            tracker.finish()
+            tracker.finish(outcome.size)
             return outcome
 
     # -- routing -----------------------------------------------------------------------------
