@@ -111,24 +111,18 @@ class Stack:
         port = self.config.flower_port
         if port == 0 or not _port_free(port):
             port = free_port()
-        argv = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers",
-            "flower",
-            "--address=127.0.0.1",
-            f"--port={port}",
-            "--persistent=True",
-            f"--db={data / 'flower.db'}",
-            "--state_save_interval=10000",
-        ]
-        env = dict(self.env)
-        # Flower reads FLOWER_BASIC_AUTH itself: the password never appears in `ps`.
-        env["FLOWER_BASIC_AUTH"] = auth
-        self.flower = Child("flower", argv, env, data / "logs" / "flower.log").start()
-        self.flower_url = f"http://127.0.0.1:{port}"
+        from ops.flower import FlowerProcess
+
+        # The auth reaches Flower through its environment: it never appears in `ps`.
+        flower = FlowerProcess(
+            self.env,
+            port=port,
+            basic_auth=auth,
+            persistent_db=data / "flower.db",
+            log_path=data / "logs" / "flower.log",
+        )
+        self.flower = flower.launch()
+        self.flower_url = flower.url
 
     def _write_env_file(self) -> None:
         path = self.config.data_dir / STACK_ENV_FILE.name

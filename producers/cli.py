@@ -23,6 +23,7 @@ OPS_COMMANDS: dict[str, tuple[str, str]] = {
     "sandbox": ("ops.sandbox.cli", "run the awork sandbox (see ops/README.md)"),
     "stack": ("ops.stack", "run Redis, the sandbox, workers and Flower on this machine"),
     "demo": ("ops.demo", "start the stack and send a realistic batch through it"),
+    "flower": ("ops.flower", "run Flower with basic auth from FLOWER_BASIC_AUTH"),
 }
 
 
