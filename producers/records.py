@@ -205,6 +205,16 @@ class JobStore:
         pipe.hset(job_key(job_id), "updated_at", _now())
         return int(pipe.execute()[0])
 
+    def start_step(self, job_id: str, step: str, state: str) -> int:
+        """Mark a step as running (and the job's state) in one round trip; return its attempt."""
+        now = _now()
+        pipe = self.redis.pipeline()
+        pipe.hincrby(job_key(job_id), f"attempts_{step}", 1)
+        pipe.hset(
+            job_key(job_id), mapping={"state": state, "running": step, "heartbeat_at": now, "updated_at": now}
+        )
+        return int(pipe.execute()[0])
+
     def finish(self, job_id: str, state: JobState, **fields: object) -> None:
         """End a job: set the final state, start its expiry, keep failures in the dead letters."""
         now = time.time()

@@ -17,6 +17,7 @@ from workers.awork_client import AworkClient
 from workers.blob import BlobUploader, RedisFallbackStore
 from workers.ratelimit import RateLimiter
 from workers.settings import WorkerSettings, transfer_policy_from_env
+from workers.step_lock import StepLocks
 
 
 @dataclass
@@ -38,6 +39,10 @@ class Runtime:
     @cached_property
     def store(self) -> JobStore:
         return JobStore(self.redis, self.settings.shared.record_ttl_seconds)
+
+    @cached_property
+    def locks(self) -> StepLocks:
+        return StepLocks(self.redis)
 
     @cached_property
     def limiter(self) -> RateLimiter:

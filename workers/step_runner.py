@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +20,6 @@ from celery.exceptions import Ignore, Retry
 from producers import staging
 from producers.broker import MAX_COUNTDOWN_SECONDS
 from producers.contract import JobState
-from producers.records import job_key
 from workers.errors import AworkError, PermanentError, RateLimited, TransientError, UploadUrlExpired
 from workers.runtime import Runtime, runtime
 
@@ -102,61 +98,76 @@ def run_step(
 ) -> dict[str, Any]:
     """Run one step for one job, safely when delivered twice or concurrently."""
     rt = runtime()
-    record = rt.store.get(job_id)
-    if record is None:
-        log.warning("step=%s job=%s outcome=skipped reason=no-record", step, job_id)
-        raise Ignore()
-    if JobState(record.get("state", "queued")).finished:
-        log.info("step=%s job=%s outcome=skipped reason=job-finished", step, job_id)
-        raise Ignore()
-    if already_done(record):
-        log.info("step=%s job=%s outcome=skipped reason=already-done", step, job_id)
-        return {"job_id": job_id, "step": step, "skipped": True}
-    ctx = StepContext(task, job_id, step, record, rt)
-    with _step_lock(rt, job_id, step) as held:
-        if not held:
+    token, record = rt.locks.acquire_and_read(job_id, step)
+    try:
+        if record is None:
+            log.warning("step=%s job=%s outcome=skipped reason=no-record", step, job_id)
+            raise Ignore()
+        if JobState(record.get("state", "queued")).finished:
+            log.info("step=%s job=%s outcome=skipped reason=job-finished", step, job_id)
+            raise Ignore()
+        if already_done(record):
+            log.info("step=%s job=%s outcome=skipped reason=already-done", step, job_id)
+            return {"job_id": job_id, "step": step, "skipped": True}
+        if token is None:
             log.info("step=%s job=%s outcome=deferred reason=running-elsewhere", step, job_id)
             raise task.retry(countdown=LOCKED_RECHECK_SECONDS, max_retries=None)
-        if record.get("running") == step:
-            # The last copy of this step never got to its `finally`: its worker died.
-            crashes = rt.store.incr(job_id, f"crashes_{step}")
-            if crashes > rt.settings.retry.max_crashes:
-                _end(ctx, JobState.DEAD, AworkError(f"{step} lost its worker {crashes} times", code="poison"))
-        attempt = rt.store.incr(job_id, f"attempts_{step}")
-        started = time.monotonic()
-        try:
-            ctx.update(state=state.value, running=step, heartbeat_at=time.time())
-            result = body(ctx)
-        except RateWait as wait:
-            countdown = min(MAX_COUNTDOWN_SECONDS, wait.seconds + random.uniform(0, 0.25))
-            ctx.update(wait_reason=wait.reason, wait_until=time.time() + countdown)
-            rt.store.incr(job_id, "rate_waits")
-            _log(ctx, attempt, "deferred", None, f"wait={countdown:.2f}s")
-            raise task.retry(countdown=countdown, max_retries=None) from None
-        except UploadUrlExpired as exc:
-            raise _renew_url(ctx, attempt, exc) from None
-        except PermanentError as exc:
-            _log(ctx, attempt, "failed", exc)
-            _end(ctx, JobState.FAILED, exc)
-        except RateLimited as exc:
-            countdown = min(MAX_COUNTDOWN_SECONDS, (exc.retry_after or 1.0) + random.uniform(0, 0.5))
-            ctx.update(wait_reason="rate_limit_429", wait_until=time.time() + countdown)
-            rt.store.incr(job_id, "rate_limited")
-            _log(ctx, attempt, "rate_limited", exc, f"wait={countdown:.2f}s")
-            raise task.retry(countdown=countdown, max_retries=None) from None
-        except (TransientError, OSError) as exc:
-            raise _retry_or_die(ctx, attempt, exc) from None
-        except (JobEnded, Ignore, Retry):
-            raise
-        except Exception as exc:
-            log.exception("step=%s job=%s unexpected error", step, job_id)
-            raise _retry_or_die(ctx, attempt, exc) from None
-        finally:
-            # Reached on every exit but a dead process: what the sweeper looks for.
-            rt.store.clear(job_id, "running")
-            ctx.seconds = time.monotonic() - started
-        _log(ctx, attempt, "ok", None)
-        return {"job_id": job_id, "step": step, **result}
+        return _run_locked(task, job_id, step, state, record, body, rt)
+    finally:
+        if token is not None:
+            rt.locks.release(job_id, step, token)
+
+
+def _run_locked(
+    task: Task,
+    job_id: str,
+    step: str,
+    state: JobState,
+    record: dict[str, str],
+    body: Callable[[StepContext], dict[str, Any]],
+    rt: Runtime,
+) -> dict[str, Any]:
+    ctx = StepContext(task, job_id, step, record, rt)
+    if record.get("running") == step:
+        # The last copy of this step never got to its `finally`: its worker died.
+        crashes = rt.store.incr(job_id, f"crashes_{step}")
+        if crashes > rt.settings.retry.max_crashes:
+            _end(ctx, JobState.DEAD, AworkError(f"{step} lost its worker {crashes} times", code="poison"))
+    attempt = rt.store.start_step(job_id, step, state.value)
+    record.update(state=state.value, running=step)
+    started = time.monotonic()
+    try:
+        result = body(ctx)
+    except RateWait as wait:
+        countdown = min(MAX_COUNTDOWN_SECONDS, wait.seconds + random.uniform(0, 0.25))
+        ctx.update(wait_reason=wait.reason, wait_until=time.time() + countdown)
+        rt.store.incr(job_id, "rate_waits")
+        _log(ctx, attempt, "deferred", None, f"wait={countdown:.2f}s")
+        raise task.retry(countdown=countdown, max_retries=None) from None
+    except UploadUrlExpired as exc:
+        raise _renew_url(ctx, attempt, exc) from None
+    except PermanentError as exc:
+        _log(ctx, attempt, "failed", exc)
+        _end(ctx, JobState.FAILED, exc)
+    except RateLimited as exc:
+        countdown = min(MAX_COUNTDOWN_SECONDS, (exc.retry_after or 1.0) + random.uniform(0, 0.5))
+        ctx.update(wait_reason="rate_limit_429", wait_until=time.time() + countdown)
+        rt.store.incr(job_id, "rate_limited")
+        _log(ctx, attempt, "rate_limited", exc, f"wait={countdown:.2f}s")
+        raise task.retry(countdown=countdown, max_retries=None) from None
+    except (TransientError, OSError) as exc:
+        raise _retry_or_die(ctx, attempt, exc) from None
+    except (JobEnded, Ignore, Retry):
+        raise
+    except Exception as exc:
+        log.exception("step=%s job=%s unexpected error", step, job_id)
+        raise _retry_or_die(ctx, attempt, exc) from None
+    finally:
+        # `running` is cleared with the lock on every exit but a dead process: what the
+        # sweeper and the next delivery look for.
+        ctx.seconds = time.monotonic() - started
+    _log(ctx, attempt, "ok", None)
+    return {"job_id": job_id, "step": step, **result}
 
 
 def _retry_or_die(ctx: StepContext, attempt: int, exc: BaseException) -> BaseException:
@@ -229,38 +240,3 @@ def _log(ctx: StepContext, attempt: int, outcome: str, err: AworkError | None, e
         getattr(err, "trace_id", None) or "-",
         extra,
     )
-
-
-@contextmanager
-def _step_lock(rt: Runtime, job_id: str, step: str) -> Iterator[bool]:
-    """At most one copy of a step runs per job; a heartbeat keeps the lock while it works.
-
-    If the holder dies, the lock expires after LOCK_TTL_SECONDS and a redelivery takes over.
-    """
-    key = f"{job_key(job_id)}:lock:{step}"
-    token = uuid.uuid4().hex
-    if not rt.redis.set(key, token, nx=True, ex=LOCK_TTL_SECONDS):
-        yield False
-        return
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(HEARTBEAT_SECONDS):
-            try:
-                if rt.redis.get(key) == token.encode():
-                    rt.redis.expire(key, LOCK_TTL_SECONDS)
-                rt.redis.hset(job_key(job_id), "heartbeat_at", repr(time.time()))
-            except Exception:
-                log.debug("heartbeat failed", exc_info=True)
-
-    thread = threading.Thread(target=beat, name=f"heartbeat-{job_id[:8]}", daemon=True)
-    thread.start()
-    try:
-        yield True
-    finally:
-        stop.set()
-        try:
-            if rt.redis.get(key) == token.encode():
-                rt.redis.delete(key)
-        except Exception:
-            log.debug("lock release failed", exc_info=True)

@@ -1,0 +1,174 @@
+"""Benchmark: N small-file jobs through the whole pipeline vs a direct client, in one run.
+
+Both face the same sandbox with the same added latency per request (default 20 ms) and the same
+total concurrency (workers x threads). The direct client makes the same three requests per file
+(generate URL, PUT, link) from a thread pool with no queue, records or retries: the floor that
+shows what the pipeline's durability costs. The sandbox's rate limits are set far above the load
+so that neither side is throttled.
+
+    .venv/bin/python -m ops.bench.pipeline_vs_direct --jobs 500 --workers 2 --concurrency 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from ops.demo_files import random_file
+from ops.processes import Child, stop_all
+from ops.redis_server import RedisServer
+from ops.sandbox.launcher import SandboxProcess
+from ops.stack import ping_workers, worker_argv
+from producers.client import Uploads
+from producers.config import SharedSettings
+from producers.spec import JobSpec
+
+API_KEY = "bench-key"
+HIGH_PER_MINUTE, HIGH_PER_SECOND = 1_000_000, 100_000
+
+
+def direct_upload(session: requests.Session, api: str, path: Path, task_id: str) -> None:
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    r = session.post(f"{api}/files/generateuploadurl", headers=auth, timeout=30)
+    r.raise_for_status()
+    body = {k.lower(): v for k, v in r.json().items()}
+    with path.open("rb") as fh:
+        put = requests.put(
+            body["uploadurl"],
+            data=fh,
+            headers={"x-ms-blob-type": "BlockBlob", "Content-Type": "application/octet-stream"},
+            timeout=30,
+        )
+    put.raise_for_status()
+    link = session.post(
+        f"{api}/tasks/{task_id}/files/byuploadid",
+        json={"uploadId": body["uploadid"], "fileName": path.name},
+        headers=auth,
+        timeout=30,
+    )
+    link.raise_for_status()
+
+
+def run_direct(api: str, files: list[Path], task_id: str, concurrency: int) -> float:
+    sessions: dict[int, requests.Session] = {}
+
+    def one(path: Path) -> None:
+        import threading
+
+        s = sessions.setdefault(threading.get_ident(), requests.Session())
+        direct_upload(s, api, path, task_id)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, files))
+    return time.monotonic() - started
+
+
+def run_pipeline(env: dict[str, str], files: list[Path], task_id: str) -> tuple[float, dict[str, int]]:
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        up = Uploads(SharedSettings.from_env())
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    started = time.monotonic()
+    jobs = up.enqueue_many([JobSpec(f, f"task:{task_id}") for f in files])
+    final = up.wait_many([j.id for j in jobs], timeout=1800, poll=0.1)
+    seconds = time.monotonic() - started
+    states: dict[str, int] = {}
+    for j in final:
+        states[j.state.value] = states.get(j.state.value, 0) + 1
+    up.close()
+    return seconds, states
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--jobs", type=int, default=500)
+    p.add_argument("--size", type=int, default=20_000, help="bytes per file")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--concurrency", type=int, default=8, help="threads per worker")
+    p.add_argument("--latency-ms", type=float, default=20.0)
+    args = p.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="bench-pipeline-", dir="var" if Path("var").is_dir() else None))
+    redis_server = RedisServer(root / "redis").start()
+    sandbox = SandboxProcess(
+        api_keys={API_KEY: "default"},
+        data_dir=root / "sandbox",
+        extra_args=[
+            f"--latency-ms={args.latency_ms}",
+            f"--rate-limit-per-minute={HIGH_PER_MINUTE}",
+            f"--rate-limit-per-second={HIGH_PER_SECOND}",
+        ],
+    )
+    sandbox.start()
+    workers: list[Child] = []
+    try:
+        task_id = sandbox.seed("tasks", str(uuid.uuid4()))
+        files = [random_file(root / "files" / f"f{i:05d}.bin", args.size) for i in range(args.jobs)]
+        total = args.workers * args.concurrency
+
+        direct_s = run_direct(sandbox.api_url, files, task_id, total)
+        direct_files = len(sandbox.stats()["files"])
+        sandbox.reset()
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWORK_")}
+        env.update(
+            REDIS_URL=redis_server.url,
+            STAGING_DIR=str(root / "staging"),
+            AWORK_API_URL=sandbox.api_url,
+            AWORK_API_KEY=API_KEY,
+            AWORK_UPLOAD_HOSTS=sandbox.upload_host,
+            AWORK_RATE_LIMIT_PER_MINUTE=str(HIGH_PER_MINUTE),
+            AWORK_RATE_LIMIT_PER_SECOND=str(HIGH_PER_SECOND),
+        )
+        for n in range(args.workers):
+            argv = worker_argv(args.concurrency, f"bench{n}@%h", os.environ.get("BENCH_LOGLEVEL", "WARNING"))
+            workers.append(Child(f"w{n}", argv, env, root / "logs" / f"w{n}.log").start())
+        deadline = time.monotonic() + 60
+        while ping_workers(env) < args.workers and time.monotonic() < deadline:
+            time.sleep(0.3)
+        pipeline_s, states = run_pipeline(env, files, task_id)
+        stats = sandbox.stats()
+        result: dict[str, Any] = {
+            "jobs": args.jobs,
+            "size": args.size,
+            "latency_ms": args.latency_ms,
+            "concurrency": total,
+            "direct_seconds": round(direct_s, 2),
+            "direct_jobs_per_s": round(args.jobs / direct_s, 1),
+            "direct_files": direct_files,
+            "pipeline_seconds": round(pipeline_s, 2),
+            "pipeline_jobs_per_s": round(args.jobs / pipeline_s, 1),
+            "pipeline_states": states,
+            "pipeline_files": len(stats["files"]),
+            "ratio": round((args.jobs / pipeline_s) / (args.jobs / direct_s), 3),
+        }
+        print(f"{'':<10}{'seconds':>10}{'jobs/s':>10}")
+        print(f"{'direct':<10}{result['direct_seconds']:>10}{result['direct_jobs_per_s']:>10}")
+        print(f"{'pipeline':<10}{result['pipeline_seconds']:>10}{result['pipeline_jobs_per_s']:>10}")
+        print(f"ratio pipeline/direct: {result['ratio']}")
+        print(json.dumps(result))
+        return 0
+    finally:
+        stop_all(workers, grace=10)
+        sandbox.stop()
+        redis_server.stop()
+        if not os.environ.get("BENCH_KEEP"):
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""Step locks: at most one copy of a step runs per job, kept alive by one heartbeat thread.
+
+A lock expires LOCK_TTL_SECONDS after its holder stops beating (a dead worker), so a
+redelivery or the sweeper can take over. One thread per process refreshes every lock the
+process holds and stamps `heartbeat_at` in the job records, instead of a thread per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import redis
+
+from producers.records import job_key
+
+log = logging.getLogger("awork.steps")
+
+LOCK_TTL_SECONDS = 90
+HEARTBEAT_SECONDS = 15.0
+
+_RELEASE = Path(__file__).with_name("step_lock.lua").read_text()
+_REFRESH = """
+if redis.call("GET", KEYS[1]) == ARGV[1] then
+  redis.call("EXPIRE", KEYS[1], tonumber(ARGV[2]))
+  redis.call("HSET", KEYS[2], "heartbeat_at", ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+def lock_key(job_id: str, step: str) -> str:
+    return f"{job_key(job_id)}:lock:{step}"
+
+
+class StepLocks:
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._release = client.register_script(_RELEASE)
+        self._refresh = client.register_script(_REFRESH)
+        self._held: dict[str, tuple[str, str]] = {}  # token -> (job id, step)
+        self._mutex = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def acquire_and_read(self, job_id: str, step: str) -> tuple[str | None, dict[str, str] | None]:
+        """Try the lock and read the job record in one round trip: (token or None, record)."""
+        token = uuid.uuid4().hex
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(lock_key(job_id, step), token, nx=True, ex=LOCK_TTL_SECONDS)
+        pipe.hgetall(job_key(job_id))
+        got, raw = pipe.execute()
+        record = {_s(k): _s(v) for k, v in raw.items()} or None
+        if not got:
+            return None, record
+        with self._mutex:
+            self._held[token] = (job_id, step)
+            self._ensure_thread()
+        return token, record
+
+    def release(self, job_id: str, step: str, token: str) -> None:
+        with self._mutex:
+            self._held.pop(token, None)
+        try:
+            self._release(keys=[lock_key(job_id, step), job_key(job_id)], args=[token])
+        except redis.exceptions.RedisError:
+            log.warning("job=%s step=%s: lock release failed; it expires by itself", job_id, step)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._beat, name="awork-heartbeat", daemon=True)
+            self._thread.start()
+
+    def _beat(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT_SECONDS)
+            with self._mutex:
+                held = list(self._held.items())
+            now = repr(time.time())
+            for token, (job_id, step) in held:
+                try:
+                    self._refresh(
+                        keys=[lock_key(job_id, step), job_key(job_id)],
+                        args=[token, LOCK_TTL_SECONDS, now],
+                    )
+                except redis.exceptions.RedisError:
+                    log.debug("heartbeat failed", exc_info=True)
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
