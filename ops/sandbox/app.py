@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import mimetypes
 import re
@@ -32,6 +33,8 @@ from .faults import Fault
 from .sas import format_se
 from .state import StoredFile, link_or_copy, now_iso
 from .storage import BodyTooLarge, DiskSink, Dropped
+
+log = logging.getLogger("ops.sandbox")
 
 API_PREFIX = "/api/v1"
 JSON_BODY_MAX = 1 << 20
@@ -607,8 +610,14 @@ class ApiFrontDoor:
             )
             if exc.headers:
                 headers.update(exc.headers)
-        except Dropped:
-            raise
+        except (ConnectionError, asyncio.CancelledError):
+            raise  # a drop (ours or the client's): nothing to answer
+        except Exception as exc:  # a sandbox bug must still look like awork's 500
+            log.exception("unhandled error in %s %s", method, request.path)
+            response = web.Response(
+                status=500, content_type="application/json",
+                body=E.awork_error_body(E.SERVER_ERROR, f"Sandbox bug: {exc!r}", trace_id),
+            )
         response.headers.update(headers)
         status = str(response.status)
         counters.statuses[status] += 1

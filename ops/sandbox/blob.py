@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import logging
 import secrets
 import time
 import uuid
@@ -26,6 +27,8 @@ from .errors import BlobError
 from .sas import SAS_VERSION
 from .state import Block, Upload
 from .storage import BodyTooLarge, DiskSink, Dropped, b64, concat_files, decode_md5, receive
+
+log = logging.getLogger("ops.sandbox")
 
 MAX_BLOCK_ID_BYTES = 64
 MAX_COMMITTED_BLOCKS = 50_000
@@ -136,7 +139,12 @@ class BlobHost:
             if fault.kind == "500_after":
                 counters.faults_injected["500_after"] += 1
                 raise BlobError(500, "InternalError")
-        except BlobError as exc:
+        except (ConnectionError, asyncio.CancelledError):
+            raise  # a drop (ours or the client's): nothing to answer
+        except Exception as exc:  # a sandbox bug must still look like Azure's 500
+            if not isinstance(exc, BlobError):
+                log.exception("unhandled error in %s %s", method, request.path)
+                exc = BlobError(500, "InternalError", {"Detail": f"Sandbox bug: {exc!r}"})
             body = b"" if method == "HEAD" else exc.body(request_id)
             response = web.Response(
                 status=exc.status, body=body, content_type="application/xml",

@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import uuid
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--multipart-max-bytes", type=int, default=1_000_000_000,
       help="multipart file size cap (default 1000000000: awork's 1 GB)")
     a("--access-log", action="store_true", help="log every request to stderr")
+    a("--no-uvloop", action="store_true",
+      help="use asyncio's default event loop even when uvloop is installed")
     return p
 
 
@@ -154,6 +157,19 @@ def seed_demo(sandbox: Sandbox, seed: int) -> dict[str, list[str]]:
     return out
 
 
+def _run(coro: Coroutine[Any, Any, None], use_uvloop: bool) -> None:
+    """uvloop when installed: about twice the small-request rate of asyncio's own loop."""
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(coro)
+            return
+    asyncio.run(coro)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = settings_from_args(args)
@@ -185,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sandbox = Sandbox(config, settings)
         entities = seed_demo(sandbox, settings.seed) if args.seed_demo else None
+        coro = serve(sandbox, lambda sb: print_ready(sb, entities, extra))
         try:
-            asyncio.run(serve(sandbox, lambda sb: print_ready(sb, entities, extra)))
+            _run(coro, use_uvloop=not args.no_uvloop)
         except OSError as exc:
             print(f"sandbox: cannot listen: {exc}", file=sys.stderr)
             return 1

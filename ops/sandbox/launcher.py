@@ -41,6 +41,7 @@ class SandboxProcess:
         start_timeout: float = 20.0,
         env: dict[str, str] | None = None,
         python: str | None = None,
+        wrapper: list[str] | tuple[str, ...] = (),
     ) -> None:
         self.api_keys = dict(api_keys) if api_keys is not None else {"sandbox-key": "default"}
         self.admin_token = admin_token
@@ -50,6 +51,7 @@ class SandboxProcess:
         self.start_timeout = start_timeout
         self.env = env
         self.python = python or sys.executable
+        self.wrapper = list(wrapper)  # e.g. ["taskset", "-c", "0"] for the benchmarks
         self.proc: subprocess.Popen[str] | None = None
         self.values: dict[str, str] = {}
         self.stdout_lines: list[str] = []
@@ -61,7 +63,7 @@ class SandboxProcess:
     # --- lifecycle -------------------------------------------------------------------------
 
     def command(self) -> list[str]:
-        cmd = [self.python, "-m", "ops.sandbox", "--host", "127.0.0.1", "--port", "0",
+        cmd = [*self.wrapper, self.python, "-m", "ops.sandbox", "--host", "127.0.0.1", "--port", "0",
                "--admin-token", self.admin_token]
         for key, ws in self.api_keys.items():
             cmd += ["--api-key", f"{key}={ws}"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import signal
 import sys
 from collections.abc import Callable
@@ -37,7 +38,7 @@ def _api_handler(sandbox: Sandbox) -> Callable[[web.BaseRequest], object]:
             return await api.handle(request, path[plen:])
         if path[:9].lower() == "/_sandbox":
             return await admin.handle(request, path[9:])
-        trace_id = "sandbox-no-route"
+        trace_id = secrets.token_hex(16)
         return web.Response(
             status=404, body=E.NO_ROUTE.body(trace_id), content_type="application/json",
             headers={"Trace-Id": trace_id},

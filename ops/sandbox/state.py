@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import time
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -49,6 +50,18 @@ def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+_last_second: list[Any] = [0, ""]
+
+
+def _iso_seconds() -> str:
+    """now, to the second, formatted once per second (generateuploadurl is a hot path)."""
+    sec = int(time.time())
+    if _last_second[0] != sec:
+        _last_second[0] = sec
+        _last_second[1] = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return str(_last_second[1])
+
+
 @dataclass
 class Block:
     block_id: str  # base64, as the client sent it
@@ -77,8 +90,15 @@ class Upload:
     committed_blocks: list[Block] = field(default_factory=list)
     uncommitted: dict[str, Block] = field(default_factory=dict)
     block_id_len: int | None = None  # all block ids of a blob decode to the same length
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _seq: int = 0
+    _lock: asyncio.Lock | None = None
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Serialises commits; made on first use, as most uploads never need it twice."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
 
     @property
     def blob_path(self) -> Path:
@@ -272,7 +292,7 @@ class SandboxState:
 
     def new_upload(self, upload_id: str, workspace: str, expires: str) -> Upload:
         d = self.uploads_dir / upload_id  # created by the first blob write
-        up = Upload(upload_id, workspace, now_iso(), expires, d)
+        up = Upload(upload_id, workspace, _iso_seconds(), expires, d)
         self.uploads[upload_id] = up
         return up
 
