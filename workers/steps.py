@@ -29,6 +29,9 @@ from workers.file_match import find_linked_file
 from workers.sources import ByteSource, FileSource, UrlSource
 from workers.step_runner import JobEnded, StepContext, cleanup_staging, run_step
 
+# awork's code for "this uploadId is linked already" (a second link of the same upload).
+ALREADY_LINKED = "duplication-violation"
+
 # A URL this close to its `se=` expiry is not worth starting a PUT with (at most a quarter of
 # its lifetime, so short-lived URLs stay usable).
 URL_EXPIRY_MARGIN_SECONDS = 30.0
@@ -128,27 +131,24 @@ def _link(ctx: StepContext) -> dict[str, Any]:
         # chain (or the sweeper) brings the job here again.
         raise TransientError("the upload has not finished yet")
     target = _target(record)
-    client = ctx.rt.client(ctx.workspace)
-    if record.get("link_sent_for") == upload_id:
+    # An earlier attempt sent this link and its outcome is unknown (timeout, dropped
+    # connection, a worker killed mid-request): look before linking again.
+    sent_before = record.get("link_sent_for") == upload_id
+    if sent_before:
         found = _reconcile(ctx, target)
         if found:
             return found
     ctx.take_token()
-    ctx.update(link_sent_for=upload_id, link_started_at=time.time())
+    if not sent_before:
+        ctx.update(link_sent_for=upload_id, link_started_at=time.time())
     try:
-        info = client.link_upload(
+        info = ctx.rt.client(ctx.workspace).link_upload(
             target.link_path, upload_id, record["file_name"], record.get("description") or None
         )
-    except PermanentError:
-        # A previous attempt may have linked it after all (its answer was lost).
-        if record.get("link_attempts_unknown") == "1":
-            found = _reconcile(ctx, target)
-            if found:
-                return found
-        raise
-    except TransientError as exc:
-        if exc.outcome_unknown:
-            ctx.update(link_attempts_unknown=1)
+    except PermanentError as exc:
+        if sent_before and exc.code == ALREADY_LINKED:
+            # awork says this upload is linked already: our earlier attempt went through.
+            return _done(ctx, {}, evidence="already-linked")
         raise
     return _done(ctx, info)
 
@@ -162,7 +162,10 @@ def link_file(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
 def _multipart(ctx: StepContext) -> dict[str, Any]:
     record = ctx.record
     target = _target(record)
-    if record.get("multipart_sent") == "1":
+    sent_before = record.get("multipart_sent") == "1"
+    if sent_before:
+        # Companies have no file list in awork's API: there a lost answer may mean a second
+        # file when the request is sent again (documented in the README).
         found = _reconcile(ctx, target)
         if found:
             return found
@@ -171,7 +174,8 @@ def _multipart(ctx: StepContext) -> dict[str, Any]:
     body, content_type, length = multipart_body(
         source, record["file_name"], record.get("content_type") or "application/octet-stream"
     )
-    ctx.update(multipart_sent=1, link_started_at=time.time())
+    if not sent_before:
+        ctx.update(multipart_sent=1, link_started_at=time.time())
     info = ctx.rt.client(ctx.workspace).multipart_upload(target.link_path, body, content_type, length)
     return _done(ctx, info)
 
@@ -195,14 +199,18 @@ def _reconcile(ctx: StepContext, target: Target) -> dict[str, Any] | None:
     return _done(ctx, info)
 
 
-def _done(ctx: StepContext, info: dict[str, Any]) -> dict[str, Any]:
+def _done(ctx: StepContext, info: dict[str, Any], evidence: str = "") -> dict[str, Any]:
+    """Finish the job as done. With `evidence`, awork confirmed the link without its FileInfo
+    (a profile image has no file list to look it up in): the file id stays unknown."""
     file_id = str(info.get("id") or "")
-    if not file_id:
+    if not file_id and not evidence:
         raise TransientError("awork answered without a file id", outcome_unknown=True)
     size = _awork_size(info)
     expected = ctx.record.get("size")
     verified = size is not None and expected not in (None, "") and int(expected) == size
     done_fields: dict[str, object] = {"file_id": file_id, "size_verified": verified}
+    if evidence:
+        done_fields["done_evidence"] = evidence
     if expected:
         done_fields["bytes_sent"] = expected
     ctx.rt.store.finish(ctx.job_id, JobState.DONE, **done_fields)
