@@ -7,5 +7,7 @@ from celery import Celery
 from producers.broker import celery_config
 from producers.config import SharedSettings
 
-app = Celery("workers", include=["workers.steps", "workers.signals"])
+app = Celery(
+    "workers", include=["workers.steps", "workers.signals", "workers.metrics", "workers.logging_setup"]
+)
 app.conf.update(celery_config(SharedSettings.from_env().redis_url))

@@ -20,7 +20,9 @@ from celery.exceptions import Ignore, Retry
 from producers import staging
 from producers.broker import MAX_COUNTDOWN_SECONDS
 from producers.contract import JobState
+from workers import metrics
 from workers.errors import AworkError, PermanentError, RateLimited, TransientError, UploadUrlExpired
+from workers.logging_setup import step_outcome
 from workers.runtime import Runtime, runtime
 
 log = logging.getLogger("awork.steps")
@@ -55,6 +57,8 @@ class StepContext:
     record: dict[str, str]
     rt: Runtime
     _last_progress: float = field(default=0.0)
+    _last_sent: int = 0
+    started: float = 0.0
     seconds: float = 0.0
 
     @property
@@ -81,6 +85,9 @@ class StepContext:
         if now - self._last_progress < 0.5 and sent < total:
             return
         self._last_progress = now
+        if sent > self._last_sent:
+            metrics.bytes_uploaded(self.workspace, sent - self._last_sent)
+            self._last_sent = sent
         self.rt.store.update(self.job_id, bytes_sent=sent, bytes_total=total)
         try:
             self.task.send_event("task-progress", job_id=self.job_id, bytes_sent=sent, bytes_total=total)
@@ -135,14 +142,15 @@ def _run_locked(
             _end(ctx, JobState.DEAD, AworkError(f"{step} lost its worker {crashes} times", code="poison"))
     attempt = rt.store.start_step(job_id, step, state.value)
     record.update(state=state.value, running=step)
-    started = time.monotonic()
+    started = ctx.started = time.monotonic()
     try:
         result = body(ctx)
     except RateWait as wait:
         countdown = min(MAX_COUNTDOWN_SECONDS, wait.seconds + random.uniform(0, 0.25))
         ctx.update(wait_reason=wait.reason, wait_until=time.time() + countdown)
         rt.store.incr(job_id, "rate_waits")
-        _log(ctx, attempt, "deferred", None, f"wait={countdown:.2f}s")
+        _log(ctx, attempt, "deferred", None, wait=round(countdown, 2))
+        metrics.rate_wait(ctx.workspace, countdown)
         raise task.retry(countdown=countdown, max_retries=None) from None
     except UploadUrlExpired as exc:
         raise _renew_url(ctx, attempt, exc) from None
@@ -153,7 +161,9 @@ def _run_locked(
         countdown = min(MAX_COUNTDOWN_SECONDS, (exc.retry_after or 1.0) + random.uniform(0, 0.5))
         ctx.update(wait_reason="rate_limit_429", wait_until=time.time() + countdown)
         rt.store.incr(job_id, "rate_limited")
-        _log(ctx, attempt, "rate_limited", exc, f"wait={countdown:.2f}s")
+        _log(ctx, attempt, "rate_limited", exc, wait=round(countdown, 2))
+        metrics.rate_limited(ctx.workspace)
+        metrics.rate_wait(ctx.workspace, countdown)
         raise task.retry(countdown=countdown, max_retries=None) from None
     except (TransientError, OSError) as exc:
         raise _retry_or_die(ctx, attempt, exc) from None
@@ -183,7 +193,8 @@ def _retry_or_die(ctx: StepContext, attempt: int, exc: BaseException) -> BaseExc
     retry_after = getattr(err, "retry_after", None) or 0.0
     countdown = min(MAX_COUNTDOWN_SECONDS, max(retry_after, random.uniform(ceiling / 2, ceiling)))
     ctx.update(wait_reason="retry", wait_until=time.time() + countdown)
-    _log(ctx, attempt, "retry", err, f"in={countdown:.1f}s")
+    metrics.retry(ctx.step, metrics.retry_reason(err))
+    _log(ctx, attempt, "retry", err, retry_in=round(countdown, 1))
     return ctx.task.retry(countdown=countdown, max_retries=None)
 
 
@@ -219,6 +230,7 @@ def _end(ctx: StepContext, state: JobState, err: AworkError) -> None:
     """
     _record_error(ctx, err)
     ctx.rt.store.finish(ctx.job_id, state)
+    metrics.job_finished(state.value, ctx.workspace)
     raise JobEnded(f"{state.value}: {err.code or ''} {err.message}".strip())
 
 
@@ -227,16 +239,19 @@ def cleanup_staging(ctx: StepContext) -> None:
         staging.remove_job_dir(ctx.rt.settings.shared.staging_dir, ctx.job_id)
 
 
-def _log(ctx: StepContext, attempt: int, outcome: str, err: AworkError | None, extra: str = "") -> None:
-    log.info(
-        "step=%s job=%s workspace=%s attempt=%d outcome=%s status=%s code=%s trace_id=%s %s",
-        ctx.step,
-        ctx.job_id,
-        ctx.workspace,
-        attempt,
-        outcome,
-        getattr(err, "status", None) or "-",
-        getattr(err, "code", None) or "-",
-        getattr(err, "trace_id", None) or "-",
-        extra,
+def _log(ctx: StepContext, attempt: int, outcome: str, err: AworkError | None, **more: Any) -> None:
+    """The one line per step outcome, and its metric."""
+    seconds = time.monotonic() - ctx.started if ctx.started else 0.0
+    metrics.step_finished(ctx.step, ctx.workspace, outcome, seconds)
+    step_outcome(
+        log,
+        job=ctx.job_id,
+        workspace=ctx.workspace,
+        step=ctx.step,
+        attempt=attempt,
+        outcome=outcome,
+        status=getattr(err, "status", None),
+        code=getattr(err, "code", None),
+        trace_id=getattr(err, "trace_id", None),
+        **more,
     )

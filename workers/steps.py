@@ -21,6 +21,7 @@ from producers.contract import (
     JobState,
     Target,
 )
+from workers import metrics
 from workers.blob import multipart_body, plain_session, url_expiry
 from workers.block_journal import RedisBlockJournal
 from workers.celery_app import app
@@ -214,6 +215,7 @@ def _done(ctx: StepContext, info: dict[str, Any], evidence: str = "") -> dict[st
     if expected:
         done_fields["bytes_sent"] = expected
     ctx.rt.store.finish(ctx.job_id, JobState.DONE, **done_fields)
+    metrics.job_finished(JobState.DONE.value, ctx.workspace)
     cleanup_staging(ctx)
     return {"file_id": file_id}
 
