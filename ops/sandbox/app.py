@@ -16,8 +16,8 @@ import json
 import logging
 import math
 import mimetypes
+import os
 import re
-import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -218,7 +218,7 @@ def _parse_upload_form(body: Any) -> tuple[str, str, str | None]:
 
 async def generate_upload_url(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
     sb = ctx.sandbox
-    upload_id = uuid.uuid4().hex  # opaque, deliberately not GUID-shaped
+    upload_id = os.urandom(16).hex()  # opaque, deliberately not GUID-shaped
     expires_at = float(math.ceil(time.time() + sb.settings.upload_url_lifetime_s))
     path = f"/{UPLOAD_CONTAINER}/{upload_id}"
     query = sb.signer.sign_query(path, sb.settings.upload_url_permissions, expires_at)
@@ -553,7 +553,7 @@ class ApiFrontDoor:
     async def handle(self, request: web.BaseRequest, sub_path: str) -> web.StreamResponse:
         sb = self.sandbox
         counters = sb.state.counters
-        trace_id = secrets.token_hex(16)
+        trace_id = os.urandom(16).hex()
         counters.api_requests += 1
         method = request.method
         route, params, path_exists = self.router.match(method, sub_path or "/")

@@ -22,8 +22,18 @@ UNSIGNED_PARAMS = frozenset({"sig", "comp", "blockid", "blocklisttype", "timeout
 _SE_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
+_se_cache: dict[int, str] = {}
+
+
 def format_se(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime(_SE_FORMAT)
+    """ISO 8601 UTC to the second; cached, as every URL of a second shares it."""
+    sec = int(ts)
+    text = _se_cache.get(sec)
+    if text is None:
+        if len(_se_cache) > 64:
+            _se_cache.clear()
+        text = _se_cache[sec] = datetime.fromtimestamp(sec, UTC).strftime(_SE_FORMAT)
+    return text
 
 
 def parse_sas_time(text: str) -> float:

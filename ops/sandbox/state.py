@@ -70,7 +70,7 @@ class Block:
     path: Path
 
 
-@dataclass
+@dataclass(slots=True)
 class Upload:
     """One generated upload URL: its blob's committed content and its blocks."""
 

@@ -320,3 +320,10 @@ def test_every_response_has_a_trace_id(api: Api) -> None:
     ]
     ids = [r.headers["Trace-Id"] for r in responses]
     assert all(len(i) == 32 for i in ids) and len(set(ids)) == len(ids)
+
+
+def test_link_body_over_the_cap(api: Api) -> None:
+    task = api.sb.seed("tasks")
+    big = {"uploadId": "x", "fileName": "a", "description": "d" * (2 << 20)}
+    r = api.request("POST", f"/tasks/{task}/files/byuploadid", json=big)
+    assert_awork_error(r, 400, "request-body-too-large")

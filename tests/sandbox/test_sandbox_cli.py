@@ -129,8 +129,11 @@ def test_a_2gib_put_does_not_grow_memory() -> None:
                             headers={"x-ms-blob-type": "BlockBlob"}, timeout=30)
         assert warm.status_code == 201
         status = Path(f"/proc/{sb.pid}/status")
-        with open(f"/proc/{sb.pid}/clear_refs", "w") as f:
-            f.write("5")  # reset the peak (VmHWM) to the current RSS
+        try:
+            with open(f"/proc/{sb.pid}/clear_refs", "w") as f:
+                f.write("5")  # reset the peak (VmHWM) to the current RSS
+        except OSError:
+            pass  # not permitted: the start-up peak stays in, which only makes this stricter
         before = _kib(status, "VmRSS")
         url = urlsplit(g["uploadURL"])
         conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
