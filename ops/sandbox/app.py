@@ -31,7 +31,7 @@ from .core import UPLOAD_CONTAINER, Sandbox
 from .errors import ApiError
 from .faults import Fault
 from .sas import format_se
-from .state import StoredFile, link_or_copy, now_iso
+from .state import StoredFile, now_iso
 from .storage import BodyTooLarge, DiskSink, Dropped
 
 log = logging.getLogger("ops.sandbox")
@@ -238,7 +238,7 @@ async def _link(ctx: Ctx, entity: str, entity_id: str, image: bool) -> web.Strea
             400, E.INVALID_OPERATION, "The upload id is unknown.",
             details=[f"No upload with the id '{upload_id}' exists in this workspace."],
         )
-    if not up.committed:
+    if not up.committed or up.blob_file is None:
         raise ApiError(
             400, E.INVALID_OPERATION, "No file has been uploaded for this upload id.",
             details=[f"The blob of upload '{upload_id}' was never committed."],
@@ -249,13 +249,13 @@ async def _link(ctx: Ctx, entity: str, entity_id: str, image: bool) -> web.Strea
             details=[f"Upload '{upload_id}' is already linked."],
         )
     if image:
-        with open(up.blob_path, "rb") as f:
+        with open(up.blob_file, "rb") as f:
             head = f.read(16)
         if not _is_image(head):
             raise E.validation_failed([("file", "The uploaded file is not an image.")])
     file_id = str(uuid.uuid4())
-    path = sb.state.new_file_path(file_id)
-    link_or_copy(up.blob_path, path)
+    path = up.blob_file
+    up.linked.add(path)
     stored = StoredFile(
         id=file_id,
         workspace=ctx.workspace,

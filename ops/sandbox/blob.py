@@ -3,7 +3,8 @@
 Only SAS URLs minted by POST /files/generateuploadurl are accepted, and a request carrying an
 Authorization header is refused and counted: workers must never send awork's key here.
 Bodies stream to disk with the MD5 computed on the way (storage.DiskSink); a blob's
-committed content only changes by an atomic rename, so a half-received PUT never shows.
+committed content only changes by switching to a fully written file, so a half-received PUT
+never shows.
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ class BlobHost:
             sink.path.unlink()
             raise
         async with upload.lock:
-            sink.path.replace(upload.blob_path)
+            upload.commit_content(sink.path)
             self._drop_blocks(upload, keep=[])
             upload.committed_blocks = []
             upload.uncommitted = {}
@@ -328,7 +329,7 @@ class BlobHost:
             except BaseException:
                 dest.unlink(missing_ok=True)
                 raise
-            dest.replace(upload.blob_path)
+            upload.commit_content(dest)
             self._drop_blocks(upload, keep=chosen)
             upload.committed_blocks = chosen
             upload.uncommitted = {}
@@ -384,7 +385,7 @@ class BlobHost:
     def get_blob(self, upload: Upload, permissions: str, head: bool) -> web.StreamResponse:
         if "r" not in permissions:
             raise BlobError(403, "AuthorizationPermissionMismatch")
-        if not upload.committed:
+        if not upload.committed or upload.blob_file is None:
             raise BlobError(404, "BlobNotFound")
         headers = {
             "ETag": upload.etag, "Last-Modified": upload.last_modified,
@@ -396,7 +397,7 @@ class BlobHost:
         if head:
             headers["Content-Length"] = str(upload.size)
             return web.Response(status=200, headers=headers)
-        return web.FileResponse(upload.blob_path, headers=headers)
+        return web.FileResponse(upload.blob_file, headers=headers)
 
     # --- helpers ---------------------------------------------------------------------------
 

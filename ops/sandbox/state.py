@@ -8,7 +8,6 @@ they count what was sent, not what was meant.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import time
 import uuid
@@ -72,7 +71,11 @@ class Block:
 
 @dataclass(slots=True)
 class Upload:
-    """One generated upload URL: its blob's committed content and its blocks."""
+    """One generated upload URL: its blob's committed content and its blocks.
+
+    Every write lands in a new file and commits by switching `blob_file`, so a file linked
+    from an upload keeps its bytes (without a copy) when the blob is overwritten later.
+    """
 
     upload_id: str
     workspace: str
@@ -90,6 +93,8 @@ class Upload:
     committed_blocks: list[Block] = field(default_factory=list)
     uncommitted: dict[str, Block] = field(default_factory=dict)
     block_id_len: int | None = None  # all block ids of a blob decode to the same length
+    blob_file: Path | None = None  # the committed content; replaced, never rewritten
+    linked: set[Path] = field(default_factory=set)  # contents that stored files point at
     _seq: int = 0
     _lock: asyncio.Lock | None = None
 
@@ -100,9 +105,12 @@ class Upload:
             self._lock = asyncio.Lock()
         return self._lock
 
-    @property
-    def blob_path(self) -> Path:
-        return self.dir / "blob"
+    def commit_content(self, path: Path) -> None:
+        """Make `path` the committed content; the old file goes unless a file links it."""
+        old = self.blob_file
+        self.blob_file = path
+        if old is not None and old not in self.linked:
+            old.unlink(missing_ok=True)
 
     def next_path(self, prefix: str) -> Path:
         """A fresh file name: a replaced block or blob never overwrites bytes still in use."""
@@ -314,11 +322,3 @@ class SandboxState:
             t: [{"id": i, "workspace": ws} for i, ws in ids.items()]
             for t, ids in self.entities.items()
         }
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """A file keeps its bytes even if the blob is overwritten later: hard link, else copy."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)

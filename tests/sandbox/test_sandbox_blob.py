@@ -248,3 +248,17 @@ def test_unsupported_verb(api: Api) -> None:
     g = api.generate()
     r = requests.post(g["uploadURL"], data=b"x", timeout=10)
     assert r.status_code == 405 and azure_code(r) == "UnsupportedHttpVerb"
+
+
+def test_a_linked_file_keeps_its_bytes_when_the_blob_is_overwritten(api: Api) -> None:
+    api.sb.set_faults({"duplicate_on_relink": True})
+    task = api.sb.seed("tasks")
+    g = api.generate()
+    assert api.put(g["uploadURL"], b"first").status_code == 201
+    first = api.link("tasks", task, g["uploadId"]).json()
+    assert api.put(g["uploadURL"], b"second!").status_code == 201
+    second = api.link("tasks", task, g["uploadId"]).json()
+    assert api.request("GET", f"/files/{first['id']}/download").content == b"first"
+    assert api.request("GET", f"/files/{second['id']}/download").content == b"second!"
+    sizes = [f["size"] for f in api.sb.stats()["files"]]
+    assert sizes == [5, 7]
