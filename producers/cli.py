@@ -24,6 +24,7 @@ OPS_COMMANDS: dict[str, tuple[str, str]] = {
     "stack": ("ops.stack", "run Redis, the sandbox, workers and Flower on this machine"),
     "demo": ("ops.demo", "start the stack and send a realistic batch through it"),
     "flower": ("ops.flower", "run Flower with basic auth from FLOWER_BASIC_AUTH"),
+    "workspaces": ("ops.workspaces", "each workspace's rate limits, current use and pause [--json]"),
 }
 
 
@@ -41,6 +42,7 @@ def job_json(job: Job) -> str:
             "file_id": job.file_id,
             "created": job.created,
             "wait_reason": job.wait_reason,
+            "wait_until": job.wait_until,
             "error": None
             if err is None
             else {

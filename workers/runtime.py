@@ -5,6 +5,8 @@ Built lazily on first use so importing the app (as Flower or `celery inspect` do
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +20,10 @@ from workers.blob import BlobUploader, RedisFallbackStore
 from workers.ratelimit import RateLimiter
 from workers.settings import WorkerSettings, transfer_policy_from_env
 from workers.step_lock import StepLocks
+
+log = logging.getLogger("awork.runtime")
+# "off" runs without the shared limiter: for the comparison in ops/bench/ratelimit_fleet.py only.
+RATE_LIMITER_ENV = "AWORK_RATE_LIMITER"
 
 
 @dataclass
@@ -49,6 +55,15 @@ class Runtime:
         return RateLimiter(self.redis)
 
     @cached_property
+    def limiter_enabled(self) -> bool:
+        """False only with AWORK_RATE_LIMITER=off (a benchmark switch, never for production:
+        no tokens, no 429 pause, no learning; each job then retries its own 429s)."""
+        if os.environ.get(RATE_LIMITER_ENV, "").strip().lower() == "off":
+            log.warning("%s=off: the fleet-wide rate limiter is disabled in this worker", RATE_LIMITER_ENV)
+            return False
+        return True
+
+    @cached_property
     def uploader(self) -> BlobUploader:
         # The fleet learns together which upload hosts refuse block uploads.
         return BlobUploader(
@@ -66,14 +81,20 @@ class Runtime:
             ws = self.settings.workspace(workspace)
 
             def observe(status: int, headers: Mapping[str, str], elapsed: float) -> None:
-                self.limiter.observe(ws.name, ws.limits, status, headers, elapsed=elapsed)
+                # The request has happened: a limiter failure here must not turn its answer
+                # into an error (a link or multipart upload would then look lost). The next
+                # take_token() meets a Redis outage and fails closed.
+                try:
+                    self.limiter.observe(ws.name, ws.limits, status, headers, elapsed=elapsed)
+                except Exception:
+                    log.warning("rate limiter: could not observe a %s response", status, exc_info=True)
 
             client = AworkClient(
                 ws.api_url,
                 ws.api_key,
                 self.settings.connect_timeout,
                 self.settings.read_timeout,
-                on_response=observe,
+                on_response=observe if self.limiter_enabled else None,
             )
             self._clients[workspace] = client
             return client

@@ -23,6 +23,7 @@ from producers.contract import JobState
 from workers import metrics
 from workers.errors import AworkError, PermanentError, RateLimited, TransientError, UploadUrlExpired
 from workers.logging_setup import step_outcome
+from workers.ratelimit import suggested_countdown
 from workers.runtime import Runtime, runtime
 
 log = logging.getLogger("awork.steps")
@@ -33,6 +34,8 @@ HEARTBEAT_SECONDS = 15
 LOCKED_RECHECK_SECONDS = 20
 # Waits this short are slept in place; longer ones are deferred with a countdown.
 MAX_INLINE_WAIT_SECONDS = 1.0
+# Steps whose first action is an awork API request: they take their token before they start.
+API_STEPS = frozenset({"generate", "link", "multipart"})
 
 
 class JobEnded(Exception):
@@ -60,6 +63,8 @@ class StepContext:
     _last_sent: int = 0
     started: float = 0.0
     seconds: float = 0.0
+    # A token taken before the step started (see _token_or_defer), used by the first take_token().
+    token_held: bool = False
 
     @property
     def workspace(self) -> str:
@@ -71,13 +76,15 @@ class StepContext:
 
     def take_token(self) -> None:
         """A rate token for one awork API request, or RateWait when the wait is long."""
+        if self.token_held:
+            self.token_held = False
+            return
+        if not self.rt.limiter_enabled:
+            return
         ws = self.rt.settings.workspace(self.workspace)
         wait = self.rt.limiter.wait_for_token(ws.name, ws.limits, max_wait=MAX_INLINE_WAIT_SECONDS)
         if wait > 0:
             raise RateWait(wait)
-        if self.record.get("wait_reason"):
-            self.rt.store.clear(self.job_id, "wait_reason", "wait_until")
-            self.record.pop("wait_reason", None)
 
     def progress(self, sent: int, total: int) -> None:
         """Byte progress into the record and, as a custom PROGRESS state, into Flower."""
@@ -140,13 +147,19 @@ def _run_locked(
         crashes = rt.store.incr(job_id, f"crashes_{step}")
         if crashes > rt.settings.retry.max_crashes:
             _end(ctx, JobState.DEAD, AworkError(f"{step} lost its worker {crashes} times", code="poison"))
+    if step in API_STEPS:
+        _token_or_defer(ctx)
     attempt = rt.store.start_step(job_id, step, state.value)
     record.update(state=state.value, running=step)
+    if record.get("wait_reason") or record.get("wait_until"):
+        rt.store.clear(job_id, "wait_reason", "wait_until")  # it waits no more
+        record.pop("wait_reason", None)
+        record.pop("wait_until", None)
     started = ctx.started = time.monotonic()
     try:
         result = body(ctx)
     except RateWait as wait:
-        countdown = min(MAX_COUNTDOWN_SECONDS, wait.seconds + random.uniform(0, 0.25))
+        countdown = suggested_countdown(wait.seconds, MAX_COUNTDOWN_SECONDS)
         ctx.update(wait_reason=wait.reason, wait_until=time.time() + countdown)
         rt.store.incr(job_id, "rate_waits")
         _log(ctx, attempt, "deferred", None, wait=round(countdown, 2))
@@ -158,7 +171,9 @@ def _run_locked(
         _log(ctx, attempt, "failed", exc)
         _end(ctx, JobState.FAILED, exc)
     except RateLimited as exc:
-        countdown = min(MAX_COUNTDOWN_SECONDS, (exc.retry_after or 1.0) + random.uniform(0, 0.5))
+        # The limiter has paused the workspace (observe() saw the 429); a longer pause is
+        # caught by _token_or_defer when the job comes back.
+        countdown = suggested_countdown(exc.retry_after or 1.0, MAX_COUNTDOWN_SECONDS)
         ctx.update(wait_reason="rate_limit_429", wait_until=time.time() + countdown)
         rt.store.incr(job_id, "rate_limited")
         _log(ctx, attempt, "rate_limited", exc, wait=round(countdown, 2))
@@ -178,6 +193,39 @@ def _run_locked(
         ctx.seconds = time.monotonic() - started
     _log(ctx, attempt, "ok", None)
     return {"job_id": job_id, "step": step, **result}
+
+
+def _token_or_defer(ctx: StepContext) -> None:
+    """Before the step starts: take the token for its first API request, or defer it cheaply.
+
+    While a workspace is paused after a 429 or has spent its minute budget, every job of it a
+    worker pulls from a deep queue ends here: deferred with a countdown (jittered by
+    `suggested_countdown`, so that the jobs of one pause do not all come back at once) before it
+    counts an attempt, changes state or sleeps in a worker thread. A granted token is kept for
+    the body's first take_token() (if the body ends without a request, it is simply not used); a
+    short wait (pacing, the second window) is left to the body, which sleeps it in place.
+    """
+    rt = ctx.rt
+    if not rt.limiter_enabled:
+        return
+    try:
+        ws = rt.settings.workspace(ctx.workspace)
+        decision = rt.limiter.try_acquire(ws.name, ws.limits)
+    except Exception:  # no key for it, Redis trouble: the body meets it too and retries it as an error
+        log.debug("rate pre-check failed for job %s", ctx.job_id, exc_info=True)
+        return
+    if decision.granted:
+        ctx.token_held = True
+        return
+    if decision.wait <= MAX_INLINE_WAIT_SECONDS:
+        return
+    countdown = suggested_countdown(decision.wait, MAX_COUNTDOWN_SECONDS)
+    ctx.update(wait_reason="rate_limit", wait_until=time.time() + countdown)
+    rt.store.incr(ctx.job_id, "rate_waits")
+    attempts = int(ctx.record.get(f"attempts_{ctx.step}") or 0)
+    _log(ctx, attempts, "deferred", None, wait=round(countdown, 2), blocked_by=decision.blocked_by)
+    metrics.rate_wait(ctx.workspace, countdown)
+    raise ctx.task.retry(countdown=countdown, max_retries=None)
 
 
 def _retry_or_die(ctx: StepContext, attempt: int, exc: BaseException) -> BaseException:
