@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from celery import Task
 
+from producers import staging
 from producers.contract import (
     TASK_GENERATE_UPLOAD_URL,
     TASK_LINK_FILE,
@@ -94,7 +95,7 @@ def _put(ctx: StepContext) -> dict[str, Any]:
     url = record.get("upload_url")
     if not url or not url_usable(record):
         raise UploadUrlExpired("no upload URL, or it is at its se= expiry")
-    source = open_source(record, ctx.rt.settings.shared.source_url_hosts)
+    source = open_source(record, ctx.rt.settings.shared.source_url_hosts, ctx.rt.settings.shared.staging_dir)
     journal = RedisBlockJournal(ctx.rt.redis, ctx.job_id)
     outcome = ctx.rt.uploader.upload(
         url,
@@ -170,7 +171,7 @@ def _multipart(ctx: StepContext) -> dict[str, Any]:
         found = _reconcile(ctx, target)
         if found:
             return found
-    source = open_source(record, ctx.rt.settings.shared.source_url_hosts)
+    source = open_source(record, ctx.rt.settings.shared.source_url_hosts, ctx.rt.settings.shared.staging_dir)
     ctx.take_token()
     body, content_type, length = multipart_body(
         source, record["file_name"], record.get("content_type") or "application/octet-stream"
@@ -217,6 +218,7 @@ def _done(ctx: StepContext, info: dict[str, Any], evidence: str = "") -> dict[st
     ctx.rt.store.finish(ctx.job_id, JobState.DONE, **done_fields)
     metrics.job_finished(JobState.DONE.value, ctx.workspace)
     cleanup_staging(ctx)
+    RedisBlockJournal(ctx.rt.redis, ctx.job_id).reset()  # its block acks are of no more use
     return {"file_id": file_id}
 
 
@@ -227,7 +229,7 @@ def _awork_size(info: dict[str, Any]) -> int | None:
     return None
 
 
-def open_source(record: dict[str, str], source_url_hosts: tuple[str, ...]) -> ByteSource:
+def open_source(record: dict[str, str], source_url_hosts: tuple[str, ...], staging_dir: Path) -> ByteSource:
     """The job's bytes: its staged file, or its URL re-checked against the allow-list here too."""
     if record.get("source_kind") == "url":
         url = record["source"]
@@ -238,6 +240,10 @@ def open_source(record: dict[str, str], source_url_hosts: tuple[str, ...]) -> By
             raise PermanentError(f"source host {host}:{port} is not allowed", code="source-refused")
         return UrlSource(url, plain_session())
     path = Path(record["source"])
+    if not staging.inside(path, staging_dir):
+        # Only files under STAGING_DIR, symlinks and `..` resolved: a crafted record cannot make
+        # a worker read (and upload) anything else on its disk.
+        raise PermanentError(f"source {path.name} is not inside STAGING_DIR", code="source-refused")
     if not path.is_file():
         raise PermanentError(f"staged file {path.name} is gone", code="staging-missing")
     return FileSource(path)
