@@ -20,7 +20,9 @@ One ~70 s scenario runs three workspaces at once, and three tests read its outco
 
 Then a forced 429 storm: the workspace pauses for the whole fleet, `awork-uploads workspaces`
 and the job records show it, the fleet resumes by itself, and the many waits do not use up
-the jobs' error budget (AWORK_MAX_ATTEMPTS=3 here).
+the jobs' error budget (AWORK_MAX_ATTEMPTS=3 here). Last, a deep backlog in one workspace
+while it is still pacing (short waits, slept in worker threads) must not take every thread
+from another workspace.
 """
 
 from __future__ import annotations
@@ -121,6 +123,14 @@ def unfinished(fleet: Fleet, jobs: list[Job]) -> int:
 def count_429(fleet: Fleet) -> int:
     """Every 429 the sandbox answered (injected ones are not in `rate_limited`)."""
     return int(fleet.sandbox.stats()["statuses"].get("429", 0))
+
+
+def fresh_windows(fleet: Fleet) -> None:
+    """Forget the sandbox's windows and counters and the limiter's logs (jobs must be done)."""
+    fleet.sandbox.reset()
+    r = fleet.client()
+    for key in r.scan_iter("awork:rl:*"):
+        r.delete(key)
 
 
 def cli(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
@@ -375,11 +385,7 @@ def test_budget_partly_used_by_another_client_slows_the_fleet_down(scenario: Out
 def test_429_storm_pauses_the_workspace_then_recovers_without_using_retries(
     fleet: Fleet, scenario: Outcome
 ) -> None:
-    # Fresh windows on both sides (the scenario's jobs are all done).
-    fleet.sandbox.reset()
-    r = fleet.client()
-    for key in r.scan_iter("awork:rl:*"):
-        r.delete(key)
+    fresh_windows(fleet)  # the scenario's jobs are all done
     entity = fleet.sandbox.seed("tasks", workspace=A)
     storm_s = 8.0
     fleet.sandbox.set_faults({"routes": {route: {"429": 1.0} for route in API_ROUTES}})
@@ -432,3 +438,23 @@ def test_429_storm_pauses_the_workspace_then_recovers_without_using_retries(
     for rec in records:
         assert not any(k.startswith("errors_") for k in rec), rec
         assert not rec.get("error_code"), rec
+
+
+# -- a backlog that paces must not take every thread --------------------------------------------
+def test_a_backlog_in_one_workspace_leaves_threads_for_another(fleet: Fleet, scenario: Outcome) -> None:
+    """Runs last: it leaves A's backlog to the fleet's teardown."""
+    fresh_windows(fleet)
+    ea = fleet.sandbox.seed("tasks", workspace=A)
+    eb = fleet.sandbox.seed("tasks", workspace=B)
+    enqueue(fleet, A, ea, 150, "deep")  # 300 requests: A paces at 9/s for its first 116
+    started = time.time()
+    b = enqueue(fleet, B, eb, 15, "beside")
+    final = fleet.wait(b, timeout=60)
+    took = time.time() - started
+    a_used = RateLimiter(fleet.client()).snapshot(A, LIMITS)["used_last_minute"]
+    print(f"\nbacklog: B's 30 requests took {took:.1f} s beside A's backlog (A used {a_used})")
+    assert all(j.state.value == "done" for j in final)
+    # 30 requests at 9/s take ~3.3 s. When A's jobs could sleep for tokens in every thread, B
+    # waited behind them: ~25 s for 40 requests.
+    assert took < 10, took
+    assert a_used < LIMITS.effective_per_minute  # A was still pacing, not stopped by its minute

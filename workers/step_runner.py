@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Task
 from celery.exceptions import Ignore, Retry
+from celery.signals import worker_init
 
 from producers import staging
 from producers.broker import MAX_COUNTDOWN_SECONDS
@@ -36,6 +39,29 @@ LOCKED_RECHECK_SECONDS = 20
 MAX_INLINE_WAIT_SECONDS = 1.0
 # Steps whose first action is an awork API request: they take their token before they start.
 API_STEPS = frozenset({"generate", "link", "multipart"})
+# At most half the threads of a worker process sleep for one workspace's tokens at a time; that
+# workspace's other steps are deferred, so that a backlog in one workspace cannot hold every
+# thread while others have budget. Their countdown grows with the job's deferrals of this kind
+# (full jitter, capped), so that a deep backlog does not cycle through the broker in a hot loop.
+INLINE_WAITERS_SHARE = 0.5
+_pool_size = 8  # the worker's --concurrency, set by _remember_pool_size when it starts
+CONTENDED_BACKOFF_BASE_SECONDS = 0.5
+CONTENDED_BACKOFF_MAX_SECONDS = 30.0
+_inline_waiters: Counter[str] = Counter()  # workspace -> threads of this process sleeping for it
+_inline_waiters_lock = threading.Lock()
+
+
+@worker_init.connect(weak=False, dispatch_uid="awork-step-runner-pool-size")
+def _remember_pool_size(sender: Any = None, **_: Any) -> None:
+    global _pool_size
+    size = getattr(sender, "concurrency", None)
+    if isinstance(size, int) and size > 0:
+        _pool_size = size
+
+
+def max_inline_waiters() -> int:
+    """How many threads of this process may sleep for one workspace's tokens at once."""
+    return max(1, int(_pool_size * INLINE_WAITERS_SHARE))
 
 
 class JobEnded(Exception):
@@ -48,6 +74,8 @@ class RateWait(Exception):
 
     seconds: float
     reason: str = "rate_limit"
+    # Short wait, but enough threads of this process already wait for this workspace.
+    contended: bool = False
 
 
 @dataclass
@@ -82,7 +110,21 @@ class StepContext:
         if not self.rt.limiter_enabled:
             return
         ws = self.rt.settings.workspace(self.workspace)
-        wait = self.rt.limiter.wait_for_token(ws.name, ws.limits, max_wait=MAX_INLINE_WAIT_SECONDS)
+        limiter = self.rt.limiter
+        with _inline_waiters_lock:
+            may_sleep = _inline_waiters[ws.name] < max_inline_waiters()
+            if may_sleep:
+                _inline_waiters[ws.name] += 1
+        if not may_sleep:  # a token if one is free now, else defer: no thread of ours sleeps
+            wait = limiter.acquire(ws.name, ws.limits)
+            if wait > 0:
+                raise RateWait(wait, contended=wait <= MAX_INLINE_WAIT_SECONDS)
+            return
+        try:
+            wait = limiter.wait_for_token(ws.name, ws.limits, max_wait=MAX_INLINE_WAIT_SECONDS)
+        finally:
+            with _inline_waiters_lock:
+                _inline_waiters[ws.name] -= 1
         if wait > 0:
             raise RateWait(wait)
 
@@ -159,9 +201,7 @@ def _run_locked(
     try:
         result = body(ctx)
     except RateWait as wait:
-        countdown = suggested_countdown(wait.seconds, MAX_COUNTDOWN_SECONDS)
-        ctx.update(wait_reason=wait.reason, wait_until=time.time() + countdown)
-        rt.store.incr(job_id, "rate_waits")
+        countdown = _defer_for_rate(ctx, wait.seconds, wait.contended, wait.reason)
         _log(ctx, attempt, "deferred", None, wait=round(countdown, 2))
         metrics.rate_wait(ctx.workspace, countdown)
         raise task.retry(countdown=countdown, max_retries=None) from None
@@ -203,7 +243,8 @@ def _token_or_defer(ctx: StepContext) -> None:
     `suggested_countdown`, so that the jobs of one pause do not all come back at once) before it
     counts an attempt, changes state or sleeps in a worker thread. A granted token is kept for
     the body's first take_token() (if the body ends without a request, it is simply not used); a
-    short wait (pacing, the second window) is left to the body, which sleeps it in place.
+    short wait (pacing, the second window) is left to the body, which sleeps it in place, unless
+    max_inline_waiters() threads of this process already do so for the workspace.
     """
     rt = ctx.rt
     if not rt.limiter_enabled:
@@ -217,15 +258,32 @@ def _token_or_defer(ctx: StepContext) -> None:
     if decision.granted:
         ctx.token_held = True
         return
-    if decision.wait <= MAX_INLINE_WAIT_SECONDS:
+    contended = decision.wait <= MAX_INLINE_WAIT_SECONDS
+    if contended and _inline_waiters[ws.name] < max_inline_waiters():
         return
-    countdown = suggested_countdown(decision.wait, MAX_COUNTDOWN_SECONDS)
-    ctx.update(wait_reason="rate_limit", wait_until=time.time() + countdown)
-    rt.store.incr(ctx.job_id, "rate_waits")
+    countdown = _defer_for_rate(ctx, decision.wait, contended)
     attempts = int(ctx.record.get(f"attempts_{ctx.step}") or 0)
-    _log(ctx, attempts, "deferred", None, wait=round(countdown, 2), blocked_by=decision.blocked_by)
+    why = f"{decision.blocked_by}, contended" if contended else decision.blocked_by
+    _log(ctx, attempts, "deferred", None, wait=round(countdown, 2), blocked_by=why)
     metrics.rate_wait(ctx.workspace, countdown)
     raise ctx.task.retry(countdown=countdown, max_retries=None)
+
+
+def _defer_for_rate(ctx: StepContext, wait: float, contended: bool, reason: str = "rate_limit") -> float:
+    """The countdown for a step that waits for a rate token, written into the job's record
+    (`wait_reason`, `wait_until`; `rate_waits` counts them). `contended` (a short wait, but the
+    workspace's waiting slots in this process are taken) adds full jitter under a ceiling that
+    doubles with the job's contended deferrals (`rate_contended`)."""
+    fields: dict[str, object] = {}
+    if contended:
+        n = int(ctx.record.get("rate_contended") or 0)
+        ceiling = min(CONTENDED_BACKOFF_MAX_SECONDS, CONTENDED_BACKOFF_BASE_SECONDS * 2 ** min(n, 16))
+        wait += random.uniform(0.0, ceiling)
+        fields["rate_contended"] = n + 1
+    countdown = suggested_countdown(wait, MAX_COUNTDOWN_SECONDS)
+    ctx.update(wait_reason=reason, wait_until=time.time() + countdown, **fields)
+    ctx.rt.store.incr(ctx.job_id, "rate_waits")
+    return countdown
 
 
 def _retry_or_die(ctx: StepContext, attempt: int, exc: BaseException) -> BaseException:
