@@ -19,10 +19,8 @@ KEY_A2 = "key-a2"  # a second key of workspace ws-a
 KEY_B = "key-b"
 ADMIN = "admin-token"
 REPO = Path(__file__).resolve().parents[2]
-CONTRACT_CANDIDATES = (
-    REPO.parent / "shared" / "reference" / "awork-openapi-files.json",
-    REPO / "shared" / "reference" / "awork-openapi-files.json",
-)
+# The repository keeps its own copy of awork's contract (ops/contract/README.md says where from).
+CONTRACT = REPO / "ops" / "contract" / "awork-openapi-files.json"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 200
 
 
@@ -99,10 +97,7 @@ def api(sb: SandboxProcess) -> Api:
 
 @pytest.fixture
 def contract() -> dict[str, Any]:
-    for path in CONTRACT_CANDIDATES:
-        if path.exists():
-            return dict(json.loads(path.read_text()))
-    raise AssertionError(f"contract not found at any of {CONTRACT_CANDIDATES}")
+    return dict(json.loads(CONTRACT.read_text()))
 
 
 def assert_awork_error(r: requests.Response, status: int, code: str) -> dict[str, Any]:
