@@ -74,10 +74,19 @@ class AworkClient:
         result = self._request("POST", path, data=body, headers=headers, idempotent=False)
         return result if isinstance(result, dict) else {}
 
-    def list_files(self, path: str, page_size: int = 1000, max_pages: int = 50) -> list[dict[str, Any]]:
-        """Every FileInfo of an entity, following awork's paging headers."""
+    def list_files(
+        self,
+        path: str,
+        page_size: int = 1000,
+        max_pages: int = 50,
+        before_each: Callable[[], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Every FileInfo of an entity, page by page; `before_each` runs before every request
+        (the caller's rate token: each page is a request to awork)."""
         out: list[dict[str, Any]] = []
         for page in range(1, max_pages + 1):
+            if before_each is not None:
+                before_each()
             batch = self._request("GET", path, params={"page": page, "pageSize": page_size}, idempotent=True)
             if not isinstance(batch, list):
                 break
