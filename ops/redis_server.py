@@ -45,11 +45,16 @@ class RedisServer:
         port: int | None = None,
         password: str | None = None,
         appendonly: bool = True,
+        appendfsync: str = "everysec",
     ) -> None:
+        """`appendfsync`: "everysec" can lose up to ~2 s of acknowledged writes when the process is
+        killed while a slow background fsync holds back the AOF write; "always" loses none
+        (each event-loop round waits for its fsync)."""
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
         self.password = password
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -70,7 +75,7 @@ class RedisServer:
             "--appendonly",
             "yes" if self.appendonly else "no",
             "--appendfsync",
-            "everysec",
+            self.appendfsync,
             "--save",
             "",
             "--maxmemory-policy",

@@ -67,6 +67,8 @@ class Stack:
                 self.redis = RedisServer(data / "redis", password=password).start()
                 env["REDIS_URL"] = self.redis.url
             env.setdefault("STAGING_DIR", str(data / "staging"))
+            # Ctrl-C: running steps get 10 s, then go back to the queue; stop() waits 15 s.
+            env.setdefault("AWORK_SHUTDOWN_GRACE", "10")
             if not env.get("AWORK_API_URL"):
                 self._start_sandbox(env, data)
             self.env = env

@@ -6,6 +6,7 @@ importing workers.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from kombu import Exchange, Queue
@@ -17,6 +18,20 @@ from producers.contract import QUEUE_API, QUEUE_TRANSFER, TASK_QUEUES
 # are capped at MAX_COUNTDOWN_SECONDS.
 VISIBILITY_TIMEOUT_SECONDS = 3 * 3600
 MAX_COUNTDOWN_SECONDS = 600
+# How long SIGTERM lets a worker's running steps finish before their messages go back to the
+# queue (workers/shutdown.py); also Celery's worker_soft_shutdown_timeout, which only matters
+# with REMAP_SIGTERM=SIGQUIT.
+DEFAULT_SHUTDOWN_GRACE_SECONDS = 60.0
+
+
+def shutdown_grace_seconds() -> float:
+    """AWORK_SHUTDOWN_GRACE (seconds, default 60): the shutdown grace of a worker."""
+    raw = os.environ.get("AWORK_SHUTDOWN_GRACE", "").strip()
+    try:
+        value = float(raw) if raw else DEFAULT_SHUTDOWN_GRACE_SECONDS
+    except ValueError:
+        raise ValueError(f"AWORK_SHUTDOWN_GRACE: expected seconds, got {raw!r}") from None
+    return max(0.0, value)
 
 
 def celery_config(redis_url: str) -> dict[str, Any]:
@@ -59,4 +74,5 @@ def celery_config(redis_url: str) -> dict[str, Any]:
         "broker_connection_max_retries": None,
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "worker_soft_shutdown_timeout": shutdown_grace_seconds(),
     }

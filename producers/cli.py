@@ -165,6 +165,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     ]
     if args.hostname:
         argv += ["--hostname", args.hostname]
+    if args.shutdown_grace is not None:
+        # read by the worker's Celery config (producers.broker) and its shutdown watchdog
+        os.environ["AWORK_SHUTDOWN_GRACE"] = str(args.shutdown_grace)
     os.execv(sys.executable, argv)
     return EXIT_OK  # not reached
 
@@ -225,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queues", default="awork.api,awork.transfer")
     p.add_argument("--loglevel", default="INFO")
     p.add_argument("--hostname")
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM, running steps get this long to finish before they go back to the queue "
+        "(default: AWORK_SHUTDOWN_GRACE, else 60)",
+    )
     p.add_argument("celery_args", nargs=argparse.REMAINDER, help="more celery worker options")
     p.set_defaults(func=cmd_worker)
 

@@ -1,16 +1,25 @@
 """The Python API other applications use: `Uploads.from_env().enqueue(path, to="task:<id>")`.
 
 Order of writes, and why it is safe: the job record is written first (state `queued`,
-`published=0`), then the canvas is published, then `published=1`. If publishing fails the
-record and its staged copy are removed before the error reaches the caller, so nothing
-half-done is left. If the producer dies between the two writes, a record with `published=0`
-remains and no message: the workers' sweeper re-publishes such records (steps are idempotent),
-so a record never stays without its message. A message without a record cannot happen, because
-no message is sent before its record exists.
+`published=0`), then the canvas is published, then `published=1`.
+
+- Publishing fails (Redis unreachable for the whole publish retry policy, ~6 s): the records and
+  staged copies of the jobs not yet published are removed (retrying for `redis_retry_seconds`)
+  before the error reaches the caller, so nothing half-done is left. `PublishFailed` names the
+  jobs of the batch that did go out. Should Redis stay unreachable for the removal too, those
+  records remain with `published=0` and the error says so (`pending_ids`): the workers' sweeper
+  publishes them once Redis is back, so the caller must not enqueue them again.
+- The producer dies between the two writes: a record with `published=0` remains and no message;
+  the workers' sweeper publishes such records after a minute (steps are idempotent, so a
+  message that did go out before the death only costs a no-op), so a record never stays without
+  its message.
+- A message without a record cannot happen, because no message is sent before its record
+  exists (and a worker that meets a message whose record has expired drops it).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -35,12 +44,28 @@ from producers.contract import JobState, SpecError
 from producers.records import Job, JobStore
 from producers.spec import JobSpec, ValidSpec, validate
 
+log = logging.getLogger("awork.producer")
+
 WORKSPACES_KEY = "awork:workspaces"  # set: workspace names the running workers know
 T = TypeVar("T")
 
 
 class RedisUnavailable(ConnectionError):
     """Redis could not be reached within the retry window; the message names the URL."""
+
+
+class PublishFailed(RedisUnavailable):
+    """Publishing a batch failed part-way.
+
+    `published_ids`: jobs of the batch that were enqueued (they run). `pending_ids`: jobs whose
+    record could not be removed either; the workers' sweeper publishes them once Redis is back,
+    so they run too. Every other job of the batch left nothing behind.
+    """
+
+    def __init__(self, message: str, published_ids: list[str], pending_ids: list[str]) -> None:
+        super().__init__(message)
+        self.published_ids = published_ids
+        self.pending_ids = pending_ids
 
 
 class JobNotFound(KeyError):
@@ -186,18 +211,46 @@ class Uploads:
                     kwargs = step_kwargs(p.job_id, p.spec.workspace, str(p.spec.target), p.spec.file_name)
                     job_canvas(self._app, p.spec.target.three_steps, kwargs).apply_async(producer=producer)
                     published.append(p)
-        except (OperationalError, redis.exceptions.ConnectionError, OSError) as exc:
-            for p in prepared:
-                if p not in published:
-                    self.store.delete(p.job_id, p.spec.idempotency_key, p.spec.workspace)
-                    self._discard_staging(p)
-            raise RedisUnavailable(
-                f"REDIS_URL: could not publish to {redact_url(self.settings.redis_url)}: {exc}"
-            ) from None
+        except (OperationalError, redis.exceptions.RedisError, OSError) as exc:
+            failed = [p for p in prepared if p not in published]
+            pending = self._undo(failed)
+            self._mark_published(published)
+            text = f"REDIS_URL: could not publish to {redact_url(self.settings.redis_url)}: {exc}"
+            if published:
+                text += f"; {len(published)} job(s) of the batch were enqueued"
+            if pending:
+                text += (
+                    f"; {len(pending)} job record(s) could not be removed ({', '.join(pending[:5])}): "
+                    "the workers publish them once Redis is back, do not enqueue them again"
+                )
+            raise PublishFailed(text, [p.job_id for p in published], pending) from None
+        self._mark_published(published)
+
+    def _undo(self, failed: list[_Prepared]) -> list[str]:
+        """Remove the records and staged bytes of jobs whose message did not go out; returns the
+        ids whose record could not be removed (Redis still unreachable): those keep their bytes."""
+        pending: list[str] = []
+        for p in failed:
+            try:
+                self._retry(partial(self.store.delete, p.job_id, p.spec.idempotency_key, p.spec.workspace))
+            except RedisUnavailable:
+                pending.append(p.job_id)
+                continue
+            self._discard_staging(p)
+        return pending
+
+    def _mark_published(self, published: list[_Prepared]) -> None:
+        """Best effort: the messages are out, so the jobs are enqueued whatever happens here; a
+        record left at published=0 only costs the sweeper a second, harmless publish."""
+        if not published:
+            return
         pipe = self.redis.pipeline(transaction=False)
         for p in published:
             pipe.hset(f"awork:job:{p.job_id}", "published", "1")
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            log.warning("enqueued %d job(s) but could not mark them published: %s", len(published), exc)
 
     def _discard_staging(self, p: _Prepared) -> None:
         if p.record.get("staged_owned") == "1":
@@ -227,16 +280,22 @@ class Uploads:
         poll: float = 0.25,
         on_update: Callable[[list[Job]], None] | None = None,
     ) -> list[Job]:
-        """Poll the records until every job has ended; TimeoutError names the unfinished ones."""
+        """Poll the records until every job has ended; TimeoutError names the unfinished ones.
+
+        Only jobs still running are read again, so waiting on a large batch stays cheap.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        latest: dict[str, Job] = {}
+        pending = list(dict.fromkeys(job_ids))
         while True:
-            jobs = self.statuses(job_ids)
+            for job in self.statuses(pending):
+                latest[job.id] = job
+            pending = [i for i in pending if not latest[i].finished]
             if on_update:
-                on_update(jobs)
-            if all(j.finished for j in jobs):
-                return jobs
+                on_update([latest[i] for i in job_ids])
+            if not pending:
+                return [latest[i] for i in job_ids]
             if deadline is not None and time.monotonic() > deadline:
-                pending = [j.id for j in jobs if not j.finished]
                 raise TimeoutError(f"{len(pending)} job(s) still running: {', '.join(pending[:5])}")
             time.sleep(poll)
 
@@ -281,4 +340,4 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-__all__ = ["ConfigError", "JobNotFound", "RedisUnavailable", "Uploads"]
+__all__ = ["ConfigError", "JobNotFound", "PublishFailed", "RedisUnavailable", "Uploads"]

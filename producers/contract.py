@@ -66,6 +66,8 @@ MULTIPART_KINDS: dict[str, str] = {
     "workspace": "workspaces",
     "projecttemplate": "projecttemplates",
 }
+# Entities whose files awork cannot list (no GET /{entity}/{id}/files in its API).
+NO_FILE_LIST = frozenset({"companies"})
 IMAGE_ENTITY_NAMES = frozenset(
     {"companies", "contactpersons", "projects", "projecttemplates", "users", "workspaces"}
 )
@@ -115,8 +117,9 @@ class Target:
 
     @property
     def list_path(self) -> str | None:
-        """The API path that lists the entity's files, where awork has one (not for images)."""
-        if self.route is Route.IMAGE_BY_UPLOAD_ID:
+        """The API path that lists the entity's files, where awork has one (not for images, and
+        not for companies: awork has no GET /companies/{id}/files)."""
+        if self.route is Route.IMAGE_BY_UPLOAD_ID or self.entity in NO_FILE_LIST:
             return None
         return f"/{self.entity}/{self.entity_id}/files"
 

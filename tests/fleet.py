@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
+import socket
 import time
 import uuid
 from collections.abc import Iterable
@@ -41,6 +43,7 @@ class Fleet:
     sandbox: Any = None
     workers: list[Child] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    hostnames: dict[str, Child] = field(default_factory=dict)  # celery node name -> its process
     _uploads: Uploads | None = None
 
     def start(self) -> Fleet:
@@ -71,6 +74,8 @@ class Fleet:
             AWORK_RETRY_BASE_SECONDS="0.3",
             AWORK_RETRY_MAX_SECONDS="2",
             AWORK_MAX_ATTEMPTS="6",
+            # stop() gives workers 10 s: hand running steps back well before that
+            AWORK_SHUTDOWN_GRACE="5",
         )
         env.update(self.extra_env)
         self.env = env
@@ -79,13 +84,42 @@ class Fleet:
         self.wait_ready()
         return self
 
-    def add_worker(self, n: int) -> Child:
+    def add_worker(self, n: int, env: dict[str, str] | None = None) -> Child:
+        """Start worker `n` (its node name is w<n>-<random>@<host>); `env` adds to the fleet's."""
         log = self.root / "logs" / f"worker-{n}-{len(self.workers)}.log"
-        child = Child(
-            f"worker-{n}", worker_argv(self.concurrency, f"w{n}-{uuid.uuid4().hex[:6]}@%h"), self.env, log
-        )
+        hostname = f"w{n}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+        argv = worker_argv(self.concurrency, hostname)
+        child = Child(f"worker-{n}", argv, {**self.env, **(env or {})}, log)
         self.workers.append(child.start())
+        self.hostnames[hostname] = child
         return child
+
+    def restart(self, child: Child) -> Child:
+        """Replace a (killed) worker with a fresh process of the same number."""
+        if child in self.workers:
+            self.workers.remove(child)
+        self.hostnames = {h: c for h, c in self.hostnames.items() if c is not child}
+        return self.add_worker(int(child.name.split("-")[1]))
+
+    def holder(self, job_id: str, timeout: float = 1.0) -> Child | None:
+        """The worker process running (or holding) a step of this job, by `celery inspect`."""
+        from celery import Celery
+
+        from producers.broker import celery_config
+
+        app = Celery("fleet-inspect", set_as_current=False)
+        app.conf.update(celery_config(self.env["REDIS_URL"]))
+        try:
+            inspect = app.control.inspect(timeout=timeout)
+            for found in (inspect.active() or {}, inspect.scheduled() or {}):
+                for hostname, tasks in found.items():
+                    for task in tasks:
+                        request = task.get("request", task)
+                        if (request.get("kwargs") or {}).get("job_id") == job_id:
+                            return self.hostnames.get(hostname)
+        finally:
+            app.close()
+        return None
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -94,7 +128,10 @@ class Fleet:
             if ping_workers(self.env) >= len(alive):
                 return
             time.sleep(0.3)
-        raise TimeoutError("workers did not answer ping; logs: " + str(self.root / "logs"))
+        for w in alive:  # Celery's SIGUSR1 handler writes every thread's stack to the log
+            w.signal(signal.SIGUSR1)
+        time.sleep(1)
+        raise TimeoutError("workers did not answer ping (stacks in the logs): " + str(self.root / "logs"))
 
     def stop(self) -> None:
         stop_all(self.workers, grace=10)

@@ -8,6 +8,14 @@ from producers.broker import celery_config
 from producers.config import SharedSettings
 
 app = Celery(
-    "workers", include=["workers.steps", "workers.signals", "workers.metrics", "workers.logging_setup"]
+    "workers",
+    include=[
+        "workers.kombu_fixes",
+        "workers.steps",
+        "workers.signals",
+        "workers.shutdown",
+        "workers.metrics",
+        "workers.logging_setup",
+    ],
 )
 app.conf.update(celery_config(SharedSettings.from_env().redis_url))

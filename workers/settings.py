@@ -57,7 +57,8 @@ class RetryPolicy:
     max_attempts: int = 8
     base_seconds: float = 2.0
     max_seconds: float = 300.0
-    # A step whose worker died this many times (a poison message) sends the job to `dead`.
+    # A step whose worker died more than this many times (a poison message) sends the job to
+    # `dead`: AWORK_MAX_CRASHES.
     max_crashes: int = 5
 
 
@@ -106,6 +107,7 @@ class WorkerSettings:
                 max_attempts=_int("AWORK_MAX_ATTEMPTS", 8),
                 base_seconds=_float("AWORK_RETRY_BASE_SECONDS", 2.0),
                 max_seconds=_float("AWORK_RETRY_MAX_SECONDS", 300.0),
+                max_crashes=_int("AWORK_MAX_CRASHES", 5),
             ),
             connect_timeout=_float("AWORK_CONNECT_TIMEOUT", 10.0),
             read_timeout=_float("AWORK_READ_TIMEOUT", 60.0),

@@ -3,11 +3,16 @@
 A lock expires LOCK_TTL_SECONDS after its holder stops beating (a dead worker), so a
 redelivery or the sweeper can take over. One thread per process refreshes every lock the
 process holds and stamps `heartbeat_at` in the job records, instead of a thread per step.
+
+Both figures bound how fast a step lost with a SIGKILLed worker resumes elsewhere (the sweeper
+waits for the lock to lapse): AWORK_LOCK_TTL_SECONDS (default 60) and AWORK_HEARTBEAT_SECONDS
+(default 10; keep it well under the TTL). Tests and the fault soak shorten them.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -19,8 +24,17 @@ from producers.records import job_key
 
 log = logging.getLogger("awork.steps")
 
-LOCK_TTL_SECONDS = 90
-HEARTBEAT_SECONDS = 15.0
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name}: expected seconds, got {raw!r}") from None
+
+
+LOCK_TTL_SECONDS = max(2, int(_env_seconds("AWORK_LOCK_TTL_SECONDS", 60)))
+HEARTBEAT_SECONDS = min(_env_seconds("AWORK_HEARTBEAT_SECONDS", 10.0), LOCK_TTL_SECONDS / 3)
 
 _RELEASE = Path(__file__).with_name("step_lock.lua").read_text()
 _REFRESH = """
@@ -68,6 +82,11 @@ class StepLocks:
             self._release(keys=[lock_key(job_id, step), job_key(job_id)], args=[token])
         except redis.exceptions.RedisError:
             log.warning("job=%s step=%s: lock release failed; it expires by itself", job_id, step)
+
+    def held(self) -> list[tuple[str, str, str]]:
+        """(job id, step, token) of every lock this process holds: what a shutdown hands back."""
+        with self._mutex:
+            return [(job_id, step, token) for token, (job_id, step) in self._held.items()]
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():

@@ -16,9 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from celery import Task
-from celery.exceptions import Ignore, Retry
+from celery.exceptions import Ignore, Reject, Retry
 from celery.signals import worker_init
+from kombu.exceptions import OperationalError
 
 from producers import staging
 from producers.broker import MAX_COUNTDOWN_SECONDS
@@ -35,6 +37,8 @@ LOCK_TTL_SECONDS = 90
 HEARTBEAT_SECONDS = 15
 # A step found running elsewhere is looked at again after this long.
 LOCKED_RECHECK_SECONDS = 20
+# Redis unreachable (a restart, a network drop): the step's message goes back to the queue.
+UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError)
 # Waits this short are slept in place; longer ones are deferred with a countdown.
 MAX_INLINE_WAIT_SECONDS = 1.0
 # Steps whose first action is an awork API request: they take their token before they start.
@@ -154,7 +158,10 @@ def run_step(
 ) -> dict[str, Any]:
     """Run one step for one job, safely when delivered twice or concurrently."""
     rt = runtime()
-    token, record = rt.locks.acquire_and_read(job_id, step)
+    try:
+        token, record = rt.locks.acquire_and_read(job_id, step)
+    except UNREACHABLE as exc:
+        raise _requeue(step, job_id, exc) from None
     try:
         if record is None:
             log.warning("step=%s job=%s outcome=skipped reason=no-record", step, job_id)
@@ -169,9 +176,26 @@ def run_step(
             log.info("step=%s job=%s outcome=deferred reason=running-elsewhere", step, job_id)
             raise task.retry(countdown=LOCKED_RECHECK_SECONDS, max_retries=None)
         return _run_locked(task, job_id, step, state, record, body, rt)
+    except UNREACHABLE as exc:
+        raise _requeue(step, job_id, exc) from None
+    except Reject as exc:
+        # Task.retry() turns a failed publish of the retry into Reject(requeue=False), which
+        # would drop the only message the job has.
+        if not exc.requeue and isinstance(exc.reason, UNREACHABLE):
+            raise _requeue(step, job_id, exc.reason) from None
+        raise
     finally:
         if token is not None:
             rt.locks.release(job_id, step, token)
+
+
+def _requeue(step: str, job_id: str, exc: BaseException) -> Reject:
+    """Redis (records or broker) went away under the step, so it could neither finish nor
+    schedule its retry: give the message back instead of letting Celery ack it as a failure,
+    which would leave the job without a message. If Redis is still away the reject fails too
+    and the message stays unacknowledged; the sweeper hands it back once Redis is up."""
+    log.warning("step=%s job=%s outcome=requeued reason=redis-unreachable error=%s", step, job_id, exc)
+    return Reject(f"redis unreachable: {exc}", requeue=True)
 
 
 def _run_locked(

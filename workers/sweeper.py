@@ -5,49 +5,102 @@ Redis only hands an unacknowledged message to another worker after the visibilit
 time (a Redis lease) looks at the unfinished jobs:
 
 - a step marked `running` whose lock has expired and whose heartbeat is older than STALL_SECONDS:
-  its worker died mid-step -> publish the job again from the step its record says is next;
-- a countdown (rate wait or error retry) whose `wait_until` passed long ago with no activity
-  since: the worker holding the deferred message died -> publish again;
-- a record still `published=0` after a minute: its producer died between record and message.
+  its worker died mid-step;
+- a countdown (rate wait or error retry) whose `wait_until` passed LOST_COUNTDOWN_SECONDS ago
+  with no activity since: the worker holding the deferred message died;
+- a message delivered to a worker (in kombu's `unacked` hash) more than ORPHAN_MESSAGE_SECONDS
+  ago, for a job with no step locked, no countdown pending and no activity since: its worker
+  died after taking the message and before marking the step running (or while it held the
+  message for a thread);
+- a record still `published=0` after UNPUBLISHED_SECONDS: its producer died between record and
+  message;
+- a job with no activity for IDLE_SECONDS, no step locked, no countdown pending, no message in
+  a worker's hands and none in the queues (the queues are read only when such a job exists):
+  its message was lost some other way (a worker that died between taking a message from the
+  queue and registering it as unacknowledged, a failure acknowledged while Redis was away).
 
-The late redelivery of the original message then finds the work done (every step checks the
-record first), so re-driving never doubles an upload.
+Re-driving moves the lost message itself back to the head of its queue (kombu's own restore, as
+the visibility timeout would, only sooner), so it is not delivered a second time hours later.
+When there is no such message (an unpublished record; an entry lost with a Redis restart) the
+job is published again from the step its record says is next. Either way every step checks the
+record first, so a copy that turns up later finds the work done and never doubles an upload.
+
+It also keeps Redis from growing: ids of expired records leave the job index and the dead
+letters (PRUNE_BATCH a pass), unacknowledged messages of jobs that have ended are dropped, and
+staged bytes of jobs that are done, or whose record is gone, are removed (every
+ORPHAN_EVERY_PASSES passes).
+
+Timings come from the environment (seconds), for tests and the fault soak:
+AWORK_SWEEPER_INTERVAL (15), AWORK_SWEEPER_STALL (45), AWORK_SWEEPER_LOST_COUNTDOWN (120),
+AWORK_SWEEPER_UNPUBLISHED (60), AWORK_SWEEPER_IDLE (180), AWORK_SWEEPER_COOLDOWN (300: a job is
+re-driven at most once in this long). With the step lock's defaults (TTL 60 s, heartbeat 10 s)
+a step lost with a SIGKILLed worker resumes elsewhere within about 75 s.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 from celery import Celery
 
 from producers import staging
 from producers.broker import celery_config
-from producers.records import ACTIVE_KEY, job_key
+from producers.contract import QUEUE_API, QUEUE_TRANSFER, JobState
+from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, job_key
 from producers.redrive import canvas_from, resume_step
 
 log = logging.getLogger("awork.sweeper")
 
-STALL_SECONDS = 45.0  # heartbeat every 15 s, lock TTL 90 s: a step this quiet has lost its worker
-LOST_COUNTDOWN_SECONDS = 120.0  # a countdown this overdue lost its holder
-UNPUBLISHED_SECONDS = 60.0
-REDRIVE_COOLDOWN_SECONDS = 300.0
-INTERVAL_SECONDS = 15.0
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name}: expected seconds, got {raw!r}") from None
+
+
+INTERVAL_SECONDS = _env_seconds("AWORK_SWEEPER_INTERVAL", 15.0)
+STALL_SECONDS = _env_seconds("AWORK_SWEEPER_STALL", 45.0)  # a heartbeat this old: the worker is gone
+LOST_COUNTDOWN_SECONDS = _env_seconds("AWORK_SWEEPER_LOST_COUNTDOWN", 120.0)  # a countdown this overdue
+UNPUBLISHED_SECONDS = _env_seconds("AWORK_SWEEPER_UNPUBLISHED", 60.0)
+REDRIVE_COOLDOWN_SECONDS = _env_seconds("AWORK_SWEEPER_COOLDOWN", 300.0)
+IDLE_SECONDS = _env_seconds("AWORK_SWEEPER_IDLE", 180.0)  # no sign of life and no message anywhere
+# A message held this long by a worker with nothing to show for it in the record is lost. Above
+# the 20 s countdown a step takes when it finds its lock held elsewhere (which sets no
+# `wait_until`), so a live worker's deferred copy is not taken for a lost one.
+ORPHAN_MESSAGE_SECONDS = max(STALL_SECONDS, 30.0)
 ORPHAN_AGE_SECONDS = 3600.0
-ORPHAN_EVERY_PASSES = 40  # about every 10 minutes
+ORPHAN_EVERY_PASSES = 40  # about every 10 minutes at the default interval
 LEASE_KEY = "awork:sweeper:lease"
 BATCH = 500
+PRUNE_BATCH = 500
+# kombu's Redis transport: delivered, unacknowledged messages (tag -> [payload, exchange,
+# routing key]) and their delivery times (tag -> unix time).
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
+
+
+MAYBE_LOST = "maybe-lost"
 
 
 @dataclass
 class SweepResult:
     scanned: int = 0
     redriven: int = 0
+    restored: int = 0  # of those, lost messages moved back to their queue
     republished: int = 0
+    pruned: int = 0
+    forgotten: int = 0  # unacknowledged messages of finished jobs dropped
 
 
 def _f(record: dict[str, str], name: str) -> float:
@@ -57,8 +110,14 @@ def _f(record: dict[str, str], name: str) -> float:
         return 0.0
 
 
-def stalled_reason(record: dict[str, str], lock_held: bool, now: float) -> str | None:
-    """Why this unfinished job needs re-driving, or None."""
+def stalled_reason(
+    record: dict[str, str], lock_held: bool, now: float, oldest_message: float | None = None
+) -> str | None:
+    """Why this unfinished job needs re-driving, or None.
+
+    `oldest_message`: when the oldest message of this job that sits unacknowledged in a
+    worker's hands was delivered (None: no such message).
+    """
     if record.get("state") in ("done", "failed", "dead"):
         return None
     if now - _f(record, "redriven_at") < REDRIVE_COOLDOWN_SECONDS:
@@ -68,14 +127,49 @@ def stalled_reason(record: dict[str, str], lock_held: bool, now: float) -> str |
         if now - _f(record, "created_at") > UNPUBLISHED_SECONDS:
             return "unpublished"
         return None
+    if lock_held:
+        return None
     if record.get("running"):
-        if not lock_held and now - last_activity > STALL_SECONDS:
+        if now - last_activity > STALL_SECONDS:
             return f"lost-{record['running']}"
         return None
     wait_until = _f(record, "wait_until")
-    if wait_until and now - wait_until > LOST_COUNTDOWN_SECONDS and last_activity < wait_until:
-        return "lost-countdown"
+    if wait_until and now - wait_until <= LOST_COUNTDOWN_SECONDS:
+        return None  # a countdown that may still be pending
+    if wait_until and last_activity < wait_until:
+        # The countdown is long over and nothing ran since: the worker holding the deferred
+        # message died (or, with no message held anywhere, it waits in a queue or is lost).
+        return "lost-countdown" if oldest_message is not None else MAYBE_LOST
+    if oldest_message is not None:
+        if now - oldest_message > ORPHAN_MESSAGE_SECONDS and now - last_activity > ORPHAN_MESSAGE_SECONDS:
+            return "lost-message"
+        return None
+    if now - last_activity > IDLE_SECONDS:
+        return MAYBE_LOST  # lost, unless its message waits in a queue
     return None
+
+
+def payload_job_id(raw: bytes | str | dict[str, Any]) -> str | None:
+    """The job id of a kombu message as it sits in a queue (our steps take it as job_id)."""
+    try:
+        payload = json.loads(raw) if isinstance(raw, bytes | str) else raw
+        body = payload["body"]
+        if payload.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        decoded = json.loads(body)
+        kwargs = decoded[1] if isinstance(decoded, list) else {}
+        job_id = kwargs.get("job_id")
+        return str(job_id) if job_id else None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+
+
+def message_job_id(raw: bytes | str) -> str | None:
+    """The job id of a kombu `unacked` entry ([payload, exchange, routing key])."""
+    try:
+        return payload_job_id(json.loads(raw)[0])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 class Sweeper:
@@ -86,13 +180,19 @@ class Sweeper:
         self.app.conf.update(celery_config(redis_url))
         self.token = f"{time.time()}-{id(self)}"
         self._stop = threading.Event()
+        self._prune_offsets: dict[str, int] = {}
+        self._conn: Any = None
 
+    # -- one pass ----------------------------------------------------------------------------
     def sweep_once(self, now: float | None = None) -> SweepResult:
         now = time.time() if now is None else now
         result = SweepResult()
+        held = self.unacked_messages()
+        maybe_lost: list[dict[str, str]] = []
+        seen: set[str] = set()
         start = 0
         while True:
-            ids = [i.decode() for i in self.redis.zrange(ACTIVE_KEY, start, start + BATCH - 1)]  # type: ignore[union-attr]
+            ids = self._zrange(ACTIVE_KEY, start, start + BATCH - 1)
             if not ids:
                 break
             start += BATCH
@@ -102,37 +202,176 @@ class Sweeper:
             records = pipe.execute()
             for job_id, raw in zip(ids, records, strict=True):
                 result.scanned += 1
+                seen.add(job_id)
                 if not raw:
                     self.redis.zrem(ACTIVE_KEY, job_id)  # record expired or purged
                     continue
-                record = {k.decode(): v.decode() for k, v in raw.items()}
-                running = record.get("running")
-                lock_held = bool(running) and bool(self.redis.exists(f"{job_key(job_id)}:lock:{running}"))
-                reason = stalled_reason(record, lock_held, now)
+                record = {_s(k): _s(v) for k, v in raw.items()}
+                messages = held.get(job_id, [])
+                oldest = min((t for _, t in messages), default=None)
+                reason = stalled_reason(record, self._lock_held(job_id, record), now, oldest)
                 if reason is None:
                     continue
-                self._redrive(record, reason)
+                if reason == MAYBE_LOST:
+                    maybe_lost.append(record)
+                    continue
+                restored = self._redrive(record, reason, [tag for tag, _ in messages])
                 if reason == "unpublished":
                     result.republished += 1
                 else:
                     result.redriven += 1
+                    result.restored += int(restored)
+        if maybe_lost:
+            queued = self.queued_job_ids()
+            for record in maybe_lost:
+                if record["id"] not in queued:
+                    self._redrive(record, "lost-job", [])
+                    result.redriven += 1
+        result.forgotten = self.forget_finished({j: m for j, m in held.items() if j not in seen}, now)
+        result.pruned = self.prune_indexes()
         return result
 
-    def _redrive(self, record: dict[str, str], reason: str) -> None:
+    def forget_finished(self, held: dict[str, list[tuple[str, float]]], now: float) -> int:
+        """Drop unacknowledged messages of jobs that have ended (or whose record is gone), held
+        longer than ORPHAN_MESSAGE_SECONDS: left behind by a worker that died or lost its
+        connection before its ack. Delivered again they would only be skipped; without this they
+        would sit in Redis until the visibility timeout."""
+        if not held:
+            return 0
+        jobs = list(held)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in jobs:
+            pipe.hget(job_key(job_id), "state")
+        finished = {"done", "failed", "dead"}
+        tags = [
+            tag
+            for job_id, state in zip(jobs, pipe.execute(), strict=True)
+            if state is None or _s(state) in finished
+            for tag, delivered in held[job_id]
+            if now - delivered > ORPHAN_MESSAGE_SECONDS
+        ]
+        if tags:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.zrem(UNACKED_INDEX_KEY, *tags)
+            pipe.hdel(UNACKED_KEY, *tags)
+            pipe.execute()
+        return len(tags)
+
+    def queued_job_ids(self) -> set[str]:
+        """Job ids of every message waiting in the step queues."""
+        out: set[str] = set()
+        for queue in (QUEUE_API, QUEUE_TRANSFER):
+            start = 0
+            while True:
+                raws: list[bytes] = self.redis.lrange(queue, start, start + BATCH - 1)  # type: ignore[assignment]
+                for raw in raws:
+                    job_id = payload_job_id(raw)
+                    if job_id:
+                        out.add(job_id)
+                if len(raws) < BATCH:
+                    break
+                start += BATCH
+        return out
+
+    def _zrange(self, key: str, start: int, end: int) -> list[str]:
+        ids: list[bytes] = self.redis.zrange(key, start, end)  # type: ignore[assignment]
+        return [_s(i) for i in ids]
+
+    def _lock_held(self, job_id: str, record: dict[str, str]) -> bool:
+        """Is any step of this job locked (a live worker on it)?"""
+        running = record.get("running")
+        steps = [running] if running else ["generate", "put", "link", "multipart"]
+        pipe = self.redis.pipeline(transaction=False)
+        for step in steps:
+            pipe.exists(f"{job_key(job_id)}:lock:{step}")
+        return any(pipe.execute())
+
+    def unacked_messages(self) -> dict[str, list[tuple[str, float]]]:
+        """job id -> (delivery tag, delivered at) of its messages that workers hold unacknowledged
+        (running, waiting for a thread or for their countdown, or lost with their worker)."""
+        index: list[tuple[bytes, float]] = self.redis.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)  # type: ignore[assignment]
+        out: dict[str, list[tuple[str, float]]] = {}
+        if not index:
+            return out
+        tags = [_s(t) for t, _ in index]
+        raws: list[bytes | None] = self.redis.hmget(UNACKED_KEY, tags)  # type: ignore[assignment]
+        for (_, delivered), tag, raw in zip(index, tags, raws, strict=True):
+            job_id = message_job_id(raw) if raw else None
+            if job_id:
+                out.setdefault(job_id, []).append((tag, float(delivered)))
+        return out
+
+    def _redrive(self, record: dict[str, str], reason: str, tags: list[str]) -> bool:
+        """Hand the job's lost messages back to their queues, or publish it again; True when
+        messages were restored."""
         job_id = record["id"]
-        first = resume_step(record)
-        canvas_from(self.app, record, first).apply_async()
-        self.redis.hset(
+        restored = 0
+        if reason != "unpublished" and tags:
+            restored = self._restore(tags)
+        how = f"{restored} message(s) restored"
+        if not restored:
+            first = resume_step(record)
+            canvas_from(self.app, record, first).apply_async()
+            how = f"published from {first}"
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(
             job_key(job_id),
             mapping={"redriven_at": repr(time.time()), "published": "1", "redrive_reason": reason},
         )
-        self.redis.hincrby(job_key(job_id), "redrives", 1)
-        log.warning("sweeper: job=%s re-driven from %s (%s)", job_id, first, reason)
+        pipe.hincrby(job_key(job_id), "redrives", 1)
+        pipe.execute()
+        log.warning("sweeper: job=%s re-driven (%s): %s", job_id, reason, how)
+        return restored > 0
+
+    def _restore(self, tags: list[str]) -> int:
+        """Move unacknowledged messages back to the head of their queues (kombu's restore)."""
+        restored = 0
+        try:
+            if self._conn is None:
+                self._conn = self.app.connection_for_write()
+            qos = self._conn.default_channel.qos
+            for tag in tags:
+                if self.redis.hexists(UNACKED_KEY, tag):
+                    qos.restore_by_tag(tag)
+                    restored += 1
+        except Exception:
+            log.warning("sweeper: could not restore messages %s", tags, exc_info=True)
+            self._close_conn()
+        return restored
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.release()
+            except Exception:
+                log.debug("sweeper: closing its broker connection failed", exc_info=True)
+            self._conn = None
+
+    def prune_indexes(self) -> int:
+        """Drop ids whose records have expired (or were purged) from the job index and the dead
+        letters: PRUNE_BATCH ids of each a pass, walking round the zset over the passes."""
+        removed = 0
+        for key in (INDEX_KEY, DEAD_KEY):
+            offset = self._prune_offsets.get(key, 0)
+            ids = self._zrange(key, offset, offset + PRUNE_BATCH - 1)
+            if not ids:
+                self._prune_offsets[key] = 0
+                continue
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.exists(job_key(job_id))
+            gone = [i for i, exists in zip(ids, pipe.execute(), strict=True) if not exists]
+            if gone:
+                self.redis.zrem(key, *gone)
+                removed += len(gone)
+            kept = len(ids) - len(gone)
+            self._prune_offsets[key] = 0 if len(ids) < PRUNE_BATCH else offset + kept
+        return removed
 
     # -- the loop ----------------------------------------------------------------------------
     def _lease(self) -> bool:
         """One sweeper at a time across the fleet; the lease lapses if its holder dies."""
-        ttl = int(INTERVAL_SECONDS * 2)
+        ttl = max(2, int(INTERVAL_SECONDS * 2))
         if self.redis.set(LEASE_KEY, self.token, nx=True, ex=ttl):
             return True
         if self.redis.get(LEASE_KEY) == self.token.encode():
@@ -147,12 +386,14 @@ class Sweeper:
                 if self._lease():
                     passes += 1
                     res = self.sweep_once()
-                    if res.redriven or res.republished:
+                    if res.redriven or res.republished or res.pruned or res.forgotten:
                         log.info("sweeper: %s", res)
                     if self.staging_dir is not None and passes % ORPHAN_EVERY_PASSES == 0:
                         remove_orphan_staging(self.redis, self.staging_dir)
             except Exception:
                 log.warning("sweeper pass failed", exc_info=True)
+                self._close_conn()
+        self._close_conn()
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, name="awork-sweeper", daemon=True)
@@ -164,19 +405,32 @@ class Sweeper:
 
 
 def remove_orphan_staging(client: redis.Redis, root: Path, min_age: float = ORPHAN_AGE_SECONDS) -> int:
-    """Remove job folders in staging whose record is gone (expired or purged).
+    """Remove job folders in staging whose job is done, or whose record is gone (expired or
+    purged). Failed and dead jobs keep their bytes for `awork-uploads dead retry`.
 
     Only folders older than `min_age`: a producer stages the bytes just before it writes the
     record, and that moment must not look like an orphan.
     """
-    removed = 0
     if not root.is_dir():
         return 0
     cutoff = time.time() - min_age
-    for child in root.iterdir():
-        if not (child.is_dir() and len(child.name) == 32) or child.stat().st_mtime > cutoff:
-            continue
-        if not client.exists(job_key(child.name)):
-            staging.remove_job_dir(root, child.name)
-            removed += 1
+    candidates = [
+        child.name
+        for child in root.iterdir()
+        if child.is_dir() and len(child.name) == 32 and child.stat().st_mtime <= cutoff
+    ]
+    removed = 0
+    for i in range(0, len(candidates), BATCH):
+        chunk = candidates[i : i + BATCH]
+        pipe = client.pipeline(transaction=False)
+        for job_id in chunk:
+            pipe.hget(job_key(job_id), "state")
+        for job_id, state in zip(chunk, pipe.execute(), strict=True):
+            if state is None or _s(state) == JobState.DONE.value:
+                staging.remove_job_dir(root, job_id)
+                removed += 1
     return removed
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
