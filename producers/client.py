@@ -163,16 +163,16 @@ class Uploads:
 
     def _prepare(self, v: ValidSpec) -> _Prepared:
         job_id = uuid.uuid4().hex
-        owned = False
+        owned, md5 = False, None
         if v.url is not None:
             source_kind, source = "url", v.url
-        elif v.data is not None:
-            source_kind, owned = "file", True
-            source = str(staging.stage_bytes(v.data, self.settings.staging_dir, job_id, v.file_name))
         else:
-            assert v.path is not None
-            staged, owned = staging.stage_file(v.path, self.settings.staging_dir, job_id, v.file_name)
-            source_kind, source = "file", str(staged)
+            if v.data is not None:
+                staged = staging.stage_bytes(v.data, self.settings.staging_dir, job_id, v.file_name)
+            else:
+                assert v.path is not None
+                staged = staging.stage_file(v.path, self.settings.staging_dir, job_id, v.file_name)
+            source_kind, source, owned, md5 = "file", str(staged.path), staged.owned, staged.md5_b64
         now = repr(time.time())
         record = {
             "id": job_id,
@@ -190,6 +190,7 @@ class Uploads:
             "source_kind": source_kind,
             "source": source,
             "staged_owned": "1" if owned else "0",
+            "source_md5": md5 or "",
             "idempotency_key": v.idempotency_key or "",
             "bytes_sent": "0",
             "published": "0",

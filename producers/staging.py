@@ -7,11 +7,16 @@ the job, which the workers remove once the job has ended.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from producers.contract import SpecError
+
+COPY_CHUNK = 8 * 1024 * 1024
 
 
 def inside(path: Path, root: Path) -> bool:
@@ -46,28 +51,43 @@ def job_dir(staging_dir: Path, job_id: str) -> Path:
     return staging_dir / job_id
 
 
-def stage_file(path: Path, staging_dir: Path, job_id: str, file_name: str) -> tuple[Path, bool]:
-    """Return (path the workers read, whether we own it and must delete it when done)."""
+@dataclass(frozen=True)
+class Staged:
+    """Where the workers read the bytes, whether we own (and later delete) them, and their MD5
+    (base64, as Content-MD5 wants) when we computed it while copying: the worker then skips a
+    hashing pass and the upload host verifies the bytes against what the producer handed in."""
+
+    path: Path
+    owned: bool
+    md5_b64: str | None
+
+
+def stage_file(path: Path, staging_dir: Path, job_id: str, file_name: str) -> Staged:
     staging_dir.mkdir(parents=True, exist_ok=True)
     if inside(path, staging_dir):
-        return path.resolve(), False
+        return Staged(path.resolve(), False, None)
     dest_dir = job_dir(staging_dir, job_id)
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / _safe_name(file_name)
+    digest = hashlib.md5(usedforsecurity=False)
     try:
-        shutil.copyfile(path, dest)
+        with path.open("rb") as src, dest.open("wb") as out:
+            while chunk := src.read(COPY_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
     except BaseException:
         shutil.rmtree(dest_dir, ignore_errors=True)
         raise
-    return dest, True
+    return Staged(dest, True, base64.b64encode(digest.digest()).decode())
 
 
-def stage_bytes(data: bytes, staging_dir: Path, job_id: str, file_name: str) -> Path:
+def stage_bytes(data: bytes, staging_dir: Path, job_id: str, file_name: str) -> Staged:
     dest_dir = job_dir(staging_dir, job_id)
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / _safe_name(file_name)
     dest.write_bytes(data)
-    return dest
+    md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+    return Staged(dest, True, md5)
 
 
 def remove_job_dir(staging_dir: Path, job_id: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import uuid
 from pathlib import Path
@@ -48,6 +49,8 @@ def test_enqueue_writes_record_stages_and_publishes_the_canvas(
     assert record["published"] == "1"
     staged = Path(record["source"])
     assert staged.read_bytes() == src.read_bytes()
+    # hashed while copied: the worker sends it as Content-MD5 and the upload host checks it
+    assert record["source_md5"] == base64.b64encode(hashlib.md5(src.read_bytes()).digest()).decode()
     assert staged.parent == Path(producer_env["STAGING_DIR"]) / job.id
     msgs = _messages(producer_env["REDIS_URL"], "awork.api")
     assert len(msgs) == 1

@@ -192,8 +192,7 @@ def _reconcile(ctx: StepContext, target: Target) -> dict[str, Any] | None:
     """After an attempt whose outcome is unknown: does awork already hold the file?"""
     if target.list_path is None:
         return None
-    ctx.take_token()
-    files = ctx.rt.client(ctx.workspace).list_files(target.list_path)
+    files = ctx.rt.client(ctx.workspace).list_files(target.list_path, before_each=ctx.take_token)
     info = find_linked_file(files, ctx.record)
     if info is None:
         return None
@@ -246,4 +245,4 @@ def open_source(record: dict[str, str], source_url_hosts: tuple[str, ...], stagi
         raise PermanentError(f"source {path.name} is not inside STAGING_DIR", code="source-refused")
     if not path.is_file():
         raise PermanentError(f"staged file {path.name} is gone", code="staging-missing")
-    return FileSource(path)
+    return FileSource(path, md5_b64=record.get("source_md5") or None)
