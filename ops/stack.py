@@ -64,7 +64,7 @@ class Stack:
         try:
             if not env.get("REDIS_URL"):
                 password = secrets.token_urlsafe(16)
-                self.redis = RedisServer(data / "redis", password=password).start()
+                self.redis = RedisServer(data / "redis", password=password, appendfsync="always").start()
                 env["REDIS_URL"] = self.redis.url
             env.setdefault("STAGING_DIR", str(data / "staging"))
             # Ctrl-C: running steps get 10 s, then go back to the queue; stop() waits 15 s.
