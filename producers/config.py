@@ -50,14 +50,22 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
+    """A whole number from the environment; blank = default; anything else names the variable."""
     raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
     try:
-        return int(raw)
+        return int(raw) if raw else default
     except ValueError:
         raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
+
+
+def env_float(name: str, default: float) -> float:
+    """A number (seconds, ratios) from the environment; blank = default."""
+    raw = os.environ.get(name, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,7 @@ class SharedSettings:
             redis_url=redis_url,
             staging_dir=Path(os.environ.get("STAGING_DIR", "var/staging")).resolve(),
             workspaces_file=Path(wf) if wf else None,
-            record_ttl_seconds=_env_int("AWORK_RECORD_TTL", 7 * 24 * 3600),
+            record_ttl_seconds=env_int("AWORK_RECORD_TTL", 7 * 24 * 3600),
             source_url_hosts=tuple(h.strip().lower() for h in hosts.split(",") if h.strip()),
         )
 

@@ -29,12 +29,12 @@ INTERPOLATION = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 # -- what the code reads ---------------------------------------------------------------------------
 def _our_env_names() -> set[str]:
     """UPPER_SNAKE literals our modules that read the environment pass to a call, index with, or
-    bind to a constant (os.environ.get("X"), _int("X", ...), ENV_X = "X", env["X"])."""
+    bind to a constant (os.environ.get("X"), env_int("X", ...), ENV_X = "X", env["X"])."""
     names: set[str] = set()
     for package in ("producers", "workers", "ops"):
         for path in (REPO / package).rglob("*.py"):
             source = path.read_text()
-            if "environ" not in source and "getenv" not in source:
+            if not any(w in source for w in ("environ", "getenv", "env_int(", "env_float(")):
                 continue
             for node in ast.walk(ast.parse(source)):
                 candidates: list[ast.expr] = []

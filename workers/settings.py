@@ -16,6 +16,8 @@ from producers.config import (
     DEFAULT_WORKSPACE,
     ConfigError,
     SharedSettings,
+    env_float,
+    env_int,
     read_workspaces_file,
 )
 from workers.blob import TransferPolicy
@@ -104,13 +106,13 @@ class WorkerSettings:
             workspaces=workspaces,
             upload_hosts=hosts,
             retry=RetryPolicy(
-                max_attempts=_int("AWORK_MAX_ATTEMPTS", 8),
-                base_seconds=_float("AWORK_RETRY_BASE_SECONDS", 2.0),
-                max_seconds=_float("AWORK_RETRY_MAX_SECONDS", 300.0),
-                max_crashes=_int("AWORK_MAX_CRASHES", 5),
+                max_attempts=env_int("AWORK_MAX_ATTEMPTS", 8),
+                base_seconds=env_float("AWORK_RETRY_BASE_SECONDS", 2.0),
+                max_seconds=env_float("AWORK_RETRY_MAX_SECONDS", 300.0),
+                max_crashes=env_int("AWORK_MAX_CRASHES", 5),
             ),
-            connect_timeout=_float("AWORK_CONNECT_TIMEOUT", 10.0),
-            read_timeout=_float("AWORK_READ_TIMEOUT", 60.0),
+            connect_timeout=env_float("AWORK_CONNECT_TIMEOUT", 10.0),
+            read_timeout=env_float("AWORK_READ_TIMEOUT", 60.0),
         )
 
     def workspace(self, name: str) -> Workspace:
@@ -128,9 +130,9 @@ def transfer_policy_from_env() -> TransferPolicy:
     AWORK_PARALLEL_BLOCKS."""
     base = TransferPolicy()
     return TransferPolicy(
-        single_put_threshold=_int("AWORK_SINGLE_PUT_THRESHOLD", base.single_put_threshold),
-        block_size=_int("AWORK_BLOCK_SIZE", base.block_size),
-        parallel_blocks=_int("AWORK_PARALLEL_BLOCKS", base.parallel_blocks),
+        single_put_threshold=env_int("AWORK_SINGLE_PUT_THRESHOLD", base.single_put_threshold),
+        block_size=env_int("AWORK_BLOCK_SIZE", base.block_size),
+        parallel_blocks=env_int("AWORK_PARALLEL_BLOCKS", base.parallel_blocks),
     )
 
 
@@ -161,19 +163,3 @@ def _check_url(name: str, url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{name}: expected an http(s) URL, got {url!r}")
-
-
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    try:
-        return int(raw) if raw else default
-    except ValueError:
-        raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
-
-
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    try:
-        return float(raw) if raw else default
-    except ValueError:
-        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None

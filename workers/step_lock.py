@@ -12,7 +12,6 @@ waits for the lock to lapse): AWORK_LOCK_TTL_SECONDS (default 60) and AWORK_HEAR
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -20,21 +19,14 @@ from pathlib import Path
 
 import redis
 
+from producers.config import env_float
 from producers.records import job_key
 
 log = logging.getLogger("awork.steps")
 
 
-def _env_seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    try:
-        return float(raw) if raw else default
-    except ValueError:
-        raise ValueError(f"{name}: expected seconds, got {raw!r}") from None
-
-
-LOCK_TTL_SECONDS = max(2, int(_env_seconds("AWORK_LOCK_TTL_SECONDS", 60)))
-HEARTBEAT_SECONDS = min(_env_seconds("AWORK_HEARTBEAT_SECONDS", 10.0), LOCK_TTL_SECONDS / 3)
+LOCK_TTL_SECONDS = max(2, int(env_float("AWORK_LOCK_TTL_SECONDS", 60)))
+HEARTBEAT_SECONDS = min(env_float("AWORK_HEARTBEAT_SECONDS", 10.0), LOCK_TTL_SECONDS / 3)
 
 _RELEASE = Path(__file__).with_name("step_lock.lua").read_text()
 _REFRESH = """

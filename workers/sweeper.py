@@ -42,7 +42,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from celery import Celery
 
 from producers import staging
 from producers.broker import celery_config
+from producers.config import env_float
 from producers.contract import QUEUE_API, QUEUE_TRANSFER, JobState
 from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, job_key
 from producers.redrive import canvas_from, resume_step
@@ -61,20 +61,12 @@ from producers.redrive import canvas_from, resume_step
 log = logging.getLogger("awork.sweeper")
 
 
-def _env_seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    try:
-        return float(raw) if raw else default
-    except ValueError:
-        raise ValueError(f"{name}: expected seconds, got {raw!r}") from None
-
-
-INTERVAL_SECONDS = _env_seconds("AWORK_SWEEPER_INTERVAL", 15.0)
-STALL_SECONDS = _env_seconds("AWORK_SWEEPER_STALL", 45.0)  # a heartbeat this old: the worker is gone
-LOST_COUNTDOWN_SECONDS = _env_seconds("AWORK_SWEEPER_LOST_COUNTDOWN", 120.0)  # a countdown this overdue
-UNPUBLISHED_SECONDS = _env_seconds("AWORK_SWEEPER_UNPUBLISHED", 60.0)
-REDRIVE_COOLDOWN_SECONDS = _env_seconds("AWORK_SWEEPER_COOLDOWN", 300.0)
-IDLE_SECONDS = _env_seconds("AWORK_SWEEPER_IDLE", 180.0)  # no sign of life and no message anywhere
+INTERVAL_SECONDS = env_float("AWORK_SWEEPER_INTERVAL", 15.0)
+STALL_SECONDS = env_float("AWORK_SWEEPER_STALL", 45.0)  # a heartbeat this old: the worker is gone
+LOST_COUNTDOWN_SECONDS = env_float("AWORK_SWEEPER_LOST_COUNTDOWN", 120.0)  # a countdown this overdue
+UNPUBLISHED_SECONDS = env_float("AWORK_SWEEPER_UNPUBLISHED", 60.0)
+REDRIVE_COOLDOWN_SECONDS = env_float("AWORK_SWEEPER_COOLDOWN", 300.0)
+IDLE_SECONDS = env_float("AWORK_SWEEPER_IDLE", 180.0)  # no sign of life and no message anywhere
 # A message held this long by a worker with nothing to show for it in the record is lost. Above
 # the 20 s countdown a step takes when it finds its lock held elsewhere (which sets no
 # `wait_until`), so a live worker's deferred copy is not taken for a lost one.
