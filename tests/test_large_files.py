@@ -1,0 +1,98 @@
+"""Large files through the whole pipeline: sizes around the block threshold arrive byte-exact,
+progress reaches the job record while a PUT runs, and a worker SIGKILLed half-way through a
+multi-block upload is resumed elsewhere without resending the blocks the sandbox acknowledged.
+
+Small thresholds stand in for the defaults (64 MiB threshold, 8 MiB blocks) to keep files small.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ops.demo_files import random_file
+from tests.fleet import Fleet
+from tests.test_recovery import FAST, holder_of, wait_until
+from workers.block_journal import RedisBlockJournal
+
+pytestmark = pytest.mark.slow
+
+THRESHOLD = 1024 * 1024
+BLOCK = 256 * 1024
+SETTINGS = {
+    **FAST,
+    "AWORK_SINGLE_PUT_THRESHOLD": str(THRESHOLD),
+    "AWORK_BLOCK_SIZE": str(BLOCK),
+    "AWORK_PARALLEL_BLOCKS": "2",
+}
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    f = Fleet(tmp_path_factory.mktemp("large"), worker_count=2, concurrency=4, extra_env=SETTINGS).start()
+    yield f
+    f.stop()
+
+
+def md5_hex(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("size", "mode"),
+    [(THRESHOLD, "single"), (THRESHOLD - 1, "single"), (THRESHOLD + 1, "blocks"), (5 * BLOCK + 7, "blocks")],
+)
+def test_sizes_around_the_threshold_arrive_byte_exact(
+    fleet: Fleet, tmp_path: Path, size: int, mode: str
+) -> None:
+    entity = fleet.entity("projects")
+    f = random_file(tmp_path / f"f{size}.bin", size)
+    (final,) = fleet.wait([fleet.uploads.enqueue(f, to=f"project:{entity}")], timeout=60)
+    assert final.state.value == "done", final.error
+    record = fleet.record(final.id)
+    assert record["put_mode"] == mode
+    (stored,) = fleet.files_of(entity)
+    assert stored["size"] == size and stored["md5"] == md5_hex(f)
+    if mode == "blocks":
+        blocks = fleet.sandbox.stats()["blocks"][record["upload_id"]]
+        assert len(blocks) == -(-size // BLOCK)
+
+
+def test_sigkill_mid_block_upload_resumes_without_resending_acked_blocks(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 400}}})
+    try:
+        entity = fleet.entity("documents")
+        f = random_file(tmp_path / "video.bin", 16 * BLOCK)  # 16 blocks, 2 in flight: ~3.2 s
+        job = fleet.uploads.enqueue(f, to=f"document:{entity}")
+        journal = RedisBlockJournal(fleet.client(), job.id)
+        wait_until(lambda: len(journal.acked()) >= 4, 30, "four blocks acknowledged")
+        victim = holder_of(fleet, job.id)
+        seen = fleet.record(job.id)
+        victim.kill()
+        acked_before_kill = set(journal.acked())
+        # byte progress reached the record while the PUT was running
+        assert 0 < int(seen.get("bytes_sent") or 0) < f.stat().st_size
+        fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 0}}})
+        (final,) = fleet.wait([job], timeout=120)
+        assert final.state.value == "done", final.error
+        record = fleet.record(job.id)
+        assert record["crashes_put"] == "1"
+        stats = fleet.sandbox.stats()
+        puts = stats["blocks"][record["upload_id"]]
+        assert len(puts) == 16
+        for block_id in acked_before_kill:
+            assert puts[block_id] == 1, f"acknowledged block {block_id} was sent again"
+        (stored,) = fleet.files_of(entity)
+        assert stored["md5"] == md5_hex(f)
+        assert stats["links"][record["upload_id"]] == 1
+    finally:
+        fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 0}}})
+        for child in [w for w in fleet.workers if not w.alive()]:
+            fleet.restart(child)
+        time.sleep(0.1)
