@@ -94,6 +94,8 @@ class StepContext:
     _last_progress: float = field(default=0.0)
     _last_sent: int = 0
     started: float = 0.0
+    task_id: str | None = None
+    hostname: str | None = None
     seconds: float = 0.0
     # A token taken before the step started (see _token_or_defer), used by the first take_token().
     token_held: bool = False
@@ -143,7 +145,13 @@ class StepContext:
             self._last_sent = sent
         self.rt.store.update(self.job_id, bytes_sent=sent, bytes_total=total)
         try:
-            self.task.send_event("task-progress", job_id=self.job_id, bytes_sent=sent, bytes_total=total)
+            # Called from the uploader's block threads, where Celery's (thread-local) request is
+            # empty: send with the task id and hostname captured in the task's own thread.
+            app = self.task.app
+            with app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
+                dispatcher.send(
+                    "task-progress", uuid=self.task_id, job_id=self.job_id, bytes_sent=sent, bytes_total=total
+                )
         except Exception:  # events are best effort; the record is the truth
             log.debug("could not send progress event", exc_info=True)
 
@@ -207,7 +215,7 @@ def _run_locked(
     body: Callable[[StepContext], dict[str, Any]],
     rt: Runtime,
 ) -> dict[str, Any]:
-    ctx = StepContext(task, job_id, step, record, rt)
+    ctx = StepContext(task, job_id, step, record, rt, task_id=task.request.id, hostname=task.request.hostname)
     if record.get("running") == step:
         # The last copy of this step never got to its `finally`: its worker died.
         crashes = rt.store.incr(job_id, f"crashes_{step}")
