@@ -15,6 +15,7 @@ from kombu import Connection, Exchange, Producer
 
 from ops.demo_files import png_file, random_file
 from ops.flower import FlowerProcess
+from ops.redis_server import free_port
 from producers.canvas import publisher_app
 from producers.records import JobStore
 from producers.redrive import canvas_from
@@ -25,9 +26,16 @@ pytestmark = pytest.mark.slow
 SAS_SIGNATURE = re.compile(r"sig=|se=\d{4}-|uploadurl", re.IGNORECASE)
 
 
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    f = Fleet(tmp_path_factory.mktemp("secure"), worker_count=1).start()
+    f = Fleet(
+        tmp_path_factory.mktemp("secure"),
+        worker_count=1,
+        extra_env={"WORKER_METRICS_PORT": str(METRICS_PORT)},
+    ).start()
     yield f
     f.stop()
 
@@ -204,3 +212,31 @@ def test_no_secret_in_redis_logs_or_flower(fleet: Fleet, tmp_path: Path) -> None
         assert os.environ.get("AWORK_API_KEY") != API_KEY
     finally:
         flower.stop()
+
+
+def test_worker_metrics_after_a_run(fleet: Fleet, tmp_path: Path) -> None:
+    """Runs after the leak test in this module: the worker has done real jobs by now."""
+    import requests
+
+    fleet.uploads.enqueue(random_file(tmp_path / "m.bin", 2000), to=f"task:{fleet.entity('tasks')}")
+    time.sleep(1.0)
+    text = requests.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+    for family in (
+        "awork_uploads_jobs_finished_total",
+        "awork_uploads_steps_total",
+        "awork_uploads_step_duration_seconds_bucket",
+        "awork_uploads_retries_total",
+        "awork_uploads_rate_limited_total",
+        "awork_uploads_rate_wait_seconds",
+        "awork_uploads_bytes_uploaded_total",
+        "awork_uploads_queue_depth",
+        "awork_uploads_dead_letters",
+    ):
+        assert family in text, family
+    done = [
+        line
+        for line in text.splitlines()
+        if line.startswith("awork_uploads_jobs_finished_total{") and 'state="done"' in line
+    ]
+    assert done and float(done[0].rsplit(" ", 1)[1]) >= 4
+    assert API_KEY not in text
