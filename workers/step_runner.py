@@ -96,7 +96,6 @@ class StepContext:
     started: float = 0.0
     task_id: str | None = None
     hostname: str | None = None
-    seconds: float = 0.0
     # A token taken before the step started (see _token_or_defer), used by the first take_token().
     token_held: bool = False
 
@@ -229,7 +228,7 @@ def _run_locked(
         rt.store.clear(job_id, "wait_reason", "wait_until")  # it waits no more
         record.pop("wait_reason", None)
         record.pop("wait_until", None)
-    started = ctx.started = time.monotonic()
+    ctx.started = time.monotonic()
     try:
         result = body(ctx)
     except RateWait as wait:
@@ -259,10 +258,8 @@ def _run_locked(
     except Exception as exc:
         log.exception("step=%s job=%s unexpected error", step, job_id)
         raise _retry_or_die(ctx, attempt, exc) from None
-    finally:
-        # `running` is cleared with the lock on every exit but a dead process: what the
-        # sweeper and the next delivery look for.
-        ctx.seconds = time.monotonic() - started
+    # `running` is cleared with the lock (run_step's finally) on every exit but a dead process:
+    # what the sweeper and the next delivery look for.
     _log(ctx, attempt, "ok", None)
     return {"job_id": job_id, "step": step, **result}
 
