@@ -21,106 +21,25 @@ to a fresh SAS URL; neither is pinned. Prints a Markdown summary for ops/README.
 from __future__ import annotations
 
 import argparse
-import base64
-import datetime as dt
-import hashlib
-import hmac
 import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import quote
 
 import requests
 
+from ops.azurite import Azurite, AzuriteUnavailable, find_azurite_blob
 from ops.sandbox.launcher import SandboxProcess
 
 REPO = Path(__file__).resolve().parents[2]
-AZURITE_BIN = REPO / "node_modules" / ".bin" / "azurite-blob"
-AZ_ACCOUNT = "devstoreaccount1"
-# Azurite's well-known development account key, published in Azure's documentation.
-AZ_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-AZ_VERSION = "2021-08-06"
 KEY = "bench-key"
 MiB = 1024 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _sign(text: str) -> str:
-    return base64.b64encode(
-        hmac.new(base64.b64decode(AZ_KEY), text.encode(), hashlib.sha256).digest()
-    ).decode()
-
-
-class Azurite:
-    """azurite-blob on a private port and directory; SAS URLs signed here."""
-
-    def __init__(self, location: Path) -> None:
-        self.location = location
-        self.port = _free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Azurite:
-        self.proc = subprocess.Popen(
-            [str(AZURITE_BIN), "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
-             "--location", str(self.location), "--silent", "--disableTelemetry",
-             "--skipApiVersionCheck"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("azurite-blob did not start") from None
-                time.sleep(0.1)
-        self._create_container("bench")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def _create_container(self, name: str) -> None:
-        date = dt.datetime.now(dt.UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
-        canon_headers = f"x-ms-date:{date}\nx-ms-version:{AZ_VERSION}"
-        resource = f"/{AZ_ACCOUNT}/{AZ_ACCOUNT}/{name}\nrestype:container"
-        to_sign = "\n".join(["PUT", *[""] * 11, canon_headers, resource])
-        r = requests.put(
-            f"http://127.0.0.1:{self.port}/{AZ_ACCOUNT}/{name}?restype=container",
-            headers={"x-ms-date": date, "x-ms-version": AZ_VERSION,
-                     "Authorization": f"SharedKey {AZ_ACCOUNT}:{_sign(to_sign)}"},
-            timeout=10,
-        )
-        if r.status_code not in (201, 409):
-            raise RuntimeError(f"create container: {r.status_code} {r.text}")
-
-    def sas_url(self, blob: str) -> str:
-        se = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-        canon = f"/blob/{AZ_ACCOUNT}/bench/{blob}"
-        to_sign = "\n".join(["cw", "", se, canon, "", "", "", AZ_VERSION, "b", "", "", "", "",
-                             "", "", ""])
-        return (f"http://127.0.0.1:{self.port}/{AZ_ACCOUNT}/bench/{blob}?sv={AZ_VERSION}&sr=b"
-                f"&sp=cw&se={quote(se, safe='')}&sig={quote(_sign(to_sign), safe='')}")
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -202,8 +121,10 @@ def curl_put(url: str, path: Path) -> float:
 
 
 def bench_put(mib: int, rounds: int, tmp: Path) -> dict[str, list[float]]:
-    if not AZURITE_BIN.exists():
-        raise SystemExit(f"{AZURITE_BIN} missing: run `npm install` (or `make node`)")
+    try:
+        find_azurite_blob()
+    except AzuriteUnavailable as exc:
+        raise SystemExit(str(exc)) from None
     data = tmp / "put.bin"
     block = os.urandom(MiB)
     with open(data, "wb") as f:
@@ -212,6 +133,7 @@ def bench_put(mib: int, rounds: int, tmp: Path) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {"sandbox": [], "azurite": []}
     with SandboxProcess(api_keys={KEY: "bench"}, data_dir=tmp / "sandbox-put") as sb, \
             Azurite(tmp / "azurite") as az:
+        az.create_container("bench")
         h = {"Authorization": f"Bearer {KEY}"}
         for i in range(rounds):
             for name in ("sandbox", "azurite") if i % 2 == 0 else ("azurite", "sandbox"):
@@ -220,7 +142,7 @@ def bench_put(mib: int, rounds: int, tmp: Path) -> dict[str, list[float]]:
                     url = requests.post(f"{sb.api_url}/files/generateuploadurl", headers=h,
                                         timeout=10).json()["uploadURL"]
                 else:
-                    url = az.sas_url(f"round-{i}")
+                    url = az.blob_sas_url("bench", f"round-{i}")
                 times[name].append(curl_put(url, data))
                 print(f"  round {i + 1} {name}: {times[name][-1]:.2f} s", file=sys.stderr)
     return times
