@@ -172,11 +172,21 @@ def _source_url(url: str, allowed: tuple[str, ...]) -> str:
         raise SpecError("source", f"only http(s) URLs with a host are accepted, got {url!r}")
     if parts.username or parts.password:
         raise SpecError("source", "URLs with credentials are refused (they would travel in messages)")
-    host = parts.hostname.lower()
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    if host not in allowed and f"{host}:{port}" not in allowed:
-        raise SpecError(
-            "source",
-            f"host {host}:{port} is not on the allow-list AWORK_SOURCE_URL_HOSTS",
-        )
+    refused = source_host_refused(url, allowed)
+    if refused:
+        raise SpecError("source", f"host {refused} is not on the allow-list AWORK_SOURCE_URL_HOSTS")
     return url
+
+
+def source_host_refused(url: str, allowed: tuple[str, ...]) -> str | None:
+    """`host:port` of a source URL whose host is not on AWORK_SOURCE_URL_HOSTS, else None.
+
+    An entry without a port allows the host on any port. Producers check it when a job is
+    enqueued, workers again before they fetch (a record may have been written by anyone).
+    """
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if host and (host in allowed or f"{host}:{port}" in allowed):
+        return None
+    return f"{host}:{port}"

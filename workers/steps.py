@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from celery import Task
 
@@ -22,6 +21,7 @@ from producers.contract import (
     JobState,
     Target,
 )
+from producers.spec import source_host_refused
 from workers import metrics
 from workers.blob import multipart_body, plain_session, url_expiry
 from workers.block_journal import RedisBlockJournal
@@ -232,11 +232,9 @@ def open_source(record: dict[str, str], source_url_hosts: tuple[str, ...], stagi
     """The job's bytes: its staged file, or its URL re-checked against the allow-list here too."""
     if record.get("source_kind") == "url":
         url = record["source"]
-        parts = urlsplit(url)
-        host = (parts.hostname or "").lower()
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        if host not in source_url_hosts and f"{host}:{port}" not in source_url_hosts:
-            raise PermanentError(f"source host {host}:{port} is not allowed", code="source-refused")
+        refused = source_host_refused(url, source_url_hosts)
+        if refused:
+            raise PermanentError(f"source host {refused} is not allowed", code="source-refused")
         return UrlSource(url, plain_session())
     path = Path(record["source"])
     if not staging.inside(path, staging_dir):
