@@ -12,7 +12,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,19 @@ from producers.records import Job
 API_KEY = "test-key-" + secrets.token_hex(8)
 SECOND_KEY = "second-key-" + secrets.token_hex(8)
 ADMIN_TOKEN = "admin-" + secrets.token_hex(8)
+# Sweeper, lock and shutdown timings short enough for tests of lost workers (seconds).
+FAST = {
+    "AWORK_LOCK_TTL_SECONDS": "4",
+    "AWORK_HEARTBEAT_SECONDS": "1",
+    "AWORK_SWEEPER_INTERVAL": "1",
+    "AWORK_SWEEPER_STALL": "3",
+    "AWORK_SWEEPER_COOLDOWN": "4",
+    "AWORK_SWEEPER_UNPUBLISHED": "3",
+    "AWORK_SWEEPER_LOST_COUNTDOWN": "10",
+    "AWORK_SWEEPER_IDLE": "20",
+    "AWORK_MAX_CRASHES": "2",
+    "AWORK_SHUTDOWN_GRACE": "5",
+}
 
 
 @dataclass
@@ -173,3 +186,28 @@ class Fleet:
 
     def files_of(self, entity_id: str) -> list[dict[str, Any]]:
         return [f for f in self.sandbox.stats()["files"] if f["entity_id"] == entity_id]
+
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition", interval: float = 0.2
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"not within {timeout:.0f} s: {what}")
+
+
+def holder_of(fleet: Fleet, job_id: str, timeout: float = 20) -> Child:
+    """The worker process holding a step of `job_id`, waiting until one does."""
+    found: list[Child] = []
+
+    def look() -> bool:
+        child = fleet.holder(job_id)
+        if child is not None:
+            found.append(child)
+        return bool(found)
+
+    wait_until(look, timeout, f"a worker holding job {job_id}", interval=0.1)
+    return found[0]

@@ -20,22 +20,13 @@ import requests
 import workers.blob as blob_mod
 from ops.azurite import Azurite
 from tests.azurite_util import Recorder, make_file, start_azurite_or_skip
+from tests.blob_policies import SMALL, KiB, MiB
 from workers.blob import BlobUploader, MemoryFallbackStore, TransferPolicy
 from workers.block_journal import MemoryBlockJournal
 from workers.errors import PermanentError, TransientError, UploadUrlExpired
 from workers.sources import FileSource, UrlSource
 
-KiB = 1024
-MiB = 1024 * KiB
 CONTAINER = "uploads"
-SMALL = TransferPolicy(
-    single_put_threshold=1 * MiB,
-    block_size=256 * KiB,
-    parallel_blocks=4,
-    block_retries=3,
-    retry_backoff=0.01,
-    retry_backoff_max=0.05,
-)
 
 
 @pytest.fixture(scope="module")

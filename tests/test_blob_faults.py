@@ -23,6 +23,7 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder
 from ops.redis_server import RedisServer
 from tests.azurite_util import make_file
 from tests.blob_fake_host import FakeBlobHost
+from tests.blob_policies import SMALL, KiB, MiB
 from workers.blob import (
     BlobUploader,
     MemoryFallbackStore,
@@ -35,17 +36,7 @@ from workers.block_journal import MemoryBlockJournal, RedisBlockJournal
 from workers.errors import PermanentError, TransientError, UploadUrlExpired
 from workers.sources import FileSource, UrlSource
 
-KiB = 1024
-MiB = 1024 * KiB
 REPO = Path(__file__).resolve().parent.parent
-SMALL = TransferPolicy(
-    single_put_threshold=1 * MiB,
-    block_size=256 * KiB,
-    parallel_blocks=4,
-    block_retries=3,
-    retry_backoff=0.01,
-    retry_backoff_max=0.05,
-)
 
 
 @pytest.fixture

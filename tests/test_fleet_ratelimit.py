@@ -34,7 +34,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +43,7 @@ import requests
 
 from producers.records import Job
 from producers.spec import JobSpec
-from tests.fleet import Fleet
+from tests.fleet import Fleet, wait_until
 from workers.limits_config import WorkspaceLimits
 from workers.ratelimit import RateLimiter
 
@@ -99,15 +99,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
-
-
 def enqueue(fleet: Fleet, workspace: str, entity: str, n: int, tag: str) -> list[Job]:
     specs = [
         JobSpec(f"{tag}-{i}-".encode() * 40, to=f"task:{entity}", workspace=workspace, name=f"{tag}-{i}.txt")
@@ -277,7 +268,7 @@ def scenario(fleet: Fleet) -> Outcome:
             a_waiting[:] = waiting
             return len(waiting) >= 5
 
-        wait_for(a_throttled, timeout=40)
+        wait_until(a_throttled, timeout=40)
         c_outside_seen = limiter.snapshot(C, LIMITS)["outside_last_minute"]
 
         b_enqueued_at = time.time()
@@ -392,7 +383,7 @@ def test_429_storm_pauses_the_workspace_then_recovers_without_using_retries(
     try:
         started = time.time()
         jobs = enqueue(fleet, A, entity, 20, "storm")
-        wait_for(lambda: count_429(fleet) >= 2, timeout=15)
+        wait_until(lambda: count_429(fleet) >= 2, timeout=15)
 
         # Visible while it lasts: the workspace's pause, and the jobs' records.
         for _ in range(3):  # each pause lasts 1 s (ratelimit-reset), with a gap of ms between two
@@ -411,7 +402,7 @@ def test_429_storm_pauses_the_workspace_then_recovers_without_using_retries(
                 for j in fleet.uploads.statuses([j.id for j in jobs])
             )
 
-        wait_for(some_job_waits, timeout=5, interval=0.05)
+        wait_until(some_job_waits, timeout=5, interval=0.05)
         # All of them at once: a single job may be between two waits when the CLI reads it.
         status = cli(fleet, "status", "--json", *(j.id for j in jobs))
         assert status.returncode == 0, status.stderr

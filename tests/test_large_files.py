@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from ops.demo_files import random_file
-from tests.fleet import Fleet
-from tests.test_recovery import FAST, holder_of, wait_until
+from tests.fleet import FAST, Fleet, holder_of, wait_until
 from workers.block_journal import RedisBlockJournal
 
 pytestmark = pytest.mark.slow

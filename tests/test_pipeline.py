@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ops.demo_files import png_file, random_file
-from tests.fleet import Fleet
+from tests.fleet import Fleet, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -45,15 +44,6 @@ def _no_faults(fleet: Fleet) -> Iterator[None]:
 
 def md5_hex(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def wait_until(predicate, timeout: float = 20.0, interval: float = 0.1) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 def test_every_target_kind_end_to_end(fleet: Fleet, tmp_path: Path) -> None:

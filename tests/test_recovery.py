@@ -27,7 +27,6 @@ import redis
 from kombu.exceptions import OperationalError
 
 from ops.demo_files import random_file
-from ops.processes import Child
 from ops.redis_server import RedisServer
 from producers import client as client_module
 from producers.broker import celery_config
@@ -35,7 +34,7 @@ from producers.client import PublishFailed, Uploads
 from producers.config import SharedSettings
 from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, job_key
 from producers.redrive import canvas_from
-from tests.fleet import Fleet
+from tests.fleet import FAST, Fleet, holder_of, wait_until
 from workers import sweeper as sweeper_module
 from workers.sweeper import (
     MAYBE_LOST,
@@ -46,18 +45,6 @@ from workers.sweeper import (
     stalled_reason,
 )
 
-FAST = {
-    "AWORK_LOCK_TTL_SECONDS": "4",
-    "AWORK_HEARTBEAT_SECONDS": "1",
-    "AWORK_SWEEPER_INTERVAL": "1",
-    "AWORK_SWEEPER_STALL": "3",
-    "AWORK_SWEEPER_COOLDOWN": "4",
-    "AWORK_SWEEPER_UNPUBLISHED": "3",
-    "AWORK_SWEEPER_LOST_COUNTDOWN": "10",
-    "AWORK_SWEEPER_IDLE": "20",
-    "AWORK_MAX_CRASHES": "2",
-    "AWORK_SHUTDOWN_GRACE": "5",
-}
 NO_FAULTS = {
     "routes": {
         r: {"500": 0, "503": 0, "429": 0, "drop": 0, "drop_after": 0, "500_after": 0, "latency_ms": 0}
@@ -68,15 +55,6 @@ NO_FAULTS = {
     "upload_url_lifetime_s": 900,
     "duplicate_on_relink": False,
 }
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"not within {timeout:.0f} s: {what}")
 
 
 # -- the sweeper's rules, without a fleet --------------------------------------------------------
@@ -273,19 +251,6 @@ def step_running(fleet: Fleet, job_id: str, step: str) -> bool:
         )
     finally:
         client.close()
-
-
-def holder_of(fleet: Fleet, job_id: str, timeout: float = 20) -> Child:
-    found: list[Child] = []
-
-    def look() -> bool:
-        child = fleet.holder(job_id)
-        if child is not None:
-            found.append(child)
-        return bool(found)
-
-    wait_until(look, timeout, f"a worker holding job {job_id}", interval=0.1)
-    return found[0]
 
 
 def test_a_step_killed_with_its_worker_resumes_on_another_within_two_minutes(
