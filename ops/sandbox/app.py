@@ -27,6 +27,7 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 
 from . import errors as E
+from .content import Content
 from .core import UPLOAD_CONTAINER, Sandbox
 from .errors import ApiError
 from .faults import Fault
@@ -238,7 +239,7 @@ async def _link(ctx: Ctx, entity: str, entity_id: str, image: bool) -> web.Strea
             400, E.INVALID_OPERATION, "The upload id is unknown.",
             details=[f"No upload with the id '{upload_id}' exists in this workspace."],
         )
-    if not up.committed or up.blob_file is None:
+    if up.content is None:
         raise ApiError(
             400, E.INVALID_OPERATION, "No file has been uploaded for this upload id.",
             details=[f"The blob of upload '{upload_id}' was never committed."],
@@ -248,14 +249,10 @@ async def _link(ctx: Ctx, entity: str, entity_id: str, image: bool) -> web.Strea
             400, E.DUPLICATION_VIOLATION, "A file was already created from this upload id.",
             details=[f"Upload '{upload_id}' is already linked."],
         )
-    if image:
-        with open(up.blob_file, "rb") as f:
-            head = f.read(16)
-        if not _is_image(head):
+    if image and not _is_image(up.content.head(16)):
             raise E.validation_failed([("file", "The uploaded file is not an image.")])
     file_id = str(uuid.uuid4())
-    path = up.blob_file
-    up.linked.add(path)
+    up.linked.update(up.content.parts)
     stored = StoredFile(
         id=file_id,
         workspace=ctx.workspace,
@@ -265,13 +262,11 @@ async def _link(ctx: Ctx, entity: str, entity_id: str, image: bool) -> web.Strea
         name=file_name,
         file_name=file_name,
         description=description,
-        size=up.size,
-        md5=up.md5,
+        content=up.content,
         mime_type=_guess_mime(file_name, up.content_type),
         upload_id=upload_id,
         created_on=now_iso(),
         created_by=ctx.user_id,
-        path=path,
         content_md5=up.content_md5,
     )
     sb.state.add_file(stored)
@@ -371,13 +366,11 @@ async def _multipart(ctx: Ctx, entity: str, entity_id: str, image: bool) -> web.
         name=display,
         file_name=file_name,
         description=form.get("description"),
-        size=sink.size,
-        md5=md5,
+        content=Content((path,), sink.size, md5),
         mime_type=_guess_mime(file_name, part_type),
         upload_id=None,
         created_on=now_iso(),
         created_by=ctx.user_id,
-        path=path,
     )
     sb.state.add_file(stored)
     return _json_response(stored.file_info())
@@ -462,13 +455,10 @@ def _file_of(ctx: Ctx, file_id: str, entity: str | None, entity_id: str | None) 
 def _download(f: StoredFile, inline: bool) -> web.StreamResponse:
     disposition = "inline" if inline else "attachment"
     quoted = f.file_name.replace("\\", "\\\\").replace('"', '\\"')
-    return web.FileResponse(
-        f.path,
-        headers={
-            "Content-Type": f.mime_type,
-            "Content-Disposition": f'{disposition}; filename="{quoted}"',
-        },
-    )
+    return f.content.response({
+        "Content-Type": f.mime_type,
+        "Content-Disposition": f'{disposition}; filename="{quoted}"',
+    })
 
 
 async def download(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:

@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .content import Content
+
 # Admin entity types (awork path segments) and what FileInfo calls them.
 ENTITY_TYPES: dict[str, str] = {
     "tasks": "task",
@@ -73,8 +75,8 @@ class Block:
 class Upload:
     """One generated upload URL: its blob's committed content and its blocks.
 
-    Every write lands in a new file and commits by switching `blob_file`, so a file linked
-    from an upload keeps its bytes (without a copy) when the blob is overwritten later.
+    Every write lands in a new file and a commit switches `content` to a new Content, so a
+    file linked from an upload keeps its bytes (without a copy) when the blob is overwritten.
     """
 
     upload_id: str
@@ -82,9 +84,7 @@ class Upload:
     created_on: str
     expires: str
     dir: Path
-    committed: bool = False
-    size: int = 0
-    md5: bytes = b""  # of the committed bytes, computed by the sandbox
+    content: Content | None = None  # the committed bytes; replaced, never rewritten
     content_md5: str | None = None  # the blob's Content-MD5 property (base64), as Azure keeps it
     content_type: str | None = None
     etag: str = ""
@@ -93,10 +93,17 @@ class Upload:
     committed_blocks: list[Block] = field(default_factory=list)
     uncommitted: dict[str, Block] = field(default_factory=dict)
     block_id_len: int | None = None  # all block ids of a blob decode to the same length
-    blob_file: Path | None = None  # the committed content; replaced, never rewritten
-    linked: set[Path] = field(default_factory=set)  # contents that stored files point at
+    linked: set[Path] = field(default_factory=set)  # files that stored files point at
     _seq: int = 0
     _lock: asyncio.Lock | None = None
+
+    @property
+    def committed(self) -> bool:
+        return self.content is not None
+
+    @property
+    def size(self) -> int:
+        return self.content.size if self.content is not None else 0
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -105,12 +112,21 @@ class Upload:
             self._lock = asyncio.Lock()
         return self._lock
 
-    def commit_content(self, path: Path) -> None:
-        """Make `path` the committed content; the old file goes unless a file links it."""
-        old = self.blob_file
-        self.blob_file = path
-        if old is not None and old not in self.linked:
-            old.unlink(missing_ok=True)
+    def commit(self, content: Content, blocks: list[Block]) -> None:
+        """Make `content` the blob and `blocks` its committed block list (Put Blob: none).
+
+        Uncommitted blocks are dropped, as Azure does on commit; files that neither the new
+        blob nor a linked file uses are deleted.
+        """
+        before = {b.path for b in (*self.committed_blocks, *self.uncommitted.values())}
+        if self.content is not None:
+            before.update(self.content.parts)
+        self.content = content
+        self.committed_blocks = blocks
+        self.uncommitted = {}
+        keep = self.linked | set(content.parts) | {b.path for b in blocks}
+        for path in before - keep:
+            path.unlink(missing_ok=True)
 
     def next_path(self, prefix: str) -> Path:
         """A fresh file name: a replaced block or blob never overwrites bytes still in use."""
@@ -124,8 +140,8 @@ class Upload:
             "created_on": self.created_on,
             "expires": self.expires,
             "committed": self.committed,
-            "size": self.size if self.committed else None,
-            "md5": self.md5.hex() if self.committed else None,
+            "size": self.content.size if self.content is not None else None,
+            "md5": self.content.md5.hex() if self.content is not None else None,
             "content_md5": self.content_md5,
             "content_type": self.content_type,
             "blob_puts": self.blob_puts,
@@ -144,15 +160,21 @@ class StoredFile:
     name: str
     file_name: str
     description: str | None
-    size: int
-    md5: bytes
+    content: Content
     mime_type: str
     upload_id: str | None
     created_on: str
     created_by: str
-    path: Path
     content_md5: str | None = None
     version_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    @property
+    def size(self) -> int:
+        return self.content.size
+
+    @property
+    def md5(self) -> bytes:
+        return self.content.md5
 
     def to_stats(self) -> dict[str, Any]:
         return {

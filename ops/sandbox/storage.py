@@ -131,20 +131,3 @@ def decode_md5(value: str) -> bytes | None:
 
 def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
-
-
-def concat_files(paths: list[Path], dest: Path) -> tuple[int, bytes]:
-    """Blocking: join block files into `dest`; returns (size, md5). Run it in a thread."""
-    md5 = hashlib.md5()
-    size = 0
-    with open(dest, "wb") as out:
-        for p in paths:
-            with open(p, "rb") as f:
-                while True:
-                    buf = f.read(BATCH_BYTES)
-                    if not buf:
-                        break
-                    md5.update(buf)
-                    out.write(buf)
-                    size += len(buf)
-    return size, md5.digest()

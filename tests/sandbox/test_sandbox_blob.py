@@ -262,3 +262,40 @@ def test_a_linked_file_keeps_its_bytes_when_the_blob_is_overwritten(api: Api) ->
     assert api.request("GET", f"/files/{second['id']}/download").content == b"second!"
     sizes = [f["size"] for f in api.sb.stats()["files"]]
     assert sizes == [5, 7]
+
+
+def test_a_block_list_is_linked_not_copied_and_survives_recommits(api: Api) -> None:
+    """Put Block List joins block files without a copy; a linked file keeps them all the same."""
+    api.sb.set_faults({"duplicate_on_relink": True, "upload_url_permissions": "rcw"})
+    task = api.sb.seed("tasks")
+    g = api.generate()
+    url = g["uploadURL"]
+    upload_dir = api.sb.data_dir / "uploads" / g["uploadId"]
+    parts = [bytes([97 + i]) * (3000 + i) for i in range(3)]
+    for i, part in enumerate(parts):
+        assert api.http.put(_block_url(url, _bid(i)), data=part).status_code == 201
+    assert api.http.put(_block_url(url, _bid(9)), data=b"never listed").status_code == 201
+    r = api.http.put(url + "&comp=blocklist",
+                     data=_block_list([("Latest", _bid(i)) for i in range(3)]))
+    assert r.status_code == 201, r.text
+    # three block files and nothing else: no joined copy, the unlisted block is gone
+    assert len(list(upload_dir.iterdir())) == 3
+    first = b"".join(parts)
+    assert api.http.get(url).content == first
+    linked = api.link("tasks", task, g["uploadId"], "first.bin").json()
+    # replace block 1 and recommit: the linked file still reads the old block 1
+    assert api.http.put(_block_url(url, _bid(1)), data=b"new middle").status_code == 201
+    r = api.http.put(url + "&comp=blocklist", data=_block_list(
+        [("Committed", _bid(0)), ("Uncommitted", _bid(1)), ("Committed", _bid(2))]))
+    assert r.status_code == 201, r.text
+    second = parts[0] + b"new middle" + parts[2]
+    assert api.http.get(url).content == second
+    # then overwrite the whole blob with one Put Blob
+    assert api.put(url, b"third").status_code == 201
+    assert api.http.get(url).content == b"third"
+    assert api.request("GET", f"/files/{linked['id']}/download").content == first
+    up = api.sb.stats()["uploads"][g["uploadId"]]
+    assert up["md5"] == hashlib.md5(b"third").hexdigest() and up["committed_blocks"] == 0
+    # the linked file's three blocks and the blob's one file remain; the replaced block 1 and
+    # the second list's blocks that nothing links are deleted
+    assert len(list(upload_dir.iterdir())) == 4
