@@ -111,6 +111,8 @@ class BlobHost:
                 counters.faults_injected["latency"] += 1
                 await asyncio.sleep(fault.delay_s)
             drop_at: int | None = None
+            window = sb.settings.window_kib * 1024
+            pace = window / fault.delay_s if window and fault.delay_s > 0 else None
             if fault.kind in ("500", "503", "429"):
                 counters.faults_injected[fault.kind] += 1
                 raise {
@@ -126,9 +128,9 @@ class BlobHost:
                     raise Dropped("sandbox fault: connection dropped")
                 drop_at = int(fault.fraction * length)
             if stat == STAT_PUT_BLOB:
-                response = await self.put_blob(request, upload, permissions, drop_at)
+                response = await self.put_blob(request, upload, permissions, drop_at, pace)
             elif stat == STAT_PUT_BLOCK:
-                response = await self.put_block(request, upload, permissions, drop_at)
+                response = await self.put_block(request, upload, permissions, drop_at, pace)
             elif stat == STAT_PUT_BLOCK_LIST:
                 response = await self.put_block_list(request, upload, permissions)
             elif stat == STAT_GET_BLOCK_LIST:
@@ -184,12 +186,12 @@ class BlobHost:
 
     async def _receive(
         self, request: web.BaseRequest, upload: Upload, prefix: str, length: int,
-        drop_at: int | None,
+        drop_at: int | None, pace: float | None,
     ) -> tuple[DiskSink, bytes]:
         sink = DiskSink(upload.next_path(prefix))
         try:
             await receive(request.content, sink, limit=length, drop_at=drop_at,
-                          on_drop=lambda: _abort(request))
+                          on_drop=lambda: _abort(request), bytes_per_s=pace)
             md5 = await sink.finish()
         except BaseException:
             await sink.abort()
@@ -201,7 +203,8 @@ class BlobHost:
         return sink, md5
 
     async def put_blob(
-        self, request: web.BaseRequest, upload: Upload, permissions: str, drop_at: int | None
+        self, request: web.BaseRequest, upload: Upload, permissions: str, drop_at: int | None,
+        pace: float | None = None,
     ) -> web.StreamResponse:
         if "w" not in permissions and not ("c" in permissions and not upload.committed):
             raise BlobError(403, "AuthorizationPermissionMismatch")
@@ -219,7 +222,7 @@ class BlobHost:
         content_md5 = _md5_header(request, "Content-MD5")
         blob_md5 = _md5_header(request, "x-ms-blob-content-md5")
         try:
-            sink, md5 = await self._receive(request, upload, "put", length, drop_at)
+            sink, md5 = await self._receive(request, upload, "put", length, drop_at, pace)
         except BodyTooLarge:  # more bytes than Content-Length: aiohttp prevents it
             raise BlobError(400, "InvalidHeaderValue", {"HeaderName": "Content-Length"}) from None
         try:
@@ -245,7 +248,8 @@ class BlobHost:
         })
 
     async def put_block(
-        self, request: web.BaseRequest, upload: Upload, permissions: str, drop_at: int | None
+        self, request: web.BaseRequest, upload: Upload, permissions: str, drop_at: int | None,
+        pace: float | None = None,
     ) -> web.StreamResponse:
         if "w" not in permissions and "c" not in permissions:
             raise BlobError(403, "AuthorizationPermissionMismatch")
@@ -266,7 +270,7 @@ class BlobHost:
         if length > cap:
             raise BlobError(413, "RequestBodyTooLarge", {"MaxLimit": str(cap)})
         content_md5 = _md5_header(request, "Content-MD5")
-        sink, md5 = await self._receive(request, upload, "block", length, drop_at)
+        sink, md5 = await self._receive(request, upload, "block", length, drop_at, pace)
         try:
             _check_md5("Content-MD5", content_md5, md5)
         except BlobError:

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="sp= of generated upload URLs (default cw; add r to allow Get Block List / Get Blob)")
     a("--latency-ms", type=float, default=0.0, help="added to every API and blob request")
     a("--jitter-ms", type=float, default=0.0, help="plus a uniform random 0..J ms")
+    a("--window-kib", type=float, default=0.0, metavar="KIB",
+      help="with a latency, pace each blob request body at KIB per round trip, as one TCP "
+      "stream with that receive window would go (default 0: not paced)")
     a("--fault", action="append", default=[], metavar="ROUTE:KIND=P",
       help=f"inject a fault with probability P; ROUTE one of {', '.join(FAULT_ROUTES)}; "
       f"KIND one of {', '.join(FAULT_KINDS)}; repeatable, e.g. --fault 'link:500=0.1'")
@@ -128,6 +131,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     patch: dict[str, Any] = {
         "latency_ms": args.latency_ms,
         "jitter_ms": args.jitter_ms,
+        "window_kib": args.window_kib,
         "upload_url_lifetime_s": args.upload_url_lifetime,
         "upload_url_permissions": args.upload_url_permissions,
         "duplicate_on_relink": args.duplicate_on_relink,

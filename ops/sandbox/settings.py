@@ -45,6 +45,10 @@ class Settings:
     routes: dict[str, RouteFaults] = field(default_factory=dict)
     latency_ms: float = 0.0
     jitter_ms: float = 0.0
+    # What a round trip does to one TCP stream: with a latency in effect, a blob request's body
+    # arrives at no more than window / latency (the window's worth of bytes per round trip).
+    # 0: bodies are not paced, latency is only a wait before the answer.
+    window_kib: float = 0.0
     upload_url_lifetime_s: float = 900.0
     duplicate_on_relink: bool = False
     rate_limits: Limits = field(default_factory=Limits)
@@ -62,6 +66,7 @@ class Settings:
             "routes": {name: rf.to_json() for name, rf in sorted(self.routes.items())},
             "latency_ms": self.latency_ms,
             "jitter_ms": self.jitter_ms,
+            "window_kib": self.window_kib,
             "upload_url_lifetime_s": self.upload_url_lifetime_s,
             "duplicate_on_relink": self.duplicate_on_relink,
             "rate_limits": {
@@ -89,7 +94,7 @@ class Settings:
                 new.seed = _int(key, value, minimum=None)
             elif key == "routes":
                 _patch_routes(new.routes, value)
-            elif key in ("latency_ms", "jitter_ms"):
+            elif key in ("latency_ms", "jitter_ms", "window_kib"):
                 setattr(new, key, _number(key, value))
             elif key == "upload_url_lifetime_s":
                 new.upload_url_lifetime_s = _number(key, value)

@@ -105,12 +105,24 @@ async def receive(
     limit: int | None = None,
     drop_at: int | None = None,
     on_drop: Callable[[], None] | None = None,
+    bytes_per_s: float | None = None,
 ) -> None:
-    """Copy a request body into `sink`; BodyTooLarge past `limit`, Dropped at `drop_at`."""
+    """Copy a request body into `sink`; BodyTooLarge past `limit`, Dropped at `drop_at`.
+
+    `bytes_per_s` paces the read: the socket buffer fills and TCP slows the sender down.
+    """
+    loop = asyncio.get_running_loop()
+    next_free = loop.time()
     while True:
+        if bytes_per_s:
+            delay = next_free - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
         chunk = await content.readany()
         if not chunk:
             return
+        if bytes_per_s:
+            next_free = max(next_free, loop.time()) + len(chunk) / bytes_per_s
         if drop_at is not None and sink.size + len(chunk) >= drop_at:
             if on_drop is not None:
                 on_drop()

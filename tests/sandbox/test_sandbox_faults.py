@@ -141,7 +141,29 @@ def test_latency_and_jitter(api: Api) -> None:
     assert api.sb.stats()["faults_injected"]["latency"] == 2
 
 
+def test_window_paces_blob_bodies_by_the_round_trip(api: Api) -> None:
+    """A window per round trip is what latency does to one TCP stream: bodies slow down too."""
+    body = bytes(1024 * 1024)  # 1 MiB
+    api.sb.set_faults({"routes": {"blob": {"latency_ms": 100}}, "window_kib": 128})
+    try:
+        g = api.generate()
+        t = time.monotonic()
+        r = api.put(g["uploadURL"], body)
+        paced = time.monotonic() - t
+        assert r.status_code == 201, r.text
+        # 1 MiB at 128 KiB per 100 ms is 0.8 s, less what the socket buffers take at once
+        assert paced >= 0.5, paced
+        api.sb.set_faults({"window_kib": 0})
+        g = api.generate()
+        t = time.monotonic()
+        assert api.put(g["uploadURL"], body).status_code == 201
+        assert time.monotonic() - t < paced
+    finally:
+        api.sb.set_faults({"routes": {"blob": None}, "window_kib": 0})
+
+
 @pytest.mark.parametrize("body", [
+    {"window_kib": -1},
     {"routes": {"nope": {"500": 0.1}}},
     {"routes": {"link": {"404": 0.1}}},
     {"routes": {"link": {"500": 1.5}}},
