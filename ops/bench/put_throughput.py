@@ -1,7 +1,7 @@
 """PUT benchmark: BlobUploader against `curl -T` to the same endpoint, in one run.
 
     .venv/bin/python -m ops.bench.put_throughput --sizes 1G,4G --rounds 3   # Azurite (default)
-    .venv/bin/python -m ops.bench.put_throughput --target sandbox --latency-ms 50
+    .venv/bin/python -m ops.bench.put_throughput --target sandbox --latency-ms 50 --window-kib 4096
     .venv/bin/python -m ops.bench.put_throughput --target pkg.mod:factory   # another blob host
 
 For each size it creates a random file under var/bench, then PUTs it four ways, each to a fresh
@@ -85,23 +85,29 @@ class AzuriteTarget:
 class SandboxTarget:
     """The sandbox's blob host (ops/sandbox): URLs from its POST /files/generateuploadurl.
 
-    `latency_ms` is added by the sandbox to every blob request (its `blob` route fault). Its
-    upload URLs are write-only (sp=cw), so blobs are not read back (`check` gives None).
+    `latency_ms` is added by the sandbox to every blob request (its `blob` route fault);
+    `window_kib` also paces each request body at that window per round trip, as one TCP stream
+    over that latency goes. Blobs are checked through the admin API's stats (size and MD5 of
+    the committed bytes) and forgotten after each run, so the disk holds one at a time.
     """
 
-    def __init__(self, latency_ms: float = 0.0) -> None:
+    def __init__(self, latency_ms: float = 0.0, window_kib: float = 0.0) -> None:
         from ops.sandbox.launcher import SandboxProcess
 
         self.latency_ms = latency_ms
+        self.window_kib = window_kib
         self.data_dir = BENCH_DIR / "sandbox"
         self.sb = SandboxProcess(api_keys={"bench-key": "bench"}, data_dir=self.data_dir)
         self.allowed_hosts: list[str] = []
+        self._upload_ids: dict[str, str] = {}
 
     def __enter__(self) -> SandboxTarget:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.sb.start()
+        faults: dict[str, Any] = {"window_kib": self.window_kib}
         if self.latency_ms:
-            self.sb.set_faults({"routes": {"blob": {"latency_ms": self.latency_ms}}})
+            faults["routes"] = {"blob": {"latency_ms": self.latency_ms}}
+        self.sb.set_faults(faults)
         self.allowed_hosts = [self.sb.upload_host]
         return self
 
@@ -118,10 +124,21 @@ class SandboxTarget:
             timeout=30,
         )
         r.raise_for_status()
-        return str(next(v for k, v in r.json().items() if k.lower() == "uploadurl"))
+        body = {k.lower(): v for k, v in r.json().items()}
+        self._upload_ids[name] = str(body["uploadid"])
+        return str(body["uploadurl"])
 
     def check(self, name: str) -> tuple[int, str] | None:
-        return None
+        import base64
+
+        up = self.sb.stats()["uploads"].get(self._upload_ids[name])
+        if up is None or up["md5"] is None:
+            return None
+        return int(up["size"]), base64.b64encode(bytes.fromhex(up["md5"])).decode()
+
+    def delete(self, name: str) -> None:
+        self._upload_ids.pop(name, None)
+        self.sb.reset()
 
 
 class ThrottleProxy:
@@ -304,13 +321,13 @@ def _parse_size(text: str) -> int:
 
 
 @contextlib.contextmanager
-def _target(spec: str, latency_ms: float, per_connection_mibps: float) -> Iterator[Target]:
+def _target(spec: str, latency_ms: float, window_kib: float, per_connection_mibps: float) -> Iterator[Target]:
     with contextlib.ExitStack() as stack:
         target: Target
         if spec == "azurite":
             target = stack.enter_context(AzuriteTarget())
         elif spec == "sandbox":
-            target = stack.enter_context(SandboxTarget(latency_ms))
+            target = stack.enter_context(SandboxTarget(latency_ms, window_kib))
         else:
             module, _, attr = spec.partition(":")
             target = stack.enter_context(getattr(importlib.import_module(module), attr)())
@@ -359,6 +376,12 @@ def main() -> None:
     p.add_argument("--target", default="azurite", help="azurite, sandbox, or module:factory")
     p.add_argument("--latency-ms", type=float, default=0.0, help="sandbox: latency per blob request")
     p.add_argument(
+        "--window-kib",
+        type=float,
+        default=0.0,
+        help="sandbox: with --latency-ms, pace each body at this much per round trip (one TCP stream)",
+    )
+    p.add_argument(
         "--per-connection-mibps",
         type=float,
         default=0.0,
@@ -374,7 +397,7 @@ def main() -> None:
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     rows = []
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
-    with _target(args.target, args.latency_ms, args.per_connection_mibps) as target:
+    with _target(args.target, args.latency_ms, args.window_kib, args.per_connection_mibps) as target:
         for size in (_parse_size(s) for s in args.sizes.split(",")):
             path = BENCH_DIR / f"bench-{size}.bin"
             try:
