@@ -1,6 +1,7 @@
 """Large files through the whole pipeline: sizes around the block threshold arrive byte-exact,
-progress reaches the job record while a PUT runs, and a worker SIGKILLed half-way through a
-multi-block upload is resumed elsewhere without resending the blocks the sandbox acknowledged.
+progress reaches the job record (and Flower, as a PROGRESS state) while a PUT runs, and a worker
+SIGKILLed half-way through a multi-block upload is resumed elsewhere without resending the
+blocks the sandbox acknowledged.
 
 Small thresholds stand in for the defaults (64 MiB threshold, 8 MiB blocks) to keep files small.
 """
@@ -8,13 +9,16 @@ Small thresholds stand in for the defaults (64 MiB threshold, 8 MiB blocks) to k
 from __future__ import annotations
 
 import hashlib
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from ops.demo_files import random_file
+from ops.flower import FlowerProcess
+from producers.contract import TASK_PUT_FILE
 from tests.fleet import FAST, Fleet, holder_of, wait_until
 from workers.block_journal import RedisBlockJournal
 
@@ -95,3 +99,37 @@ def test_sigkill_mid_block_upload_resumes_without_resending_acked_blocks(
         for child in [w for w in fleet.workers if not w.alive()]:
             fleet.restart(child)
         time.sleep(0.1)
+
+
+def test_flower_shows_a_running_put_file_as_progress(fleet: Fleet, tmp_path: Path) -> None:
+    """The byte progress events make Flower show the running step in a custom PROGRESS state."""
+    flower = FlowerProcess(
+        {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "REDIS_URL": fleet.redis.url},
+        basic_auth="operator:progress-test",
+        log_path=tmp_path / "flower.log",
+    ).start(timeout=60)
+    fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 300}}})
+    try:
+        # Flower's event consumer binds a moment after it answers: wait until it sees a publish
+        warmup = random_file(tmp_path / "warmup.bin", 1024)
+        fleet.uploads.enqueue(warmup, to=f"task:{fleet.entity('tasks')}")
+        flower.wait_for_tasks(lambda tasks: bool(tasks), timeout=30)
+        entity = fleet.entity("documents")
+        f = random_file(tmp_path / "progress.bin", 24 * BLOCK)  # 24 blocks, 2 in flight: ~3.6 s
+        job = fleet.uploads.enqueue(f, to=f"document:{entity}")
+
+        def put_file_in(state: str) -> Callable[[dict[str, dict[str, object]]], bool]:
+            return lambda tasks: any(
+                t.get("name") == TASK_PUT_FILE and t.get("state") == state and job.id in str(t.get("kwargs"))
+                for t in tasks.values()
+            )
+
+        flower.wait_for_tasks(put_file_in("PROGRESS"), timeout=30)
+        fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 0}}})
+        (final,) = fleet.wait([job], timeout=60)
+        assert final.state.value == "done", final.error
+        # once the step is over, Flower moves on from PROGRESS to SUCCESS
+        flower.wait_for_tasks(put_file_in("SUCCESS"), timeout=30)
+    finally:
+        fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 0}}})
+        flower.stop()
