@@ -171,7 +171,14 @@ class Uploads:
                 staged = staging.stage_bytes(v.data, self.settings.staging_dir, job_id, v.file_name)
             else:
                 assert v.path is not None
-                staged = staging.stage_file(v.path, self.settings.staging_dir, job_id, v.file_name)
+                staged = staging.stage_file(
+                    v.path,
+                    self.settings.staging_dir,
+                    job_id,
+                    v.file_name,
+                    self.settings.single_put_threshold,
+                    self.settings.block_size,
+                )
             source_kind, source, owned, md5 = "file", str(staged.path), staged.owned, staged.md5_b64
         now = repr(time.time())
         record = {

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from producers.block_digests import DEFAULT_BLOCK_SIZE, DEFAULT_SINGLE_PUT_THRESHOLD
+
 DEFAULT_API_URL = "https://api.awork.com/api/v1"
 DEFAULT_WORKSPACE = "default"
 # Written by `awork-uploads stack` so that other shells find the running stack's Redis.
@@ -77,6 +79,10 @@ class SharedSettings:
     record_ttl_seconds: int
     # Hosts an http(s) source URL may name (host or host:port); empty = URL sources refused.
     source_url_hosts: tuple[str, ...]
+    # The workers' block plan (AWORK_SINGLE_PUT_THRESHOLD, AWORK_BLOCK_SIZE): staging hashes
+    # the blocks of larger files at this size, so the workers need not (producers.block_digests).
+    single_put_threshold: int = DEFAULT_SINGLE_PUT_THRESHOLD
+    block_size: int = DEFAULT_BLOCK_SIZE
 
     @classmethod
     def from_env(cls) -> SharedSettings:
@@ -98,6 +104,8 @@ class SharedSettings:
             workspaces_file=Path(wf) if wf else None,
             record_ttl_seconds=env_int("AWORK_RECORD_TTL", 7 * 24 * 3600),
             source_url_hosts=tuple(h.strip().lower() for h in hosts.split(",") if h.strip()),
+            single_put_threshold=env_int("AWORK_SINGLE_PUT_THRESHOLD", DEFAULT_SINGLE_PUT_THRESHOLD),
+            block_size=env_int("AWORK_BLOCK_SIZE", DEFAULT_BLOCK_SIZE),
         )
 
 

@@ -14,6 +14,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from producers.block_digests import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_SINGLE_PUT_THRESHOLD,
+    BlockDigests,
+    BlockHasher,
+    block_size_for,
+    sidecar_path,
+)
 from producers.contract import SpecError
 
 COPY_CHUNK = 8 * 1024 * 1024
@@ -62,7 +70,16 @@ class Staged:
     md5_b64: str | None
 
 
-def stage_file(path: Path, staging_dir: Path, job_id: str, file_name: str) -> Staged:
+def stage_file(
+    path: Path,
+    staging_dir: Path,
+    job_id: str,
+    file_name: str,
+    single_put_threshold: int = DEFAULT_SINGLE_PUT_THRESHOLD,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> Staged:
+    """Copy `path` into the job's folder, hashing it on the way (and its blocks, when it is
+    large enough to go up as blocks: see producers.block_digests)."""
     staging_dir.mkdir(parents=True, exist_ok=True)
     if inside(path, staging_dir):
         return Staged(path.resolve(), False, None)
@@ -70,15 +87,29 @@ def stage_file(path: Path, staging_dir: Path, job_id: str, file_name: str) -> St
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / _safe_name(file_name)
     digest = hashlib.md5(usedforsecurity=False)
+    size = path.stat().st_size
+    blocks = BlockHasher(block_size_for(size, block_size)) if size > single_put_threshold else None
+    copied = 0
     try:
         with path.open("rb") as src, dest.open("wb") as out:
             while chunk := src.read(COPY_CHUNK):
+                if blocks is not None:
+                    blocks.update(chunk)
                 digest.update(chunk)
                 out.write(chunk)
+                copied += len(chunk)
+        md5 = base64.b64encode(digest.digest()).decode()
+        # a file that changed size while it was copied gets no digests: the worker hashes it
+        if blocks is not None and copied == size:
+            sidecar = BlockDigests(size, blocks.block_size, md5, blocks.finish())
+            sidecar_path(staging_dir, job_id).write_text(sidecar.dump(), encoding="ascii")
     except BaseException:
-        shutil.rmtree(dest_dir, ignore_errors=True)
+        remove_job_dir(staging_dir, job_id)
         raise
-    return Staged(dest, True, base64.b64encode(digest.digest()).decode())
+    finally:
+        if blocks is not None:
+            blocks.close()
+    return Staged(dest, True, md5)
 
 
 def stage_bytes(data: bytes, staging_dir: Path, job_id: str, file_name: str) -> Staged:
@@ -92,6 +123,7 @@ def stage_bytes(data: bytes, staging_dir: Path, job_id: str, file_name: str) -> 
 
 def remove_job_dir(staging_dir: Path, job_id: str) -> None:
     shutil.rmtree(job_dir(staging_dir, job_id), ignore_errors=True)
+    sidecar_path(staging_dir, job_id).unlink(missing_ok=True)
 
 
 def _safe_name(file_name: str) -> str:

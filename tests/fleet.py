@@ -160,7 +160,9 @@ class Fleet:
     def uploads(self) -> Uploads:
         if self._uploads is None:
             saved = dict(os.environ)
-            os.environ.update({k: self.env[k] for k in ("REDIS_URL", "STAGING_DIR", "AWORK_WORKSPACES_FILE")})
+            shared = ("REDIS_URL", "STAGING_DIR", "AWORK_WORKSPACES_FILE", "AWORK_SINGLE_PUT_THRESHOLD",
+                      "AWORK_BLOCK_SIZE")
+            os.environ.update({k: self.env[k] for k in shared if k in self.env})
             try:
                 self._uploads = Uploads(SharedSettings.from_env())
             finally:

@@ -18,6 +18,7 @@ import pytest
 
 from ops.demo_files import random_file
 from ops.flower import FlowerProcess
+from producers.block_digests import sidecar_path
 from producers.contract import TASK_PUT_FILE
 from tests.fleet import FAST, Fleet, holder_of, wait_until
 from workers.block_journal import RedisBlockJournal
@@ -54,10 +55,14 @@ def test_sizes_around_the_threshold_arrive_byte_exact(
 ) -> None:
     entity = fleet.entity("projects")
     f = random_file(tmp_path / f"f{size}.bin", size)
-    (final,) = fleet.wait([fleet.uploads.enqueue(f, to=f"project:{entity}")], timeout=60)
+    job = fleet.uploads.enqueue(f, to=f"project:{entity}")
+    (final,) = fleet.wait([job], timeout=60)
     assert final.state.value == "done", final.error
     record = fleet.record(final.id)
     assert record["put_mode"] == mode
+    # staging hashed the blocks (same settings as the workers), so the worker sent them unhashed
+    assert record["put_block_md5s"] == ("staging" if mode == "blocks" else "")
+    assert not sidecar_path(Path(fleet.env["STAGING_DIR"]), job.id).exists()  # gone with the job
     (stored,) = fleet.files_of(entity)
     assert stored["size"] == size and stored["md5"] == md5_hex(f)
     if mode == "blocks":

@@ -126,8 +126,21 @@ def test_sweeper_prunes_indexes_and_staging(redis_url: str, tmp_path: Path) -> N
     for job_id in ids.values():
         (tmp_path / job_id).mkdir()
         (tmp_path / job_id / "f.bin").write_bytes(b"x")
-    assert remove_orphan_staging(client, tmp_path, min_age=0) == 2  # done, expired
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ids["alive"], ids["failed"]])
+        (tmp_path / f"{job_id}.block-md5").write_text("block digests")
+    # block digests whose folder is already gone (a crash between the two deletes)
+    lone = uuid.uuid4().hex
+    (tmp_path / f"{lone}.block-md5").write_text("block digests")
+    (tmp_path / "not-a-job.block-md5").write_text("left alone")
+    assert remove_orphan_staging(client, tmp_path, min_age=0) == 3  # done, expired, lone
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [
+            ids["alive"],
+            ids["failed"],
+            f"{ids['alive']}.block-md5",
+            f"{ids['failed']}.block-md5",
+            "not-a-job.block-md5",
+        ]
+    )
     client.close()
 
 

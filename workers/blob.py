@@ -35,7 +35,6 @@ import base64
 import datetime as dt
 import hashlib
 import logging
-import math
 import random
 import re
 import tempfile
@@ -52,6 +51,12 @@ import requests
 from requests.adapters import HTTPAdapter
 from requests_toolbelt.multipart.encoder import MultipartEncoder, MultipartEncoderMonitor
 
+from producers.block_digests import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_SINGLE_PUT_THRESHOLD,
+    MAX_BLOCKS,
+    block_size_for,
+)
 from producers.contract import MULTIPART_MAX_BYTES
 from workers.block_journal import BlockJournal, MemoryBlockJournal
 from workers.errors import AworkError, PermanentError, TransientError, UploadUrlExpired
@@ -70,7 +75,6 @@ from workers.sources import (
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-MAX_BLOCKS = 50_000  # Azure's limit per block blob
 MAX_BLOCK_SIZE = 4000 * MiB
 MAX_SINGLE_PUT = 5000 * MiB
 SEND_CHUNK = 1 * MiB  # bytes per socket write (urllib3's default is 16 KiB: too many syscalls)
@@ -99,8 +103,8 @@ ProgressFn = Callable[[int, int], None]
 class TransferPolicy:
     """How a transfer is cut up and retried. Defaults follow Azure's SDK."""
 
-    single_put_threshold: int = 64 * MiB
-    block_size: int = 8 * MiB
+    single_put_threshold: int = DEFAULT_SINGLE_PUT_THRESHOLD
+    block_size: int = DEFAULT_BLOCK_SIZE
     parallel_blocks: int = 4
     block_retries: int = 4  # retries per request (block, block list, single PUT) in this call
     connect_timeout: float = 10.0
@@ -134,6 +138,7 @@ class UploadOutcome:
     blocks_skipped: int = 0  # acknowledged by an earlier attempt (journal) and not sent again
     retries: int = 0  # requests repeated inside this call (transient errors, MD5 mismatches)
     fell_back: bool = False  # the host refused blocks (now or earlier): one Put Blob instead
+    staged_block_md5s: bool = False  # blocks sent with staging's MD5s: nothing hashed here
 
 
 # -- the "this host refuses blocks" memory -----------------------------------------------------
@@ -662,17 +667,24 @@ class BlobUploader:
             raise PermanentError(f"source {source.label} has no size", code="source-invalid")
         tracker.reset(size)
         if size > self.policy.single_put_threshold and blocks_ok:
+            block_size = self._block_size_for(size)
+            expected_md5 = source.known_md5 if isinstance(source, FileSource) else None
+            staged = source.block_digests if isinstance(source, FileSource) else None
+            if staged is not None and not staged.fits(size, block_size, expected_md5):
+                log.info("staging's block MD5s do not fit %s: hashing the blocks here", source.label)
+                staged = None
             reader = source.open()
             try:
                 return self._blocks(
                     url,
                     target,
-                    iter_blocks(reader, self._block_size_for(size)),
+                    iter_blocks(reader, block_size),
                     size,
                     content_type,
                     journal,
                     tracker,
-                    expected_md5=source.known_md5 if isinstance(source, FileSource) else None,
+                    expected_md5=expected_md5,
+                    staged_block_md5s=staged.blocks if staged is not None else None,
                 )
             except _BlocksRefused as exc:
                 self._remember_refusal(target, exc)
@@ -719,10 +731,7 @@ class BlobUploader:
         self.fallbacks.remember_refusal(target.hostport, reason)
 
     def _block_size_for(self, size: int | None) -> int:
-        block = self.policy.block_size
-        if size is not None and math.ceil(size / block) > MAX_BLOCKS:
-            block = math.ceil(size / MAX_BLOCKS / MiB) * MiB
-        return block
+        return self.policy.block_size if size is None else block_size_for(size, self.policy.block_size)
 
     # -- single Put Blob ----------------------------------------------------------------------
 
@@ -851,7 +860,16 @@ class BlobUploader:
         journal: BlockJournal,
         tracker: _Progress,
         expected_md5: str | None = None,
+        staged_block_md5s: tuple[str, ...] | None = None,
     ) -> UploadOutcome:
+        """Put Block for every block, then Put Block List.
+
+        With `staged_block_md5s` (taken while staging, see producers.block_digests) nothing is
+        hashed here: the host checks each block against what the producer read, which also
+        proves the file is still what was staged, and `expected_md5` is the whole file's.
+        """
+        if staged_block_md5s is not None and expected_md5 is None:
+            raise ValueError("staged block MD5s come with the whole file's MD5")
         policy = self.policy
         block_size = self._block_size_for(size)
         journal.begin(f"{upload_identity(url)}:{block_size}")
@@ -867,13 +885,26 @@ class BlobUploader:
             for index, data in enumerate(blocks):
                 if index >= MAX_BLOCKS:
                     raise PermanentError(f"more than {MAX_BLOCKS} blocks", code="too-many-blocks")
-                whole.update(data)  # sequential reads: the whole-file MD5 costs no extra pass
+                if staged_block_md5s is None:
+                    whole.update(data)  # sequential reads: no extra pass over the file
+                    staged = None
+                else:
+                    staged = staged_block_md5s[index]
                 total += len(data)
                 bid = block_id(index)
                 ids.append(bid)
                 pending.add(
                     executor.submit(
-                        self._put_block, url, bid, data, acked.get(bid), journal, abort, stats, tracker
+                        self._put_block,
+                        url,
+                        bid,
+                        data,
+                        staged,
+                        acked.get(bid),
+                        journal,
+                        abort,
+                        stats,
+                        tracker,
                     )
                 )
                 del data
@@ -891,7 +922,11 @@ class BlobUploader:
             executor.shutdown(wait=True, cancel_futures=True)
         if size is not None and total != size:
             raise SourceInterrupted(f"source gave {total} of {size} bytes", code="source-interrupted")
-        digest = base64.b64encode(whole.digest()).decode("ascii")
+        if staged_block_md5s is not None:
+            assert expected_md5 is not None
+            digest = expected_md5
+        else:
+            digest = base64.b64encode(whole.digest()).decode("ascii")
         if expected_md5 is not None and digest != expected_md5:
             # The blocks are fine on the server, but they are not the file the producer staged.
             raise PermanentError(
@@ -907,20 +942,30 @@ class BlobUploader:
             stats.skipped,
             target.hostport,
         )
-        return UploadOutcome(total, digest, "blocks", stats.sent, stats.skipped, stats.retries)
+        return UploadOutcome(
+            total,
+            digest,
+            "blocks",
+            stats.sent,
+            stats.skipped,
+            stats.retries,
+            staged_block_md5s=staged_block_md5s is not None,
+        )
 
     def _put_block(
         self,
         url: str,
         bid: str,
         data: bytes,
+        staged_md5: str | None,
         acked_md5: str | None,
         journal: BlockJournal,
         abort: threading.Event,
         stats: _Stats,
         tracker: _Progress,
     ) -> None:
-        digest = md5_b64(data)  # in the worker thread: hashlib releases the GIL
+        # hashed here only without staging's digest (in the block thread: hashlib frees the GIL)
+        digest = staged_md5 or md5_b64(data)
         if acked_md5 == digest:
             stats.bump("skipped")
             tracker.add(len(data))
@@ -945,6 +990,16 @@ class BlobUploader:
                     stats.bump("sent")
                     return
                 err = _error_from(resp, "put-block")
+                if err.code == "Md5Mismatch" and staged_md5 is not None and md5_b64(data) != staged_md5:
+                    # not corruption on the way: the bytes read now differ from those staged
+                    tracker.add(-body.sent)
+                    raise PermanentError(
+                        f"block {bid} no longer matches the MD5 taken at staging: the file changed "
+                        "after staging; not committing",
+                        status=err.status,
+                        code="source-changed",
+                        trace_id=err.trace_id,
+                    )
                 if not isinstance(err, TransientError):
                     tracker.add(-body.sent)
                     raise err

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import requests
 import urllib3.exceptions
 
+from producers.block_digests import BlockDigests
 from workers.errors import PermanentError, TransientError
 
 log = logging.getLogger(__name__)
@@ -117,11 +118,18 @@ class _FileReader:
 
 
 class FileSource:
-    """A local (staged) file. Pass `md5_b64` when the producer already computed it while staging."""
+    """A local (staged) file. Pass `md5_b64` when the producer already computed it while staging,
+    and `block_digests` when it hashed the blocks too (producers.block_digests)."""
 
-    def __init__(self, path: str | os.PathLike[str], md5_b64: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        md5_b64: str | None = None,
+        block_digests: BlockDigests | None = None,
+    ) -> None:
         self.path = Path(path)
         self._md5 = md5_b64
+        self.block_digests = block_digests
 
     @property
     def label(self) -> str:

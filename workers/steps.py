@@ -13,6 +13,7 @@ from typing import Any
 from celery import Task
 
 from producers import staging
+from producers.block_digests import BlockDigests, sidecar_path
 from producers.contract import (
     TASK_GENERATE_UPLOAD_URL,
     TASK_LINK_FILE,
@@ -111,6 +112,11 @@ def _put(ctx: StepContext) -> dict[str, Any]:
         bytes_sent=outcome.size,
         bytes_total=outcome.size,
         put_mode=outcome.mode,
+        # who computed the blocks' Content-MD5s: staging (the host checked the producer's
+        # bytes end to end) or this worker
+        put_block_md5s=("staging" if outcome.staged_block_md5s else "worker")
+        if outcome.mode == "blocks"
+        else "",
     )
     return {"upload_id": record["upload_id"], "size": outcome.size, "mode": outcome.mode}
 
@@ -243,4 +249,10 @@ def open_source(record: dict[str, str], source_url_hosts: tuple[str, ...], stagi
         raise PermanentError(f"source {path.name} is not inside STAGING_DIR", code="source-refused")
     if not path.is_file():
         raise PermanentError(f"staged file {path.name} is gone", code="staging-missing")
-    return FileSource(path, md5_b64=record.get("source_md5") or None)
+    md5 = record.get("source_md5") or None
+    digests = None
+    job_id = record.get("id", "")
+    if md5 is not None and record.get("staged_owned") == "1" and job_id.isalnum():
+        # beside the job's own staging folder, never a path taken from the record
+        digests = BlockDigests.load(sidecar_path(staging_dir, job_id))
+    return FileSource(path, md5_b64=md5, block_digests=digests)

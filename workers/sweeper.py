@@ -52,6 +52,7 @@ import redis
 from celery import Celery
 
 from producers import staging
+from producers.block_digests import SUFFIX as SIDECAR_SUFFIX
 from producers.broker import celery_config
 from producers.config import env_float
 from producers.contract import QUEUE_API, QUEUE_TRANSFER, JobState
@@ -397,8 +398,8 @@ class Sweeper:
 
 
 def remove_orphan_staging(client: redis.Redis, root: Path, min_age: float = ORPHAN_AGE_SECONDS) -> int:
-    """Remove job folders in staging whose job is done, or whose record is gone (expired or
-    purged). Failed and dead jobs keep their bytes for `awork-uploads dead retry`.
+    """Remove job folders in staging (and their block MD5s) whose job is done, or whose record
+    is gone (expired or purged). Failed and dead jobs keep their bytes for `awork-uploads dead retry`.
 
     Only folders older than `min_age`: a producer stages the bytes just before it writes the
     record, and that moment must not look like an orphan.
@@ -406,11 +407,14 @@ def remove_orphan_staging(client: redis.Redis, root: Path, min_age: float = ORPH
     if not root.is_dir():
         return 0
     cutoff = time.time() - min_age
-    candidates = [
-        child.name
-        for child in root.iterdir()
-        if child.is_dir() and len(child.name) == 32 and child.stat().st_mtime <= cutoff
-    ]
+    found: set[str] = set()
+    for child in root.iterdir():
+        # a job's folder, or its block MD5s (producers.block_digests) left without one
+        job_id = child.name.removesuffix(SIDECAR_SUFFIX) if child.is_file() else child.name
+        ours = child.is_dir() or child.name.endswith(SIDECAR_SUFFIX)
+        if ours and len(job_id) == 32 and child.stat().st_mtime <= cutoff:
+            found.add(job_id)
+    candidates = sorted(found)
     removed = 0
     for i in range(0, len(candidates), BATCH):
         chunk = candidates[i : i + BATCH]

@@ -7,8 +7,10 @@
 For each size it creates a random file under var/bench, then PUTs it four ways, each to a fresh
 blob URL: `curl -T` (the streaming baseline, no MD5), BlobUploader forced to one Put Blob (the
 MD5 pass beforehand included in the time), the same with the MD5 already known (as when the
-producer hashes the file while copying it into staging), and BlobUploader with the default block
-policy (8 MiB blocks, 4 in flight; MD5s computed while reading).
+producer hashes the file while copying it into staging), BlobUploader with the default block
+policy (8 MiB blocks, 4 in flight; MD5s computed while reading), and the same with the block MD5s
+already known (`blocks-staged`: staging hashed the blocks too, producers.block_digests; the time
+to hash them beforehand is not counted, as for `single-md5-known`).
 The uploader runs in a child process so its peak memory growth (VmHWM after the upload minus
 VmHWM before it) is its own. Every blob is read back and checked (size and MD5) after the timing.
 
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import hashlib
 import importlib
 import json
 import os
@@ -245,6 +249,21 @@ def _vm_hwm_kib() -> int:
     return 0
 
 
+def _staged_source(path: Path, policy: Any) -> Any:
+    from producers.block_digests import BlockDigests, BlockHasher, block_size_for
+    from workers.sources import FileSource
+
+    size = path.stat().st_size
+    hasher = BlockHasher(block_size_for(size, policy.block_size))
+    whole = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * MiB):
+            hasher.update(chunk)
+            whole.update(chunk)
+    md5 = base64.b64encode(whole.digest()).decode()
+    return FileSource(path, md5, BlockDigests(size, hasher.block_size, md5, hasher.finish()))
+
+
 def child_main(argv: list[str]) -> None:
     """Runs in the child: one upload, JSON on stdout."""
     url, path, mode, hosts = argv[0], argv[1], argv[2], argv[3].split(",")
@@ -263,6 +282,9 @@ def child_main(argv: list[str]) -> None:
     if mode == "single-md5-known":
         # As when the producer hashed the file in the same pass that copied it into staging.
         source = FileSource(path, md5_b64=file_md5_b64(path))
+    elif mode == "blocks-staged":
+        # As when staging also hashed the blocks (producers.block_digests): the worker hashes nothing.
+        source = _staged_source(Path(path), policy)
     before = _vm_hwm_kib()
     t0 = time.perf_counter()
     out = up.upload(url, source, content_type="application/octet-stream")
@@ -363,6 +385,7 @@ METHODS = {
     "single": "put_file single",
     "single-md5-known": "put_file single, MD5 known",
     "blocks": "put_file blocks 8MiBx4",
+    "blocks-staged": "put_file blocks, MD5s staged",
     "blocks-1": "put_file blocks 8MiBx1",
 }
 
