@@ -19,6 +19,7 @@ import requests
 
 import workers.blob as blob_mod
 from ops.azurite import Azurite
+from producers.block_digests import BlockDigests
 from tests.azurite_util import Recorder, make_file, start_azurite_or_skip
 from tests.blob_policies import SMALL, KiB, MiB
 from workers.blob import BlobUploader, MemoryFallbackStore, TransferPolicy
@@ -110,6 +111,34 @@ def test_wrong_content_md5_is_rejected_by_the_server(azurite: Azurite, tmp_path:
     assert rec.sent[0].headers["Content-MD5"] == wrong
     r = requests.head(azurite.blob_sas_url(CONTAINER, "wrong-md5.bin", permissions="r"), timeout=5)
     assert r.status_code == 404  # nothing was stored
+
+
+def test_staged_block_md5s_are_checked_by_azurite(azurite: Azurite, tmp_path: Path) -> None:
+    """Blocks sent with staging's MD5s: a good file commits, one changed after staging does not."""
+    data = make_file(tmp_path / "f.bin", 5 * SMALL.block_size + 99)
+    cuts = range(0, len(data), SMALL.block_size)
+    digests = BlockDigests(
+        len(data), SMALL.block_size, _md5(data), tuple(_md5(data[i : i + SMALL.block_size]) for i in cuts)
+    )
+    with _uploader(azurite) as up:
+        out = up.upload(
+            azurite.blob_sas_url(CONTAINER, "staged.bin"),
+            FileSource(tmp_path / "f.bin", _md5(data), digests),
+            content_type="application/octet-stream",
+        )
+    assert out.staged_block_md5s and azurite.blob_md5(CONTAINER, "staged.bin") == (len(data), _md5(data))
+    changed = bytearray(data)
+    changed[2 * SMALL.block_size] ^= 1
+    (tmp_path / "f.bin").write_bytes(changed)
+    with _uploader(azurite) as up, pytest.raises(PermanentError) as info:
+        up.upload(
+            azurite.blob_sas_url(CONTAINER, "changed.bin"),
+            FileSource(tmp_path / "f.bin", _md5(data), digests),
+            content_type="application/octet-stream",
+        )
+    assert info.value.code == "source-changed" and info.value.status == 400
+    r = requests.head(azurite.blob_sas_url(CONTAINER, "changed.bin", permissions="r"), timeout=5)
+    assert r.status_code == 404  # never committed
 
 
 def test_block_corrupted_in_flight_is_rejected_and_sent_again(azurite: Azurite, tmp_path: Path) -> None:
