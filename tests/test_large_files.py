@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -138,3 +139,49 @@ def test_flower_shows_a_running_put_file_as_progress(fleet: Fleet, tmp_path: Pat
     finally:
         fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 0}}})
         flower.stop()
+
+
+def test_a_worker_frozen_mid_upload_does_not_commit_after_another_took_over(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """SIGSTOP (a paused VM or container) past the lock TTL: another worker finishes the job;
+    when the frozen one wakes, its fence stops it before it commits the blob a second time."""
+    fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 400}}})
+    victim = None
+    try:
+        entity = fleet.entity("documents")
+        f = random_file(tmp_path / "frozen.bin", 16 * BLOCK)  # 16 blocks, 2 in flight: ~3.2 s
+        job = fleet.uploads.enqueue(f, to=f"document:{entity}")
+        journal = RedisBlockJournal(fleet.client(), job.id)
+        wait_until(lambda: len(journal.acked()) >= 4, 30, "four blocks acknowledged")
+        victim = holder_of(fleet, job.id)
+        victim.signal(signal.SIGSTOP)
+        fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 0}}})
+        (final,) = fleet.wait([job], timeout=120)  # taken over once the lock lapsed
+        assert final.state.value == "done", final.error
+        upload_id = fleet.record(job.id)["upload_id"]
+        assert fleet.sandbox.stats()["uploads"][upload_id]["blob_puts"] == 1
+        assert victim.log_path is not None
+        log_path = victim.log_path
+        seen = log_path.stat().st_size
+        victim.signal(signal.SIGCONT)
+        woken: list[str] = []
+
+        def put_ended() -> bool:
+            with log_path.open(errors="replace") as log:
+                log.seek(seen)
+                woken[:] = [line for line in log if f"job={job.id}" in line and "step put " in line]
+            return bool(woken)
+
+        wait_until(put_ended, 30, "the woken worker's put step to end")
+        stats = fleet.sandbox.stats()
+        assert stats["uploads"][upload_id]["blob_puts"] == 1  # no second commit
+        assert "reason=lease-lost" in woken[0], woken
+        assert stats["links"][upload_id] == 1
+        (stored,) = fleet.files_of(entity)
+        assert stored["md5"] == md5_hex(f)
+        assert fleet.record(job.id)["state"] == "done"
+    finally:
+        fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 0}}})
+        if victim is not None:
+            victim.signal(signal.SIGCONT)

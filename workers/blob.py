@@ -462,12 +462,20 @@ _TRANSIENT_EXC: tuple[type[BaseException], ...] = (
 )
 
 
-class _Progress:
-    """Counts bytes from any thread; calls the callback at most every `interval` seconds."""
+def _no_fence() -> None:
+    return None
 
-    def __init__(self, callback: ProgressFn | None, interval: float) -> None:
+
+class _Progress:
+    """One upload call's state shared by its threads: counts bytes from any of them, calls the
+    callback at most every `interval` seconds, and holds the caller's `fence`."""
+
+    def __init__(
+        self, callback: ProgressFn | None, interval: float, fence: Callable[[], None] | None = None
+    ) -> None:
         self._cb = callback
         self._interval = interval
+        self.fence = fence if fence is not None else _no_fence
         self._lock = threading.Lock()
         self._cb_lock = threading.Lock()
         self.total = 0
@@ -556,8 +564,12 @@ class BlobUploader:
         content_type: str,
         journal: BlockJournal | None = None,
         progress: ProgressFn | None = None,
+        fence: Callable[[], None] | None = None,
     ) -> UploadOutcome:
         """Put `source` at `url`; return what was put, or raise.
+
+        `fence()` is called before every request that commits the blob (Put Blob, Put Block
+        List) and raises if this caller may no longer change it (its step lock has lapsed).
 
         Raises UploadUrlExpired (get a new URL, then call again: the journal forgets blocks of
         another blob by itself), PermanentError (retrying cannot help; nothing is linked) or
@@ -568,7 +580,7 @@ class BlobUploader:
         target = check_upload_url(url, self.allowed_hosts)
         _check_not_expired(url)
         journal = journal if journal is not None else MemoryBlockJournal()
-        tracker = _Progress(progress, self.policy.progress_interval)
+        tracker = _Progress(progress, self.policy.progress_interval, fence)
         restarts = 0
         lost_once = False
         while True:
@@ -756,6 +768,7 @@ class BlobUploader:
         attempt = 0
         while True:
             _check_not_expired(url)
+            tracker.fence()
             tracker.reset(size)
             err: AworkError
             try:
@@ -934,7 +947,7 @@ class BlobUploader:
                 "the file changed; not committing",
                 code="source-changed",
             )
-        self._put_block_list(url, ids, digest, content_type, stats)
+        self._put_block_list(url, ids, digest, content_type, stats, tracker)
         log.info(
             "put %d blocks (%d sent, %d already acknowledged) to %s",
             len(ids),
@@ -1012,7 +1025,7 @@ class BlobUploader:
             self._sleep_backoff(attempt, err, abort)
 
     def _put_block_list(
-        self, url: str, ids: list[str], digest: str, content_type: str, stats: _Stats
+        self, url: str, ids: list[str], digest: str, content_type: str, stats: _Stats, tracker: _Progress
     ) -> None:
         xml = (
             '<?xml version="1.0" encoding="utf-8"?><BlockList>'
@@ -1029,6 +1042,7 @@ class BlobUploader:
         attempt = 0
         while True:
             _check_not_expired(url)
+            tracker.fence()
             err: AworkError
             try:
                 with self._sessions.get() as session:

@@ -1,9 +1,11 @@
--- Release a step lock only if we still hold it, and clear the job's `running` mark.
+-- Release a step lock only if we still hold it, and clear the job's `running` mark unless
+-- another holder has taken the step over (its mark is its own).
 -- KEYS[1] = lock key, KEYS[2] = job hash; ARGV[1] = our token
-if redis.call("GET", KEYS[1]) == ARGV[1] then
+local holder = redis.call("GET", KEYS[1])
+if holder == ARGV[1] then
   redis.call("DEL", KEYS[1])
 end
-if redis.call("EXISTS", KEYS[2]) == 1 then
+if (holder == ARGV[1] or not holder) and redis.call("EXISTS", KEYS[2]) == 1 then
   redis.call("HDEL", KEYS[2], "running")
 end
 return 1

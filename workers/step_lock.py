@@ -7,6 +7,12 @@ process holds and stamps `heartbeat_at` in the job records, instead of a thread 
 Both figures bound how fast a step lost with a SIGKILLed worker resumes elsewhere (the sweeper
 waits for the lock to lapse): AWORK_LOCK_TTL_SECONDS (default 60) and AWORK_HEARTBEAT_SECONDS
 (default 10; keep it well under the TTL). Tests and the fault soak shorten them.
+
+A holder that was frozen (SIGSTOP, a paused VM or container, a long stall) while its lock lapsed
+must not act on a job another worker has taken over. Before every request with an effect (an
+awork API call, a blob commit) a step calls `fence`: with the lock renewed less than half a TTL
+ago that costs nothing; otherwise Redis is asked, and a lock that is no longer ours stops the
+step before the request (it is looked at again later, and then finds the work done).
 """
 
 from __future__ import annotations
@@ -43,12 +49,17 @@ def lock_key(job_id: str, step: str) -> str:
     return f"{job_key(job_id)}:lock:{step}"
 
 
+class LeaseLost(Exception):
+    """This step's lock lapsed and may be someone else's now: do nothing more in this run."""
+
+
 class StepLocks:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self._release = client.register_script(_RELEASE)
         self._refresh = client.register_script(_REFRESH)
         self._held: dict[str, tuple[str, str]] = {}  # token -> (job id, step)
+        self._renewed: dict[str, float] = {}  # token -> monotonic time it was last known ours
         self._mutex = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -64,12 +75,14 @@ class StepLocks:
             return None, record
         with self._mutex:
             self._held[token] = (job_id, step)
+            self._renewed[token] = time.monotonic()
             self._ensure_thread()
         return token, record
 
     def release(self, job_id: str, step: str, token: str) -> None:
         with self._mutex:
             self._held.pop(token, None)
+            self._renewed.pop(token, None)
         try:
             self._release(keys=[lock_key(job_id, step), job_key(job_id)], args=[token])
         except redis.exceptions.RedisError:
@@ -90,15 +103,30 @@ class StepLocks:
             time.sleep(HEARTBEAT_SECONDS)
             with self._mutex:
                 held = list(self._held.items())
-            now = repr(time.time())
             for token, (job_id, step) in held:
                 try:
-                    self._refresh(
-                        keys=[lock_key(job_id, step), job_key(job_id)],
-                        args=[token, LOCK_TTL_SECONDS, now],
-                    )
+                    self._renew(job_id, step, token)
                 except redis.exceptions.RedisError:
                     log.debug("heartbeat failed", exc_info=True)
+
+    def _renew(self, job_id: str, step: str, token: str) -> bool:
+        """Extend the lock if it is still ours; note when it last was."""
+        started = time.monotonic()
+        keys = [lock_key(job_id, step), job_key(job_id)]
+        ours = bool(self._refresh(keys=keys, args=[token, LOCK_TTL_SECONDS, repr(time.time())]))
+        with self._mutex:
+            if token in self._renewed:
+                self._renewed[token] = started if ours else float("-inf")
+        return ours
+
+    def fence(self, job_id: str, step: str, token: str) -> None:
+        """Raise LeaseLost unless the lock is surely still ours for the next request."""
+        with self._mutex:
+            renewed = self._renewed.get(token, float("-inf"))
+        if time.monotonic() - renewed < LOCK_TTL_SECONDS / 2:
+            return
+        if not self._renew(job_id, step, token):
+            raise LeaseLost(f"the {step} lock of job {job_id} lapsed and is no longer ours")
 
 
 def _s(value: bytes | str) -> str:

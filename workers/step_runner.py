@@ -30,6 +30,7 @@ from workers.errors import AworkError, PermanentError, RateLimited, TransientErr
 from workers.logging_setup import step_outcome
 from workers.ratelimit import suggested_countdown
 from workers.runtime import Runtime, runtime
+from workers.step_lock import LeaseLost
 
 log = logging.getLogger("awork.steps")
 
@@ -98,6 +99,7 @@ class StepContext:
     hostname: str | None = None
     # A token taken before the step started (see _token_or_defer), used by the first take_token().
     token_held: bool = False
+    lock_token: str | None = None  # this run's step lock (see fence)
 
     @property
     def workspace(self) -> str:
@@ -107,8 +109,19 @@ class StepContext:
         self.rt.store.update(self.job_id, **fields)
         self.record.update({k: "" if v is None else str(v) for k, v in fields.items()})
 
+    def fence(self) -> None:
+        """Raise LeaseLost if this run's step lock has lapsed: call it right before a request
+        with an effect, so a worker that was frozen past its lock acts on nothing."""
+        if self.lock_token is not None:
+            self.rt.locks.fence(self.job_id, self.step, self.lock_token)
+
     def take_token(self) -> None:
-        """A rate token for one awork API request, or RateWait when the wait is long."""
+        """Before one awork API request: a rate token (or RateWait when the wait is long), then
+        the fence."""
+        self._take_rate_token()
+        self.fence()
+
+    def _take_rate_token(self) -> None:
         if self.token_held:
             self.token_held = False
             return
@@ -182,7 +195,7 @@ def run_step(
         if token is None:
             log.info("step=%s job=%s outcome=deferred reason=running-elsewhere", step, job_id)
             raise task.retry(countdown=LOCKED_RECHECK_SECONDS, max_retries=None)
-        return _run_locked(task, job_id, step, state, record, body, rt)
+        return _run_locked(task, job_id, step, state, record, body, rt, token)
     except UNREACHABLE as exc:
         raise _requeue(step, job_id, exc) from None
     except Reject as exc:
@@ -213,8 +226,18 @@ def _run_locked(
     record: dict[str, str],
     body: Callable[[StepContext], dict[str, Any]],
     rt: Runtime,
+    lock_token: str,
 ) -> dict[str, Any]:
-    ctx = StepContext(task, job_id, step, record, rt, task_id=task.request.id, hostname=task.request.hostname)
+    ctx = StepContext(
+        task,
+        job_id,
+        step,
+        record,
+        rt,
+        task_id=task.request.id,
+        hostname=task.request.hostname,
+        lock_token=lock_token,
+    )
     if record.get("running") == step:
         # The last copy of this step never got to its `finally`: its worker died.
         crashes = rt.store.incr(job_id, f"crashes_{step}")
@@ -238,6 +261,11 @@ def _run_locked(
         raise task.retry(countdown=countdown, max_retries=None) from None
     except UploadUrlExpired as exc:
         raise _renew_url(ctx, attempt, exc) from None
+    except LeaseLost:
+        # Frozen past the lock: another copy may own the step now. Look again later (that run
+        # takes the lock afresh and finds the work done, or does it).
+        _log(ctx, attempt, "deferred", None, wait=LOCKED_RECHECK_SECONDS, reason="lease-lost")
+        raise task.retry(countdown=LOCKED_RECHECK_SECONDS, max_retries=None) from None
     except PermanentError as exc:
         _log(ctx, attempt, "failed", exc)
         _end(ctx, JobState.FAILED, exc)

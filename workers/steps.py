@@ -104,6 +104,7 @@ def _put(ctx: StepContext) -> dict[str, Any]:
         content_type=record.get("content_type") or "application/octet-stream",
         journal=journal,
         progress=ctx.progress,
+        fence=ctx.fence,
     )
     ctx.update(
         uploaded_upload_id=record["upload_id"],

@@ -1,0 +1,62 @@
+"""Step locks against a real Redis: a holder frozen past its lock is fenced off before it acts,
+and its late release leaves the new holder's lock and `running` mark alone."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from producers.records import job_key
+from workers.step_lock import LOCK_TTL_SECONDS, LeaseLost, StepLocks, lock_key
+
+
+def _frozen(locks: StepLocks, token: str) -> None:
+    """As after a SIGSTOP: the lock was last known ours longer ago than half its TTL."""
+    locks._renewed[token] -= LOCK_TTL_SECONDS  # the clock is what a freeze moves
+
+
+def test_a_fresh_lock_passes_the_fence_without_asking_redis(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    locks = StepLocks(client)
+    token, _ = locks.acquire_and_read("j1", "link")
+    assert token is not None
+    client.set(lock_key("j1", "link"), "someone else")  # cannot happen within a live lease
+    locks.fence("j1", "link", token)  # trusted: renewed moments ago, no round trip
+    locks.release("j1", "link", token)
+
+
+def test_a_frozen_holder_keeps_a_lock_still_its_own_and_renews_it(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    locks = StepLocks(client)
+    token, _ = locks.acquire_and_read("j2", "put")
+    assert token is not None
+    client.expire(lock_key("j2", "put"), 1)
+    _frozen(locks, token)
+    locks.fence("j2", "put", token)  # asked Redis: still ours, and extended
+    assert client.ttl(lock_key("j2", "put")) > 1
+    locks.fence("j2", "put", token)
+    locks.release("j2", "put", token)
+    assert client.get(lock_key("j2", "put")) is None
+
+
+@pytest.mark.parametrize("taken_over", [True, False])
+def test_a_frozen_holder_whose_lock_lapsed_is_fenced_off(redis_url: str, taken_over: bool) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.hset(job_key("j3"), mapping={"id": "j3", "running": "link"})
+    locks = StepLocks(client)
+    token, _ = locks.acquire_and_read("j3", "link")
+    assert token is not None
+    client.delete(lock_key("j3", "link"))  # lapsed while frozen ...
+    if taken_over:  # ... and another worker runs the step now
+        client.set(lock_key("j3", "link"), "their-token", ex=60)
+    _frozen(locks, token)
+    with pytest.raises(LeaseLost):
+        locks.fence("j3", "link", token)
+    with pytest.raises(LeaseLost):  # and it stays lost
+        locks.fence("j3", "link", token)
+    locks.release("j3", "link", token)
+    if taken_over:  # the late release leaves the new holder's lock and mark alone
+        assert client.get(lock_key("j3", "link")) == b"their-token"
+        assert client.hget(job_key("j3"), "running") == b"link"
+    else:
+        assert client.hget(job_key("j3"), "running") is None
