@@ -2,7 +2,9 @@
 
 Messages never carry bytes. A file already under STAGING_DIR is referenced in place (and left
 alone afterwards); a file elsewhere, or raw bytes, is copied in first under a folder named after
-the job, which the workers remove once the job has ended.
+the job, which the workers remove once the job has ended. A copied file large enough to go up as
+blocks gets its block MD5s beside that folder (producers.block_digests); raw bytes and files
+referenced in place do not, and their workers hash the blocks themselves.
 """
 
 from __future__ import annotations
