@@ -130,12 +130,21 @@ def test_flower_shows_a_running_put_file_as_progress(fleet: Fleet, tmp_path: Pat
                 for t in tasks.values()
             )
 
-        flower.wait_for_tasks(put_file_in("PROGRESS"), timeout=30)
+        def result_of_put_file(tasks: dict[str, dict[str, object]]) -> str:
+            (task,) = [
+                t for t in tasks.values() if t.get("name") == TASK_PUT_FILE and job.id in str(t["kwargs"])
+            ]
+            return str(task["result"])
+
+        running = flower.wait_for_tasks(put_file_in("PROGRESS"), timeout=30)
+        # the byte figures, as Flower shows them on the task's page
+        assert f"'bytes_total': {f.stat().st_size}" in result_of_put_file(running)
         fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 0}}})
         (final,) = fleet.wait([job], timeout=60)
         assert final.state.value == "done", final.error
-        # once the step is over, Flower moves on from PROGRESS to SUCCESS
-        flower.wait_for_tasks(put_file_in("SUCCESS"), timeout=30)
+        # once the step is over, Flower moves on from PROGRESS to SUCCESS, with the step's result
+        done = flower.wait_for_tasks(put_file_in("SUCCESS"), timeout=30)
+        assert "'mode': 'blocks'" in result_of_put_file(done) and "bytes_sent" not in result_of_put_file(done)
     finally:
         fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 0}}})
         flower.stop()

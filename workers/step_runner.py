@@ -159,10 +159,14 @@ class StepContext:
         try:
             # Called from the uploader's block threads, where Celery's (thread-local) request is
             # empty: send with the task id and hostname captured in the task's own thread.
+            # Flower shows a task's `result` (a repr, as Celery sends it on success) on its task
+            # page and in /api/tasks: while PROGRESS, that is the byte count. The last event
+            # goes out before the step returns, so the success event's result replaces it.
+            figures = {"bytes_sent": sent, "bytes_total": total}
             app = self.task.app
             with app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
                 dispatcher.send(
-                    "task-progress", uuid=self.task_id, job_id=self.job_id, bytes_sent=sent, bytes_total=total
+                    "task-progress", uuid=self.task_id, job_id=self.job_id, result=repr(figures), **figures
                 )
         except Exception:  # events are best effort; the record is the truth
             log.debug("could not send progress event", exc_info=True)
