@@ -19,8 +19,10 @@ import pytest
 
 from ops.demo_files import random_file
 from ops.flower import FlowerProcess
+from ops.processes import Child
 from producers.block_digests import sidecar_path
 from producers.contract import TASK_PUT_FILE
+from producers.records import Job
 from tests.fleet import FAST, Fleet, holder_of, wait_until
 from workers.block_journal import RedisBlockJournal
 
@@ -71,17 +73,23 @@ def test_sizes_around_the_threshold_arrive_byte_exact(
         assert len(blocks) == -(-size // BLOCK)
 
 
+def _slow_block_upload_midway(fleet: Fleet, path: Path) -> tuple[str, Path, Job, RedisBlockJournal, Child]:
+    """A 16-block upload slowed by blob latency (the caller resets it), caught after 4 acked
+    blocks: (entity, file, job, its block journal, the worker holding it)."""
+    fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 400}}})
+    entity = fleet.entity("documents")
+    f = random_file(path, 16 * BLOCK)  # 16 blocks, 2 in flight: ~3.2 s
+    job = fleet.uploads.enqueue(f, to=f"document:{entity}")
+    journal = RedisBlockJournal(fleet.client(), job.id)
+    wait_until(lambda: len(journal.acked()) >= 4, 30, "four blocks acknowledged")
+    return entity, f, job, journal, holder_of(fleet, job.id)
+
+
 def test_sigkill_mid_block_upload_resumes_without_resending_acked_blocks(
     fleet: Fleet, tmp_path: Path
 ) -> None:
-    fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 400}}})
     try:
-        entity = fleet.entity("documents")
-        f = random_file(tmp_path / "video.bin", 16 * BLOCK)  # 16 blocks, 2 in flight: ~3.2 s
-        job = fleet.uploads.enqueue(f, to=f"document:{entity}")
-        journal = RedisBlockJournal(fleet.client(), job.id)
-        wait_until(lambda: len(journal.acked()) >= 4, 30, "four blocks acknowledged")
-        victim = holder_of(fleet, job.id)
+        entity, f, job, journal, victim = _slow_block_upload_midway(fleet, tmp_path / "video.bin")
         seen = fleet.record(job.id)
         victim.kill()
         acked_before_kill = set(journal.acked())
@@ -155,15 +163,9 @@ def test_a_worker_frozen_mid_upload_does_not_commit_after_another_took_over(
 ) -> None:
     """SIGSTOP (a paused VM or container) past the lock TTL: another worker finishes the job;
     when the frozen one wakes, its fence stops it before it commits the blob a second time."""
-    fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 400}}})
     victim = None
     try:
-        entity = fleet.entity("documents")
-        f = random_file(tmp_path / "frozen.bin", 16 * BLOCK)  # 16 blocks, 2 in flight: ~3.2 s
-        job = fleet.uploads.enqueue(f, to=f"document:{entity}")
-        journal = RedisBlockJournal(fleet.client(), job.id)
-        wait_until(lambda: len(journal.acked()) >= 4, 30, "four blocks acknowledged")
-        victim = holder_of(fleet, job.id)
+        entity, f, job, _, victim = _slow_block_upload_midway(fleet, tmp_path / "frozen.bin")
         victim.signal(signal.SIGSTOP)
         fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 0}}})
         (final,) = fleet.wait([job], timeout=120)  # taken over once the lock lapsed
