@@ -12,7 +12,7 @@ from workers.step_lock import LOCK_TTL_SECONDS, LeaseLost, StepLocks, lock_key
 
 def _frozen(locks: StepLocks, token: str) -> None:
     """As after a SIGSTOP: the lock was last known ours longer ago than half its TTL."""
-    locks._renewed[token] -= LOCK_TTL_SECONDS  # the clock is what a freeze moves
+    locks._held[token].renewed -= LOCK_TTL_SECONDS  # the clock is what a freeze moves
 
 
 def test_a_fresh_lock_passes_the_fence_without_asking_redis(redis_url: str) -> None:

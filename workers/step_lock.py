@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -53,13 +54,19 @@ class LeaseLost(Exception):
     """This step's lock lapsed and may be someone else's now: do nothing more in this run."""
 
 
+@dataclass
+class _Held:
+    job_id: str
+    step: str
+    renewed: float  # monotonic time the lock was last known ours (-inf: known lost)
+
+
 class StepLocks:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self._release = client.register_script(_RELEASE)
         self._refresh = client.register_script(_REFRESH)
-        self._held: dict[str, tuple[str, str]] = {}  # token -> (job id, step)
-        self._renewed: dict[str, float] = {}  # token -> monotonic time it was last known ours
+        self._held: dict[str, _Held] = {}  # by token
         self._mutex = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -74,15 +81,13 @@ class StepLocks:
         if not got:
             return None, record
         with self._mutex:
-            self._held[token] = (job_id, step)
-            self._renewed[token] = time.monotonic()
+            self._held[token] = _Held(job_id, step, time.monotonic())
             self._ensure_thread()
         return token, record
 
     def release(self, job_id: str, step: str, token: str) -> None:
         with self._mutex:
             self._held.pop(token, None)
-            self._renewed.pop(token, None)
         try:
             self._release(keys=[lock_key(job_id, step), job_key(job_id)], args=[token])
         except redis.exceptions.RedisError:
@@ -91,7 +96,7 @@ class StepLocks:
     def held(self) -> list[tuple[str, str, str]]:
         """(job id, step, token) of every lock this process holds: what a shutdown hands back."""
         with self._mutex:
-            return [(job_id, step, token) for token, (job_id, step) in self._held.items()]
+            return [(h.job_id, h.step, token) for token, h in self._held.items()]
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -103,9 +108,9 @@ class StepLocks:
             time.sleep(HEARTBEAT_SECONDS)
             with self._mutex:
                 held = list(self._held.items())
-            for token, (job_id, step) in held:
+            for token, h in held:
                 try:
-                    self._renew(job_id, step, token)
+                    self._renew(h.job_id, h.step, token)
                 except redis.exceptions.RedisError:
                     log.debug("heartbeat failed", exc_info=True)
 
@@ -115,14 +120,16 @@ class StepLocks:
         keys = [lock_key(job_id, step), job_key(job_id)]
         ours = bool(self._refresh(keys=keys, args=[token, LOCK_TTL_SECONDS, repr(time.time())]))
         with self._mutex:
-            if token in self._renewed:
-                self._renewed[token] = started if ours else float("-inf")
+            held = self._held.get(token)
+            if held is not None:
+                held.renewed = started if ours else float("-inf")
         return ours
 
     def fence(self, job_id: str, step: str, token: str) -> None:
         """Raise LeaseLost unless the lock is surely still ours for the next request."""
         with self._mutex:
-            renewed = self._renewed.get(token, float("-inf"))
+            held = self._held.get(token)
+            renewed = held.renewed if held is not None else float("-inf")
         if time.monotonic() - renewed < LOCK_TTL_SECONDS / 2:
             return
         if not self._renew(job_id, step, token):

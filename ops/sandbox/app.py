@@ -250,7 +250,7 @@ async def _link(ctx: Ctx, entity: str, entity_id: str, image: bool) -> web.Strea
             details=[f"Upload '{upload_id}' is already linked."],
         )
     if image and not _is_image(up.content.head(16)):
-            raise E.validation_failed([("file", "The uploaded file is not an image.")])
+        raise E.validation_failed([("file", "The uploaded file is not an image.")])
     file_id = str(uuid.uuid4())
     up.linked.update(up.content.parts)
     stored = StoredFile(
