@@ -19,9 +19,8 @@ import requests
 
 import workers.blob as blob_mod
 from ops.azurite import Azurite
-from producers.block_digests import BlockDigests
 from tests.azurite_util import Recorder, make_file, start_azurite_or_skip
-from tests.blob_policies import SMALL, KiB, MiB
+from tests.blob_policies import SMALL, KiB, MiB, staged_digests
 from workers.blob import BlobUploader, MemoryFallbackStore, TransferPolicy
 from workers.block_journal import MemoryBlockJournal
 from workers.errors import PermanentError, TransientError, UploadUrlExpired
@@ -116,10 +115,7 @@ def test_wrong_content_md5_is_rejected_by_the_server(azurite: Azurite, tmp_path:
 def test_staged_block_md5s_are_checked_by_azurite(azurite: Azurite, tmp_path: Path) -> None:
     """Blocks sent with staging's MD5s: a good file commits, one changed after staging does not."""
     data = make_file(tmp_path / "f.bin", 5 * SMALL.block_size + 99)
-    cuts = range(0, len(data), SMALL.block_size)
-    digests = BlockDigests(
-        len(data), SMALL.block_size, _md5(data), tuple(_md5(data[i : i + SMALL.block_size]) for i in cuts)
-    )
+    digests = staged_digests(data)
     with _uploader(azurite) as up:
         out = up.upload(
             azurite.blob_sas_url(CONTAINER, "staged.bin"),

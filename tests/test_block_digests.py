@@ -17,7 +17,7 @@ from producers import staging
 from producers.block_digests import BlockDigests, BlockHasher, block_size_for, sidecar_path
 from tests.azurite_util import make_file
 from tests.blob_fake_host import FakeBlobHost
-from tests.blob_policies import SMALL, KiB, MiB
+from tests.blob_policies import SMALL, KiB, MiB, staged_digests
 from workers.blob import BlobUploader, MemoryFallbackStore, block_id
 from workers.errors import PermanentError
 from workers.sources import FileSource
@@ -28,10 +28,6 @@ THRESHOLD = SMALL.single_put_threshold
 
 def _md5(data: bytes) -> str:
     return base64.b64encode(hashlib.md5(data).digest()).decode()
-
-
-def _blocks(data: bytes, size: int = BLOCK) -> tuple[str, ...]:
-    return tuple(_md5(data[i : i + size]) for i in range(0, len(data), size))
 
 
 @pytest.fixture
@@ -46,7 +42,7 @@ def test_hasher_cuts_blocks_whatever_the_chunks(chunk: int) -> None:
     hasher = BlockHasher(BLOCK)
     for i in range(0, len(data), chunk):
         hasher.update(data[i : i + chunk])
-    assert hasher.finish() == _blocks(data)
+    assert hasher.finish() == staged_digests(data).blocks
 
 
 def test_digests_round_trip_and_refuse_what_is_malformed() -> None:
@@ -82,7 +78,7 @@ def test_staging_writes_digests_only_for_files_that_go_up_as_blocks(tmp_path: Pa
     staged = staging.stage_file(tmp_path / "big.bin", root, "job1", "big.bin", THRESHOLD, BLOCK)
     digests = BlockDigests.load(sidecar_path(root, "job1"))
     assert digests is not None and staged.md5_b64 == _md5(big)
-    assert digests == BlockDigests(len(big), BLOCK, _md5(big), _blocks(big))
+    assert digests == staged_digests(big)
     make_file(tmp_path / "small.bin", THRESHOLD)
     staging.stage_file(tmp_path / "small.bin", root, "job2", "small.bin", THRESHOLD, BLOCK)
     assert not sidecar_path(root, "job2").exists()
@@ -113,7 +109,7 @@ def test_staged_digests_spare_the_worker_every_hash(
     fake: FakeBlobHost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = make_file(tmp_path / "f.bin", 7 * BLOCK + 5)
-    digests = BlockDigests(len(data), BLOCK, _md5(data), _blocks(data))
+    digests = staged_digests(data)
     hashed = _count_hashing(monkeypatch)
     with _uploader(fake) as up:
         out = up.upload(
@@ -133,7 +129,7 @@ def test_a_block_changed_after_staging_is_refused_and_never_committed(
     fake: FakeBlobHost, tmp_path: Path
 ) -> None:
     staged = make_file(tmp_path / "f.bin", 6 * BLOCK)
-    digests = BlockDigests(len(staged), BLOCK, _md5(staged), _blocks(staged))
+    digests = staged_digests(staged)
     changed = bytearray(staged)
     changed[3 * BLOCK + 10] ^= 0xFF  # the staged copy rots (or is written to) before the upload
     (tmp_path / "f.bin").write_bytes(changed)
@@ -149,7 +145,7 @@ def test_a_block_changed_after_staging_is_refused_and_never_committed(
 
 def test_a_block_corrupted_on_the_way_is_still_sent_again(fake: FakeBlobHost, tmp_path: Path) -> None:
     data = make_file(tmp_path / "f.bin", 5 * BLOCK)
-    digests = BlockDigests(len(data), BLOCK, _md5(data), _blocks(data))
+    digests = staged_digests(data)
     fake.switches.corrupt_once = {block_id(2)}
     with _uploader(fake) as up:
         out = up.upload(
@@ -160,7 +156,7 @@ def test_a_block_corrupted_on_the_way_is_still_sent_again(fake: FakeBlobHost, tm
 
 def test_digests_that_do_not_fit_are_ignored(fake: FakeBlobHost, tmp_path: Path) -> None:
     data = make_file(tmp_path / "f.bin", 6 * BLOCK)
-    other_cut = BlockDigests(len(data), 2 * BLOCK, _md5(data), _blocks(data, 2 * BLOCK))
+    other_cut = staged_digests(data, 2 * BLOCK)
     with _uploader(fake) as up:
         up.upload(
             fake.url("o.bin"), FileSource(tmp_path / "f.bin", _md5(data), other_cut), content_type="x/y"
