@@ -371,3 +371,48 @@ def test_error_text_scrub() -> None:
     assert "/c/b.bin" not in out
     assert "https://blob.example:8443" in out and "NewConnectionError" in out
     assert len(scrub("x" * 10_000)) <= 2000
+
+
+# -- #11.9 log redaction ---------------------------------------------------------------------
+
+_LEAKY_LINES = [
+    ("url-encoded sig", "next=https%3A%2F%2Fb.ex%2Fc%3Fsv%3D1%26sig%3DSECRETabc%252Fd%26se%3D2", "SECRETabc"),
+    ("X-Amz-Signature", "GET https://s3.ex/b/k?X-Amz-Algorithm=A&X-Amz-Signature=SECRETabc&x=1", "SECRETabc"),
+    ("X-Goog-Signature", "https://storage.example/o?X-Goog-Signature=SECRETabc", "SECRETabc"),
+    ("encoded X-Amz", "u=https%3A%2F%2Fs3%2Fk%3FX-Amz-Signature%3DSECRETabc%26a%3Db", "SECRETabc"),
+    ("x-api-key header", "request headers: x-api-key: SECRETabc", "SECRETabc"),
+    ("x-api-key dict", "{'X-Api-Key': 'SECRETabc', 'Accept': '*/*'}", "SECRETabc"),
+    ("cookie header", "Cookie: session=SECRETabc; theme=dark", "SECRETabc"),
+    ("cookie dict", "{'Cookie': 'a=1; sid=SECRETabc'}", "SECRETabc"),
+    ("set-cookie", "Set-Cookie: sid=SECRETabc; Path=/; HttpOnly", "SECRETabc"),
+    ("redis password with /", "connecting to redis://:SECRET/abc@redis.internal:6379/0", "SECRET/abc"),
+    ("redis password with @", "to rediss://default:SECRET@xyz@redis.internal:6380/1", "SECRET@xyz"),
+    ("sentinel password", "sentinel://:pa/ss@wordSECRET@s1:26379", "wordSECRET"),
+]
+
+
+@pytest.mark.parametrize(("what", "line", "secret"), _LEAKY_LINES, ids=[w for w, _, _ in _LEAKY_LINES])
+def test_log_redaction_catches_the_missed_forms(what: str, line: str, secret: str) -> None:
+    """#11.9: each form the log filter used to miss is masked."""
+    from workers.logging_setup import redact
+
+    out = redact(line)
+    for piece in secret.replace("@", "/").split("/"):  # no part of a password with / or @ either
+        assert piece not in out, f"{what}: {out}"
+    assert "***" in out
+
+
+def test_log_redaction_keeps_ordinary_text() -> None:
+    """#11.9: hosts, ports, paths and non-secret parameters stay readable."""
+    from workers.logging_setup import redact
+
+    for line in (
+        "redis at redis://redis.internal:6379/0 is up",
+        "GET https://api.awork.com:443/api/v1/users/me@example.com",
+        "signature check ok for block 0003",
+        "the cookie jar is empty",
+    ):
+        assert redact(line) == line, line
+    kept = redact("https://b.example/c?sv=1&sig=abc&se=2030-01-01")
+    assert "se=2030-01-01" in kept and "b.example/c" in kept
+    assert redact("redis://:pw@r.internal:6379/0") == "redis://:***@r.internal:6379/0"
