@@ -3,15 +3,22 @@ URLs leaking through error texts. Real HTTP on loopback; no mocks of requests or
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
+import subprocess
+import sys
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import requests
 
 from ops.redis_server import free_port
@@ -416,3 +423,142 @@ def test_log_redaction_keeps_ordinary_text() -> None:
     kept = redact("https://b.example/c?sv=1&sig=abc&se=2030-01-01")
     assert "se=2030-01-01" in kept and "b.example/c" in kept
     assert redact("redis://:pw@r.internal:6379/0") == "redis://:***@r.internal:6379/0"
+
+
+# -- #11.2 end to end: failure paths leak nothing -----------------------------------------------
+
+LEAK = re.compile(r"sig=|sig%3D|TOPSECRET", re.IGNORECASE)
+
+
+def _scan_redis(client: redis.Redis, allowed: dict[bytes, set[bytes]]) -> list[tuple[str, str]]:
+    """Every key and value; `allowed` names hash fields (key -> fields) left out of the scan."""
+    out = []
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key).decode()
+        value: Any
+        if kind == "string":
+            value = client.get(key)
+        elif kind == "hash":
+            value = {f: v for f, v in client.hgetall(key).items() if f not in allowed.get(key, set())}
+        elif kind == "list":
+            value = client.lrange(key, 0, -1)
+        elif kind == "set":
+            value = client.smembers(key)
+        elif kind == "zset":
+            value = client.zrange(key, 0, -1)
+        else:
+            value = b""
+        out.append((key.decode(errors="replace"), f"{key!r} {value!r}"))
+    return out
+
+
+@pytest.mark.slow
+def test_failure_paths_leak_no_url_to_redis_logs_cli_or_flower(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """#11.2: connection refused at the upload host, a blob host that drops connections and a
+    signed source URL that fails: the jobs end dead, and no `sig=` is in Redis, the worker logs,
+    `status` / `dead list` output or Flower's API (its task-retried / task-failed tracebacks)."""
+    from ops.demo_files import random_file
+    from ops.flower import FlowerProcess
+    from producers.canvas import publisher_app
+    from producers.client import Uploads
+    from producers.config import SharedSettings
+    from producers.records import JobStore, job_key
+    from producers.redrive import canvas_from
+    from tests.fleet import API_KEY, SECOND_KEY, Fleet
+
+    blob_port, refused_upload, refused_source = free_port(), _closed_port(), _closed_port()
+    fleet = Fleet(
+        tmp_path_factory.mktemp("leaks"),
+        worker_count=1,
+        sandbox_args=["--blob-port", str(blob_port)],
+        extra_env={
+            "AWORK_UPLOAD_HOSTS": f"127.0.0.1:{blob_port},127.0.0.1:{refused_upload}",
+            "AWORK_SOURCE_URL_HOSTS": f"127.0.0.1:{refused_source}",
+            "AWORK_MAX_ATTEMPTS": "2",
+        },
+    ).start()
+    flower = FlowerProcess(fleet.env, basic_auth="ops:" + uuid.uuid4().hex).start()
+    try:
+        entity = fleet.entity("tasks")
+        warm = fleet.uploads.enqueue(random_file(tmp_path / "warm.bin", 100), to=f"task:{entity}")
+        flower.wait_for_tasks(lambda ts: any(warm.id in str(t.get("kwargs")) for t in ts.values()))
+        fleet.wait([warm], timeout=30)
+
+        # 1. the upload host refuses connections: a record as step 1 writes it, its URL signed
+        job_id = uuid.uuid4().hex
+        staged = Path(fleet.env["STAGING_DIR"]) / job_id / "a.bin"
+        staged.parent.mkdir()
+        random_file(staged, 2000)
+        now = time.time()
+        record = {
+            "id": job_id, "state": "queued", "workspace": "default", "target": f"task:{entity}",
+            "route": "byuploadid", "file_name": "a.bin", "content_type": "application/octet-stream",
+            "source_kind": "file", "source": str(staged), "staged_owned": "0", "published": "1",
+            "created_at": repr(now), "updated_at": repr(now), "upload_id": uuid.uuid4().hex,
+            "upload_url": f"http://127.0.0.1:{refused_upload}/uploads/a.bin?sv=2021&sp=cw&{SECRET_SIG}",
+            "upload_url_issued_at": repr(now), "upload_url_expires": repr(now + 3600),
+        }
+        JobStore(redis.Redis.from_url(fleet.env["REDIS_URL"])).create(record, None)
+        app = publisher_app(fleet.env["REDIS_URL"])
+        canvas_from(app, record, "put").apply_async()
+        app.close()
+
+        # 2. a blob host that drops every connection (sandbox URLs carry sig=)
+        fleet.sandbox.set_faults({"routes": {"blob": {"drop": 1.0}}})
+        dropped = fleet.uploads.enqueue(random_file(tmp_path / "d.bin", 5000), to=f"task:{entity}")
+
+        # 3. a signed source URL whose host refuses connections
+        for key in ("REDIS_URL", "STAGING_DIR", "AWORK_WORKSPACES_FILE", "AWORK_SOURCE_URL_HOSTS"):
+            monkeypatch.setenv(key, fleet.env[key])
+        with Uploads(SharedSettings.from_env()) as producer:
+            signed = producer.enqueue(
+                f"http://127.0.0.1:{refused_source}/private/r.pdf?sv=1&se=2099-01-01&{SECRET_SIG}",
+                to=f"task:{entity}",
+            )
+        ids = [job_id, dropped.id, signed.id]
+        finals = fleet.uploads.wait_many(ids, timeout=120)
+        assert [j.state.value for j in finals] == ["dead"] * 3, [j.to_json() for j in finals]
+
+        # Flower has seen the retries and the failures, with their tracebacks
+        def ended(ts: dict[str, Any]) -> bool:
+            return sum(1 for t in ts.values() if t.get("state") == "FAILURE" and t.get("traceback")) >= 3
+
+        tasks = flower.wait_for_tasks(ended, timeout=30)
+        infos = [flower.get(f"/api/task/info/{tid}").text for tid in tasks]
+
+        cli = [str(Path(sys.executable).parent / "awork-uploads")]
+        commands = (
+            ["status", *ids],
+            ["status", "--json", *ids], ["dead", "list"],
+            ["dead", "list", "--json"],
+        )
+        outputs = [
+            subprocess.run(cli + c, env=fleet.env, capture_output=True, text=True, timeout=60, check=True)
+            for c in commands
+        ]
+        assert all(i in outputs[2].stdout for i in ids)
+
+        haystacks: list[tuple[str, str]] = [("flower /api/tasks", json.dumps(tasks))]
+        haystacks += [("flower /api/task/info", t) for t in infos]
+        haystacks += [(f"cli {o.args[1:]}", o.stdout + o.stderr) for o in outputs]
+        haystacks += [(p.name, p.read_text(errors="replace")) for p in (fleet.root / "logs").glob("*.log")]
+        # The one place a signed source URL must stay: the `source` field of its own record
+        # (the worker fetches it from there; `dead retry` needs it).
+        client = redis.Redis.from_url(fleet.env["REDIS_URL"])
+        assert b"sig=" in (client.hget(job_key(signed.id), "source") or b"")
+        haystacks += _scan_redis(client, {job_key(signed.id).encode(): {b"source"}})
+        for where, text in haystacks:
+            assert API_KEY not in text and SECOND_KEY not in text, f"API key in {where}"
+            found = LEAK.search(text)
+            context = text[max(0, found.start() - 200) : found.end() + 50] if found else ""
+            assert not found, f"signed URL in {where}: ...{context}"
+        # the errors still say what went wrong: host and exception class
+        refused_host = f"http://127.0.0.1:{refused_upload}"
+        assert finals[0].error is not None and refused_host in (finals[0].error.description or "")
+        assert "ConnectionError" in (finals[0].error.description or "")
+        assert finals[2].error is not None and finals[2].error.code == "source-unreachable"
+    finally:
+        flower.stop()
+        fleet.stop()
