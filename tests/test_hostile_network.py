@@ -562,3 +562,20 @@ def test_failure_paths_leak_no_url_to_redis_logs_cli_or_flower(
     finally:
         flower.stop()
         fleet.stop()
+
+
+def test_max_source_bytes_is_read_once_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """#11.11: AWORK_MAX_SOURCE_BYTES reaches the worker settings; nonsense names the variable."""
+    from producers.config import ConfigError
+    from workers.settings import WorkerSettings
+    from workers.sources import DEFAULT_MAX_SOURCE_BYTES
+
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.delenv("AWORK_MAX_SOURCE_BYTES", raising=False)
+    assert WorkerSettings.from_env().max_source_bytes == DEFAULT_MAX_SOURCE_BYTES == 5 * 1024 * MiB
+    monkeypatch.setenv("AWORK_MAX_SOURCE_BYTES", "1048576")
+    assert WorkerSettings.from_env().max_source_bytes == MiB
+    for bad in ("0", "-5", "lots"):
+        monkeypatch.setenv("AWORK_MAX_SOURCE_BYTES", bad)
+        with pytest.raises(ConfigError, match=r"^AWORK_MAX_SOURCE_BYTES: "):
+            WorkerSettings.from_env()
