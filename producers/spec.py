@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from producers.contract import SpecError, Target
+from producers.source_url import source_host_refused
 
 _CONTENT_TYPE = re.compile(r"^[A-Za-z0-9][\w.+-]*/[\w.+-]+(\s*;.*)?$")
 _WORKSPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -167,26 +168,8 @@ def _content_type(given: str | None, file_name: str) -> str:
 
 
 def _source_url(url: str, allowed: tuple[str, ...]) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SpecError("source", f"only http(s) URLs with a host are accepted, got {url!r}")
-    if parts.username or parts.password:
-        raise SpecError("source", "URLs with credentials are refused (they would travel in messages)")
+    """The URL when it passes the check the workers make too (producers.source_url)."""
     refused = source_host_refused(url, allowed)
     if refused:
-        raise SpecError("source", f"host {refused} is not on the allow-list AWORK_SOURCE_URL_HOSTS")
+        raise SpecError("source", refused)
     return url
-
-
-def source_host_refused(url: str, allowed: tuple[str, ...]) -> str | None:
-    """`host:port` of a source URL whose host is not on AWORK_SOURCE_URL_HOSTS, else None.
-
-    An entry without a port allows the host on any port. Producers check it when a job is
-    enqueued, workers again before they fetch (a record may have been written by anyone).
-    """
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    if host and (host in allowed or f"{host}:{port}" in allowed):
-        return None
-    return f"{host}:{port}"

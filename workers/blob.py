@@ -59,6 +59,7 @@ from producers.block_digests import (
 )
 from producers.contract import MULTIPART_MAX_BYTES
 from workers.block_journal import BlockJournal, MemoryBlockJournal
+from workers.error_text import transport_error
 from workers.errors import AworkError, PermanentError, TransientError, UploadUrlExpired
 from workers.sources import (
     ByteSource,
@@ -775,7 +776,7 @@ class BlobUploader:
                 with self._sessions.get() as session:
                     resp = self._send(session, url, headers, body())
             except _TRANSIENT_EXC as exc:
-                err = TransientError(f"put-blob: {type(exc).__name__}: {exc}", code="connection")
+                err = TransientError(transport_error("put-blob", exc, url), code="connection")
             else:
                 if resp.status_code in (200, 201):
                     problem = verify(resp) if verify is not None else None
@@ -996,7 +997,7 @@ class BlobUploader:
                 with self._sessions.get() as session:
                     resp = self._send(session, block_url, headers, body)
             except _TRANSIENT_EXC as exc:
-                err = TransientError(f"put-block {bid}: {type(exc).__name__}: {exc}", code="connection")
+                err = TransientError(transport_error(f"put-block {bid}", exc, url), code="connection")
             else:
                 if resp.status_code == 201:
                     journal.ack(bid, digest)
@@ -1048,7 +1049,7 @@ class BlobUploader:
                 with self._sessions.get() as session:
                     resp = self._send(session, list_url, headers, xml)
             except _TRANSIENT_EXC as exc:
-                err = TransientError(f"put-block-list: {type(exc).__name__}: {exc}", code="connection")
+                err = TransientError(transport_error("put-block-list", exc, url), code="connection")
             else:
                 if resp.status_code in (200, 201):
                     return

@@ -6,9 +6,11 @@
   ``status``, ``code``, ``trace_id`` first, any other extra after them), the running Celery
   task's ``task_id``/``task_name``, and ``exc`` for a traceback.
 - ``RedactingFilter`` masks anything that looks like a credential in every record, whatever
-  the format: bearer tokens, ``Authorization`` values, SAS ``sig=`` values, passwords in
-  ``redis://``/``rediss://``/``http(s)://`` URLs, and ``password=``/``token=``/``api_key=``-style
-  pairs. Keys are never logged on purpose; this is defence in depth.
+  the format: bearer tokens, ``Authorization`` values, URL signatures (SAS ``sig=``,
+  ``X-Amz-Signature=``, ``X-Goog-Signature=``, URL-encoded ones too), passwords in
+  ``redis://``/``rediss://``/``http(s)://`` URLs (even with ``/`` or ``@`` in them),
+  ``x-api-key:`` and ``Cookie:`` headers, and ``password=``/``token=``/``api_key=``-style pairs.
+  Keys are never logged on purpose; this is defence in depth.
 - ``step_outcome(logger, ...)`` writes the one line per step outcome: the fields go both into
   the text (``step=... job=... workspace=... attempt=... outcome=... status=... code=...
   trace_id=...``) and into ``extra=`` for the JSON format.
@@ -46,10 +48,30 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
         rf"\1\2{MASK}",
     ),
     (re.compile(r"(?i)\b(bearer)\s+(?!\*\*\*)[A-Za-z0-9\-._~+/]+=*"), rf"\1 {MASK}"),
-    # SAS signature: ...&sig=abc%2F... (also in a URL-encoded or quoted string)
-    (re.compile(r"(?i)(?<![A-Za-z0-9_])(sig=)[^&\s\"'#<>]+"), rf"\1{MASK}"),
-    # scheme://user:password@host
-    (re.compile(r"(?i)\b((?:rediss?|https?|amqps?|sentinel)://[^:/@\s]*:)[^@\s/]+@"), rf"\1{MASK}@"),
+    # URL signatures: Azure SAS sig=, S3 X-Amz-Signature=, GCS X-Goog-Signature=, plain or
+    # URL-encoded (...%26sig%3Dabc%252F...), in a URL, a quoted string or a repr
+    (
+        re.compile(
+            r"(?i)(?:(?<=%26)|(?<=%3F)|(?<![A-Za-z0-9_-]))"
+            r"((?:sig|signature|x-amz-signature|x-goog-signature)(?:=|%3D))"
+            r"(?:(?!%26)[^&\s\"'#<>])+"
+        ),
+        rf"\1{MASK}",
+    ),
+    # redis://user:password@host - a broker password may hold "/" or "@": up to the last "@"
+    (
+        re.compile(r"(?i)\b((?:rediss?|amqps?|sentinel)://[^:/@\s\"']*:)[^\s\"'<>]*@"),
+        rf"\1{MASK}@",
+    ),
+    # http(s)://user:password@host (a "/" ends the authority: host:port/path@x is no password)
+    (re.compile(r"(?i)\b(https?://[^:/@\s]*:)[^@\s/]+@"), rf"\1{MASK}@"),
+    # header lines and header dicts: x-api-key: ..., api-key: ..., x-auth-token: ...
+    (
+        re.compile(r"(?i)\b((?:x-)?(?:api-key|auth-token)[\"']?\s*:\s*[\"']?)[^\s\"',;]+"),
+        rf"\1{MASK}",
+    ),
+    # Cookie: a=b; c=d  /  Set-Cookie: ... (the whole value, up to the line's or string's end)
+    (re.compile(r"(?i)\b((?:set-)?cookie[\"']?\s*:\s*[\"']?)[^\r\n\"']+"), rf"\1{MASK}"),
     # password=..., api_key=..., FLOWER_BASIC_AUTH=...
     (re.compile(rf"(?i)\b({_SECRET_NAMES}=)[^\s&\"',;]+"), rf"\1{MASK}"),
     # "password": "...", 'api_key': '...'

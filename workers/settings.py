@@ -22,6 +22,7 @@ from producers.config import (
 )
 from workers.blob import TransferPolicy
 from workers.limits_config import WorkspaceLimits
+from workers.sources import DEFAULT_MAX_SOURCE_BYTES
 
 
 class Secret:
@@ -73,6 +74,8 @@ class WorkerSettings:
     retry: RetryPolicy
     connect_timeout: float
     read_timeout: float
+    # AWORK_MAX_SOURCE_BYTES: a URL source that announces or sends more fails `source-too-large`.
+    max_source_bytes: int = DEFAULT_MAX_SOURCE_BYTES
 
     @classmethod
     def from_env(cls) -> WorkerSettings:
@@ -113,6 +116,7 @@ class WorkerSettings:
             ),
             connect_timeout=env_float("AWORK_CONNECT_TIMEOUT", 10.0),
             read_timeout=env_float("AWORK_READ_TIMEOUT", 60.0),
+            max_source_bytes=_positive("AWORK_MAX_SOURCE_BYTES", DEFAULT_MAX_SOURCE_BYTES),
         )
 
     def workspace(self, name: str) -> Workspace:
@@ -157,6 +161,13 @@ def _key_from_table(name: str, table: dict[str, object]) -> Secret:
             raise ConfigError(f"{where}.api_key_file: {path} is readable by others; chmod 600 it")
         return Secret(path.read_text().strip())
     raise ConfigError(f"{where}: set api_key_env or api_key_file")
+
+
+def _positive(name: str, default: int) -> int:
+    value = env_int(name, default)
+    if value <= 0:
+        raise ConfigError(f"{name}: expected a positive number of bytes, got {value}")
+    return value
 
 
 def _check_url(name: str, url: str) -> None:

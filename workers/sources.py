@@ -12,21 +12,24 @@ import base64
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3.exceptions
 
 from producers.block_digests import BlockDigests
+from producers.source_url import SourceUrlRefused, check_source_url
 from workers.errors import PermanentError, TransientError
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 READ_CHUNK = 1 * MiB
+# AWORK_MAX_SOURCE_BYTES: the most a URL source may send (awork's own limits are lower still).
+DEFAULT_MAX_SOURCE_BYTES = 5 * 1024 * MiB
 
 
 def md5_b64(data: bytes | bytearray | memoryview) -> str:
@@ -195,12 +198,19 @@ _STREAM_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def redact_url(url: str) -> str:
-    """The URL without query or userinfo: safe for logs (a SAS query is a credential)."""
-    parts = urlsplit(url)
+    """`scheme://host:port` of a URL: safe for logs and error texts. A SAS query is a credential,
+    and some hosts sign the path itself, so neither is ever shown."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "<malformed URL>"
     host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    if ":" in host:
+        host = f"[{host}]"
+    if port:
+        host = f"{host}:{port}"
+    return f"{parts.scheme}://{host}" if parts.scheme else host
 
 
 def _raise_for_source_status(resp: requests.Response, label: str) -> None:
@@ -213,17 +223,31 @@ def _raise_for_source_status(resp: requests.Response, label: str) -> None:
     raise PermanentError(msg, status=status, code="source-refused")
 
 
+def _too_large(label: str, what: str, cap: int) -> PermanentError:
+    return PermanentError(
+        f"source {label} {what}: above the {cap}-byte cap AWORK_MAX_SOURCE_BYTES", code="source-too-large"
+    )
+
+
 class _UrlReader:
-    """Reads a streamed GET; on a break, resumes with `Range` + `If-Range` when the server allows."""
+    """Reads a streamed GET; on a break, resumes with `Range` + `If-Range` when the server allows.
+
+    Never more than the source's `max_bytes`: a Content-Length above it is refused before the
+    body is read, and a body of unknown length stops at the cap.
+    """
 
     def __init__(self, source: UrlSource) -> None:
         self._src = source
         self.pos = 0
         self._resumes = 0
+        self._validator: str | None = None
         self._resp = self._get(None)
         headers = self._resp.headers
         length = headers.get("Content-Length")
         self.size: int | None = int(length) if length and length.isdigit() else None
+        if self.size is not None and self.size > source.max_bytes:
+            self._resp.close()
+            raise _too_large(source.label, f"announces {self.size} bytes", source.max_bytes)
         self._validator = headers.get("ETag") or headers.get("Last-Modified")
         if self._validator and self._validator.startswith("W/"):
             self._validator = None  # weak ETags may not be used with If-Range
@@ -235,18 +259,49 @@ class _UrlReader:
             headers["Range"] = f"bytes={start}-"
             if self._validator:
                 headers["If-Range"] = self._validator
-        try:
-            resp = self._src.session.get(
-                self._src.url, headers=headers, stream=True, timeout=self._src.timeout
-            )
-        except _STREAM_ERRORS as exc:
-            raise SourceInterrupted(f"source {self._src.label}: {exc}", code="source-unreachable") from exc
-        try:
-            _raise_for_source_status(resp, self._src.label)
-        except Exception:
+        src = self._src
+        url = src.url
+        for _hop in range(src.max_redirects + 1):
+            try:
+                # Redirects are followed here, each hop checked like the first URL (never by
+                # requests, which would check nothing).
+                resp = src.session.get(
+                    url, headers=headers, stream=True, timeout=src.timeout, allow_redirects=False
+                )
+            except _STREAM_ERRORS as exc:
+                # The exception's text carries the path and query: only its class is kept.
+                raise SourceInterrupted(
+                    f"source {redact_url(url)}: {type(exc).__name__}", code="source-unreachable"
+                ) from None
+            if resp.status_code not in _REDIRECTS:
+                try:
+                    _raise_for_source_status(resp, redact_url(url))
+                except Exception:
+                    resp.close()
+                    raise
+                return resp
+            location = resp.headers.get("Location", "")
             resp.close()
-            raise
-        return resp
+            url = self._next_hop(url, location)
+        raise PermanentError(
+            f"source {src.label}: more than {src.max_redirects} redirects", code="source-redirect-refused"
+        )
+
+    def _next_hop(self, url: str, location: str) -> str:
+        src = self._src
+        if src.allowed_hosts is None:
+            raise PermanentError(
+                f"source {redact_url(url)} answered with a redirect; redirects are not followed here",
+                code="source-redirect-refused",
+            )
+        target = urljoin(url, location.strip()) if location else ""
+        try:
+            check_source_url(target, src.allowed_hosts)
+        except SourceUrlRefused as exc:
+            raise PermanentError(
+                f"source {redact_url(url)} redirected to a refused URL: {exc}", code="source-redirect-refused"
+            ) from None
+        return target
 
     @property
     def resumable(self) -> bool:
@@ -254,13 +309,15 @@ class _UrlReader:
 
     def _resume(self, cause: BaseException) -> None:
         self._resp.close()
+        label = self._src.label
         if not self.resumable or self._resumes >= self._src.max_resumes:
             raise SourceInterrupted(
-                f"source {self._src.label} broke at byte {self.pos} and cannot be resumed: {cause}",
+                f"source {label} broke at byte {self.pos} and cannot be resumed ({type(cause).__name__})",
                 code="source-interrupted",
-            ) from cause
+            ) from None
         self._resumes += 1
-        log.info("source %s broke at byte %d, resuming with Range (%s)", self._src.label, self.pos, cause)
+        why = type(cause).__name__
+        log.info("source %s broke at byte %d, resuming with Range (%s)", label, self.pos, why)
         resp = self._get(self.pos)
         expected = f"bytes {self.pos}-"
         content_range = resp.headers.get("Content-Range", "")
@@ -272,15 +329,16 @@ class _UrlReader:
             # 200 means the representation changed (If-Range failed) or ranges were ignored.
             resp.close()
             raise SourceInterrupted(
-                f"source {self._src.label} did not resume at byte {self.pos} "
-                f"(status {resp.status_code}, Content-Range {content_range!r})",
+                f"source {label} did not resume at byte {self.pos} "
+                f"(status {resp.status_code}, Content-Range {content_range[:80]!r})",
                 code="source-changed",
-            ) from cause
+            ) from None
         self._resp = resp
 
     def read(self, n: int) -> bytes:
         parts: list[bytes] = []
         got = 0
+        cap = self._src.max_bytes
         while got < n:
             want = min(n - got, READ_CHUNK)
             try:
@@ -293,6 +351,9 @@ class _UrlReader:
                     self._resume(EOFError(f"stream ended at {self.pos} of {self.size}"))
                     continue
                 break
+            if self.pos + len(chunk) > cap:
+                self._resp.close()
+                raise _too_large(self._src.label, f"sent more than {cap} bytes", cap)
             parts.append(chunk)
             got += len(chunk)
             self.pos += len(chunk)
@@ -302,10 +363,15 @@ class _UrlReader:
         self._resp.close()
 
 
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
 class UrlSource:
     """An http(s) URL streamed through, never written to disk.
 
-    The caller owns `session` (and its allow-list); it is used only for the GETs of this source.
+    The caller owns `session`; it is used only for the GETs of this source. Redirects are
+    followed only with `allowed_hosts`, every hop checked against it (producers.source_url);
+    without it a redirect is refused. At most `max_bytes` are read (AWORK_MAX_SOURCE_BYTES).
     """
 
     def __init__(
@@ -315,13 +381,21 @@ class UrlSource:
         *,
         timeout: tuple[float, float] = (10.0, 120.0),
         max_resumes: int = 5,
+        allowed_hosts: Collection[str] | None = None,
+        max_bytes: int = DEFAULT_MAX_SOURCE_BYTES,
+        max_redirects: int = 5,
     ) -> None:
         if urlsplit(url).scheme not in ("http", "https"):
             raise PermanentError(f"not an http(s) URL: {redact_url(url)}", code="source-refused")
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
         self.url = url
         self.session = session
         self.timeout = timeout
         self.max_resumes = max_resumes
+        self.allowed_hosts = tuple(allowed_hosts) if allowed_hosts is not None else None
+        self.max_bytes = max_bytes
+        self.max_redirects = max_redirects
 
     @property
     def label(self) -> str:
@@ -333,6 +407,17 @@ class UrlSource:
 
     def open(self) -> _UrlReader:
         return _UrlReader(self)
+
+
+def open_url_source(
+    url: str, allowed_hosts: Collection[str], max_bytes: int, session: requests.Session
+) -> UrlSource:
+    """A job's URL source, checked here too: a record may have been written by anyone."""
+    try:
+        check_source_url(url, allowed_hosts)
+    except SourceUrlRefused as exc:
+        raise PermanentError(f"source refused: {exc}", code="source-refused") from None
+    return UrlSource(url, session, allowed_hosts=allowed_hosts, max_bytes=max_bytes)
 
 
 def iter_blocks(reader: SourceReader, block_size: int) -> Iterator[bytes]:
@@ -347,6 +432,7 @@ def iter_blocks(reader: SourceReader, block_size: int) -> Iterator[bytes]:
 
 
 __all__ = [
+    "DEFAULT_MAX_SOURCE_BYTES",
     "ByteSource",
     "FileSource",
     "SourceInterrupted",
@@ -355,6 +441,7 @@ __all__ = [
     "file_md5_b64",
     "iter_blocks",
     "md5_b64",
+    "open_url_source",
     "read_exact",
     "redact_url",
 ]

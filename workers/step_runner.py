@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 from celery import Task
@@ -26,6 +26,7 @@ from producers import staging
 from producers.broker import MAX_COUNTDOWN_SECONDS
 from producers.contract import JobState
 from workers import metrics
+from workers.error_text import scrub
 from workers.errors import AworkError, PermanentError, RateLimited, TransientError, UploadUrlExpired
 from workers.logging_setup import step_outcome
 from workers.ratelimit import suggested_countdown
@@ -256,24 +257,43 @@ def _run_locked(
         record.pop("wait_reason", None)
         record.pop("wait_until", None)
     ctx.started = time.monotonic()
+    failure: Exception | None = None
     try:
         result = body(ctx)
-    except RateWait as wait:
-        countdown = _defer_for_rate(ctx, wait.seconds, wait.contended, wait.reason)
+    except (JobEnded, Ignore, Retry):
+        raise
+    except Exception as exc:
+        failure = exc
+    if failure is not None:
+        # Handled outside the `except`: a retry or JobEnded raised in there would carry the
+        # error (whose text may hold a URL) as its __context__ into Celery's task-retried /
+        # task-failed events, Flower and the logs.
+        _handle_failure(ctx, attempt, failure)
+    # `running` is cleared with the lock (run_step's finally) on every exit but a dead process:
+    # what the sweeper and the next delivery look for.
+    _log(ctx, attempt, "ok", None)
+    return {"job_id": job_id, "step": step, **result}
+
+
+def _handle_failure(ctx: StepContext, attempt: int, exc: Exception) -> NoReturn:
+    """How a failed step body ends: deferred, retried, sent for a new URL, failed or dead."""
+    task, rt, job_id = ctx.task, ctx.rt, ctx.job_id
+    if isinstance(exc, RateWait):
+        countdown = _defer_for_rate(ctx, exc.seconds, exc.contended, exc.reason)
         _log(ctx, attempt, "deferred", None, wait=round(countdown, 2))
         metrics.rate_wait(ctx.workspace, countdown)
-        raise task.retry(countdown=countdown, max_retries=None) from None
-    except UploadUrlExpired as exc:
-        raise _renew_url(ctx, attempt, exc) from None
-    except LeaseLost:
+        raise task.retry(countdown=countdown, max_retries=None)
+    if isinstance(exc, UploadUrlExpired):
+        raise _renew_url(ctx, attempt, exc)
+    if isinstance(exc, LeaseLost):
         # Frozen past the lock: another copy may own the step now. Look again later (that run
         # takes the lock afresh and finds the work done, or does it).
         _log(ctx, attempt, "deferred", None, wait=LOCKED_RECHECK_SECONDS, reason="lease-lost")
-        raise task.retry(countdown=LOCKED_RECHECK_SECONDS, max_retries=None) from None
-    except PermanentError as exc:
+        raise task.retry(countdown=LOCKED_RECHECK_SECONDS, max_retries=None)
+    if isinstance(exc, PermanentError):
         _log(ctx, attempt, "failed", exc)
         _end(ctx, JobState.FAILED, exc)
-    except RateLimited as exc:
+    if isinstance(exc, RateLimited):
         # The limiter has paused the workspace (observe() saw the 429); a longer pause is
         # caught by _token_or_defer when the job comes back.
         countdown = suggested_countdown(exc.retry_after or 1.0, MAX_COUNTDOWN_SECONDS)
@@ -282,18 +302,15 @@ def _run_locked(
         _log(ctx, attempt, "rate_limited", exc, wait=round(countdown, 2))
         metrics.rate_limited(ctx.workspace)
         metrics.rate_wait(ctx.workspace, countdown)
-        raise task.retry(countdown=countdown, max_retries=None) from None
-    except (TransientError, OSError) as exc:
-        raise _retry_or_die(ctx, attempt, exc) from None
-    except (JobEnded, Ignore, Retry):
-        raise
-    except Exception as exc:
-        log.exception("step=%s job=%s unexpected error", step, job_id)
-        raise _retry_or_die(ctx, attempt, exc) from None
-    # `running` is cleared with the lock (run_step's finally) on every exit but a dead process:
-    # what the sweeper and the next delivery look for.
-    _log(ctx, attempt, "ok", None)
-    return {"job_id": job_id, "step": step, **result}
+        raise task.retry(countdown=countdown, max_retries=None)
+    if not isinstance(exc, TransientError | OSError):
+        log.error(
+            "step=%s job=%s unexpected error",
+            ctx.step,
+            job_id,
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
+    raise _retry_or_die(ctx, attempt, exc)
 
 
 def _token_or_defer(ctx: StepContext) -> None:
@@ -350,7 +367,7 @@ def _defer_for_rate(ctx: StepContext, wait: float, contended: bool, reason: str 
 def _retry_or_die(ctx: StepContext, attempt: int, exc: BaseException) -> BaseException:
     rt = ctx.rt
     errors = rt.store.incr(ctx.job_id, f"errors_{ctx.step}")
-    err = exc if isinstance(exc, AworkError) else TransientError(f"{type(exc).__name__}: {exc}")
+    err = exc if isinstance(exc, AworkError) else TransientError(scrub(f"{type(exc).__name__}: {exc}"))
     _record_error(ctx, err)
     policy = rt.settings.retry
     if errors >= policy.max_attempts:
@@ -380,10 +397,12 @@ def _renew_url(ctx: StepContext, attempt: int, exc: UploadUrlExpired) -> BaseExc
 
 
 def _record_error(ctx: StepContext, err: AworkError) -> None:
+    """The one place a record gets its error fields: every text passes `scrub` (no URL path or
+    query, no credential), whatever raised it."""
     ctx.update(
         error_step=ctx.step,
-        error_code=err.code or type(err).__name__,
-        error_description=err.message,
+        error_code=scrub(err.code or type(err).__name__),
+        error_description=scrub(err.message),
         error_status=err.status,
         error_trace_id=err.trace_id,
     )
@@ -398,7 +417,7 @@ def _end(ctx: StepContext, state: JobState, err: AworkError) -> None:
     _record_error(ctx, err)
     ctx.rt.store.finish(ctx.job_id, state)
     metrics.job_finished(state.value, ctx.workspace)
-    raise JobEnded(f"{state.value}: {err.code or ''} {err.message}".strip())
+    raise JobEnded(scrub(f"{state.value}: {err.code or ''} {err.message}".strip()))
 
 
 def cleanup_staging(ctx: StepContext) -> None:

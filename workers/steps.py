@@ -22,14 +22,13 @@ from producers.contract import (
     JobState,
     Target,
 )
-from producers.spec import source_host_refused
 from workers import metrics
 from workers.blob import multipart_body, plain_session, url_expiry
 from workers.block_journal import RedisBlockJournal
 from workers.celery_app import app
 from workers.errors import PermanentError, TransientError, UploadUrlExpired
 from workers.file_match import find_linked_file
-from workers.sources import ByteSource, FileSource, UrlSource
+from workers.sources import DEFAULT_MAX_SOURCE_BYTES, ByteSource, FileSource, open_url_source
 from workers.step_runner import JobEnded, StepContext, cleanup_staging, run_step
 
 # awork's code for "this uploadId is linked already" (a second link of the same upload).
@@ -96,7 +95,7 @@ def _put(ctx: StepContext) -> dict[str, Any]:
     url = record.get("upload_url")
     if not url or not url_usable(record):
         raise UploadUrlExpired("no upload URL, or it is at its se= expiry")
-    source = open_source(record, ctx.rt.settings.shared.source_url_hosts, ctx.rt.settings.shared.staging_dir)
+    source = _open_source(ctx)
     journal = RedisBlockJournal(ctx.rt.redis, ctx.job_id)
     outcome = ctx.rt.uploader.upload(
         url,
@@ -178,7 +177,7 @@ def _multipart(ctx: StepContext) -> dict[str, Any]:
         found = _reconcile(ctx, target)
         if found:
             return found
-    source = open_source(record, ctx.rt.settings.shared.source_url_hosts, ctx.rt.settings.shared.staging_dir)
+    source = _open_source(ctx)
     ctx.take_token()
     body, content_type, length = multipart_body(
         source, record["file_name"], record.get("content_type") or "application/octet-stream"
@@ -195,6 +194,13 @@ def multipart_upload(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
 
 
 # -- shared ----------------------------------------------------------------------------------
+def _open_source(ctx: StepContext) -> ByteSource:
+    settings = ctx.rt.settings
+    return open_source(
+        ctx.record, settings.shared.source_url_hosts, settings.shared.staging_dir, settings.max_source_bytes
+    )
+
+
 def _reconcile(ctx: StepContext, target: Target) -> dict[str, Any] | None:
     """After an attempt whose outcome is unknown: does awork already hold the file?"""
     if target.list_path is None:
@@ -235,14 +241,16 @@ def _awork_size(info: dict[str, Any]) -> int | None:
     return None
 
 
-def open_source(record: dict[str, str], source_url_hosts: tuple[str, ...], staging_dir: Path) -> ByteSource:
-    """The job's bytes: its staged file, or its URL re-checked against the allow-list here too."""
+def open_source(
+    record: dict[str, str],
+    source_url_hosts: tuple[str, ...],
+    staging_dir: Path,
+    max_source_bytes: int = DEFAULT_MAX_SOURCE_BYTES,
+) -> ByteSource:
+    """The job's bytes: its staged file, or its URL re-checked against the allow-list here too
+    (and read up to `max_source_bytes`, AWORK_MAX_SOURCE_BYTES)."""
     if record.get("source_kind") == "url":
-        url = record["source"]
-        refused = source_host_refused(url, source_url_hosts)
-        if refused:
-            raise PermanentError(f"source host {refused} is not allowed", code="source-refused")
-        return UrlSource(url, plain_session())
+        return open_url_source(record["source"], source_url_hosts, max_source_bytes, plain_session())
     path = Path(record["source"])
     if not staging.inside(path, staging_dir):
         # Only files under STAGING_DIR, symlinks and `..` resolved: a crafted record cannot make
