@@ -25,6 +25,10 @@ OPS_COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("ops.demo", "start the stack and send a realistic batch through it"),
     "flower": ("ops.flower", "run Flower with basic auth from FLOWER_BASIC_AUTH"),
     "workspaces": ("ops.workspaces", "each workspace's rate limits, current use and pause [--json]"),
+    "connections": (
+        "workers.connections.cli",
+        "customer workspaces: add, list, show, test, remove, rekey, oauth-url, oauth-complete",
+    ),
 }
 
 
