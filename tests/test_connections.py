@@ -65,7 +65,9 @@ def test_secrets_are_ciphertext_and_producers_never_see_them(client: redis.Redis
     for plain in (b"sk-live-very-secret-123", b"rt-very-secret-456", b"at-very-secret-789", key.encode()):
         assert plain not in dump
     info = ConnectionRegistry(client).get("acme")
-    assert info is not None and info.kind == "api_key" and info.state == "active" and info.plan == "enterprise"
+    assert (
+        info is not None and info.kind == "api_key" and info.state == "active" and info.plan == "enterprise"
+    )
     assert "secret" not in json.dumps(info.to_json())
     conn = store.load("acme")
     assert conn is not None and conn.api_key is not None
@@ -99,20 +101,26 @@ def test_wrong_key_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_cli_add_list_show_remove_and_enqueue(
-    client: redis.Redis, key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    client: redis.Redis,
+    key: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     keyfile = tmp_path / "acme.key"
     keyfile.write_text("sk-acme\n")
     keyfile.chmod(0o600)
-    assert cli_main(["connections", "add", "acme", "--api-key-file", str(keyfile), "--plan", "enterprise"]) == 0
+    assert (
+        cli_main(["connections", "add", "acme", "--api-key-file", str(keyfile), "--plan", "enterprise"]) == 0
+    )
     monkeypatch.setenv("GLOBEX_KEY", "sk-globex")
     assert cli_main(["connections", "add", "globex", "--api-key-env", "GLOBEX_KEY"]) == 0
     capsys.readouterr()
     assert cli_main(["connections", "list", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["name"], r["kind"], r["state"]) for r in rows] == [
-        ("acme", "api_key", "active"), ("globex", "api_key", "active")
+        ("acme", "api_key", "active"),
+        ("globex", "api_key", "active"),
     ]
     assert "sk-" not in json.dumps(rows)
     # bad input names the field
