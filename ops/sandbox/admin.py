@@ -104,6 +104,9 @@ class AdminApi:
                     raise AdminError(400, "access_lifetime_s: expected a number of seconds > 0")
                 self.sandbox.oauth.access_lifetime_s = float(lifetime)
                 return _json(self.sandbox.oauth.to_json())
+            if path == "/oauth/issued" and method == "GET":
+                # for leak scans in tests: which tokens must never show up in plain text
+                return _json({"tokens": self.sandbox.oauth.issued})
             if path == "/oauth/revoke" and method == "POST":
                 body = await _body(request)
                 if not isinstance(body, dict) or not (body.get("workspace") or body.get("grant")):

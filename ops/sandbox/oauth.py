@@ -91,6 +91,8 @@ class OAuthServer:
         self._refresh: dict[str, str] = {}  # current refresh token -> grant id
         self._spent: set[str] = set()  # refresh tokens already used once
         self._access: dict[str, tuple[str, float]] = {}  # access token -> (grant id, expires)
+        # Every token issued (bounded): the admin API hands them to leak scans in tests.
+        self.issued: list[str] = []
         self.stats = OAuthStats()
 
     def reset(self) -> None:
@@ -187,6 +189,8 @@ class OAuthServer:
         self._access[access] = (grant.id, now + self.access_lifetime_s)
         grant.refresh_token = refresh
         self._refresh[refresh] = grant.id
+        self.issued += [access, refresh]
+        del self.issued[:-20_000]
         if len(self._access) > 10_000:  # forget lapsed tokens
             self._access = {k: v for k, v in self._access.items() if v[1] > now}
         return {
