@@ -16,9 +16,10 @@ import pytest
 import requests
 from cryptography.fernet import Fernet
 
+from producers.cli import main as cli_main
 from producers.connections import ConnectionRegistry
 from producers.spec import JobSpec
-from tests.fleet import Fleet, wait_until
+from tests.fleet import SECOND_KEY, Fleet, wait_until
 from workers.connections.crypto import SecretBox
 from workers.connections.oauth import OAuthClient, begin_authorization, complete_authorization
 from workers.connections.store import ConnectionStore
@@ -81,7 +82,20 @@ def _specs(fleet: Fleet, name: str, n: int) -> list[JobSpec]:
     return [JobSpec(f"{name} {i}".encode(), f"task:{task}", name, f"f{i}.txt") for i in range(n)]
 
 
-def test_refresh_is_single_flight_then_revoke_parks_and_reconnect_resumes(fleet: Fleet) -> None:
+def test_api_key_connection_added_at_run_time(fleet: Fleet) -> None:
+    """A connection registered while the workers run serves jobs without a restart."""
+    _store(fleet).add_api_key("initech", SECOND_KEY)
+    task = fleet.entity("tasks")
+    jobs = fleet.uploads.enqueue_many(
+        [JobSpec(b"k%d" % i, f"task:{task}", "initech", f"k{i}.txt") for i in range(10)]
+    )
+    assert all(j.state.value == "done" for j in fleet.wait(jobs, timeout=30))
+    assert len(fleet.files_of(task)) == 10
+
+
+def test_refresh_is_single_flight_then_revoke_parks_and_reconnect_resumes(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     for name in CONNS:
         _connect(fleet, name)
     # -- 300 jobs over two connections, tokens living 3 s ------------------------------------
@@ -125,6 +139,17 @@ def test_refresh_is_single_flight_then_revoke_parks_and_reconnect_resumes(fleet:
     final = fleet.wait(more[:60], timeout=60)
     assert [j.state.value for j in final].count("done") == 60, {j.state.value for j in final}
     assert fleet.sandbox.oauth_stats()["invalid_grant"] == 1  # the one refresh that found it revoked
+    for k in (
+        "REDIS_URL",
+        "AWORK_API_URL",
+        "AWORK_SECRETS_KEY",
+        "AWORK_OAUTH_CLIENT_ID",
+        "AWORK_OAUTH_CLIENT_SECRET",
+    ):
+        monkeypatch.setenv(k, fleet.env[k])
+    capsys.readouterr()
+    assert cli_main(["connections", "test", "acme"]) == 0
+    assert "acme: ok" in capsys.readouterr().out
 
     # -- no secret in plain text anywhere ----------------------------------------------------
     issued = fleet.sandbox.admin("GET", "/oauth/issued")["tokens"]
