@@ -161,3 +161,51 @@ def test_worker_cache_sees_changes_and_needs_reconnect(client: redis.Redis, key:
     with pytest.raises(NeedsReconnect):
         conns.bearer("globex")
     assert conns.cached_count() <= 2
+
+
+class _TokenEndpoint:
+    """Stands in for awork's token endpoint in unit tests: answers invalid_grant, and may have a
+    new grant arrive (an operator's `connections add`) while the refresh is in flight."""
+
+    def __init__(self, store: ConnectionStore, new_grant_meanwhile: bool) -> None:
+        self.store = store
+        self.new_grant_meanwhile = new_grant_meanwhile
+        self.calls = 0
+
+    def refresh(self, refresh_token: object) -> object:
+        from workers.connections.oauth import InvalidGrant
+
+        self.calls += 1
+        if self.new_grant_meanwhile:
+            self.store.add_oauth("globex", "rt-new", "at-new", 3600)
+        raise InvalidGrant("token endpoint: invalid_grant", status=400, code="invalid_grant")
+
+
+def test_invalid_grant_rereads_before_declaring_the_grant_dead(client: redis.Redis, key: str) -> None:
+    from workers.errors import TransientError
+
+    store = ConnectionStore(client, SecretBox.from_env())
+    store.add_oauth("globex", "rt-old", "at-old", 0)  # access token already due
+    endpoint = _TokenEndpoint(store, new_grant_meanwhile=True)
+    conns = Connections(store, endpoint, ttl=0.0)  # type: ignore[arg-type]
+    with pytest.raises(TransientError, match="grant replaced"):
+        conns.bearer("globex")
+    info = ConnectionRegistry(client).get("globex")
+    assert info is not None and info.state == "active"
+    assert conns.bearer("globex").reveal() == "at-new"
+
+
+def test_invalid_grant_with_unchanged_token_means_needs_reconnect(client: redis.Redis, key: str) -> None:
+    store = ConnectionStore(client, SecretBox.from_env())
+    store.add_oauth("globex", "rt-old", "at-old", 0)
+    endpoint = _TokenEndpoint(store, new_grant_meanwhile=False)
+    conns = Connections(store, endpoint, ttl=0.0)  # type: ignore[arg-type]
+    with pytest.raises(NeedsReconnect):
+        conns.bearer("globex")
+    info = ConnectionRegistry(client).get("globex")
+    assert info is not None and info.state == "needs_reconnect" and info.reason == "invalid_grant"
+    with pytest.raises(NeedsReconnect):  # no second call to the token endpoint
+        conns.bearer("globex")
+    assert endpoint.calls == 1
+    store.add_oauth("globex", "rt-2", "at-2", 3600)  # the customer connected again
+    assert conns.bearer("globex").reveal() == "at-2"
