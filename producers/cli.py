@@ -25,6 +25,10 @@ OPS_COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("ops.demo", "start the stack and send a realistic batch through it"),
     "flower": ("ops.flower", "run Flower with basic auth from FLOWER_BASIC_AUTH"),
     "workspaces": ("ops.workspaces", "each workspace's rate limits, current use and pause [--json]"),
+    "connections": (
+        "workers.connections.cli",
+        "customer workspaces: add, list, show, test, remove, rekey, oauth-url, oauth-complete",
+    ),
 }
 
 
@@ -209,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("jobs", help="list recent jobs")
-    p.add_argument("--state", help="queued, requesting_url, uploading, linking, done, failed, dead")
+    p.add_argument(
+        "--state",
+        help="queued, requesting_url, uploading, linking, waiting_for_connection, done, failed, dead",
+    )
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs)

@@ -40,6 +40,7 @@ from producers.config import (
     read_workspaces_file,
     redact_url,
 )
+from producers.connections import ConnectionRegistry
 from producers.contract import JobState, SpecError
 from producers.records import Job, JobStore
 from producers.spec import JobSpec, ValidSpec, validate
@@ -155,11 +156,14 @@ class Uploads:
         return out
 
     def known_workspaces(self) -> set[str] | None:
-        """Names from AWORK_WORKSPACES_FILE, else `default` plus what running workers announced."""
+        """Registered connections (producers.connections), plus the names of
+        AWORK_WORKSPACES_FILE, else `default` plus what running workers announced. A connection
+        that was removed is in none of these, so enqueueing to it is refused here."""
+        registered = ConnectionRegistry(self.redis).names()
         if self.settings.workspaces_file is not None:
-            return set(read_workspaces_file(self.settings.workspaces_file))
+            return set(read_workspaces_file(self.settings.workspaces_file)) | registered
         names = {_s(m) for m in self.redis.smembers(WORKSPACES_KEY)}
-        return names | {DEFAULT_WORKSPACE}
+        return names | {DEFAULT_WORKSPACE} | registered
 
     def _prepare(self, v: ValidSpec) -> _Prepared:
         job_id = uuid.uuid4().hex

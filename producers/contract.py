@@ -33,6 +33,9 @@ class JobState(StrEnum):
     REQUESTING_URL = "requesting_url"
     UPLOADING = "uploading"
     LINKING = "linking"
+    # The job's connection needs the customer to connect again (producers.connections): the job
+    # waits, it does not fail, and goes on once the connection is active.
+    WAITING_FOR_CONNECTION = "waiting_for_connection"
     DONE = "done"
     FAILED = "failed"  # a permanent error: retrying cannot help
     DEAD = "dead"  # transient errors until the retry budget ran out

@@ -17,6 +17,10 @@ from workers.settings import Secret
 
 # (status, headers, seconds the request took)
 ResponseHook = Callable[[int, Mapping[str, str], float], None]
+# The bearer token for the next request: a fixed API key, or an OAuth connection's current token.
+TokenSource = Secret | Callable[[], Secret]
+# Called with the token awork answered 401 to; returns a fresh one to retry once with, or None.
+Unauthorized = Callable[[Secret], Secret | None]
 # awork codes that say "try again" although they come with a 4xx status.
 RETRYABLE_CODES = frozenset({"concurrency-violation", "database-commit"})
 USER_AGENT = "awork-uploads/0.1"
@@ -26,13 +30,15 @@ class AworkClient:
     def __init__(
         self,
         api_url: str,
-        api_key: Secret,
+        api_key: TokenSource,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
         on_response: ResponseHook | None = None,
+        on_unauthorized: Unauthorized | None = None,
     ) -> None:
         self.api_url = api_url.rstrip("/")
         self._api_key = api_key
+        self.on_unauthorized = on_unauthorized
         self.timeout = (connect_timeout, read_timeout)
         self.on_response = on_response
         self._local = threading.local()
@@ -43,7 +49,6 @@ class AworkClient:
         if session is None:
             session = requests.Session()
             session.trust_env = False
-            session.headers["Authorization"] = f"Bearer {self._api_key.reveal()}"
             session.headers["User-Agent"] = USER_AGENT
             self._local.session = session
         return session
@@ -96,10 +101,40 @@ class AworkClient:
         return out
 
     # -- plumbing ----------------------------------------------------------------------------
+    def _token(self) -> Secret:
+        key = self._api_key
+        return key if isinstance(key, Secret) else key()
+
     def _request(self, method: str, path: str, idempotent: bool, **kwargs: Any) -> Any:
+        token = self._token()
+        resp = self._send(method, path, idempotent, token, kwargs)
+        if resp.status_code == 401 and self.on_unauthorized is not None:
+            # An OAuth token awork no longer takes (revoked, or lapsed in flight): the request had
+            # no effect, so it is sent once more with a fresh token (or NeedsReconnect parks it).
+            fresh = self.on_unauthorized(token)
+            if fresh is not None and fresh.reveal() != token.reveal():
+                if not _replayable(kwargs):  # a streamed body: the step's retry sends it again
+                    raise TransientError(f"{method} {path}: token refreshed after a 401", status=401)
+                resp = self._send(method, path, idempotent, fresh, kwargs)
+        if resp.status_code < 300:
+            if not resp.content:
+                return None
+            try:
+                return resp.json()
+            except ValueError:
+                raise TransientError(
+                    f"{method} {path}: answer is not JSON", status=resp.status_code, outcome_unknown=True
+                ) from None
+        raise classify(method, path, resp)
+
+    def _send(
+        self, method: str, path: str, idempotent: bool, token: Secret, kwargs: dict[str, Any]
+    ) -> requests.Response:
         url = f"{self.api_url}{path}"
+        headers = {**(kwargs.get("headers") or {}), "Authorization": f"Bearer {token.reveal()}"}
+        rest = {k: v for k, v in kwargs.items() if k != "headers"}
         try:
-            resp = self.session.request(method, url, timeout=self.timeout, **kwargs)
+            resp = self.session.request(method, url, timeout=self.timeout, headers=headers, **rest)
         except requests.exceptions.ConnectTimeout as exc:
             raise TransientError(f"{method} {path}: connect timeout ({type(exc).__name__})") from None
         except requests.exceptions.ReadTimeout:
@@ -111,16 +146,13 @@ class AworkClient:
             ) from None
         if self.on_response is not None:
             self.on_response(resp.status_code, resp.headers, resp.elapsed.total_seconds())
-        if resp.status_code < 300:
-            if not resp.content:
-                return None
-            try:
-                return resp.json()
-            except ValueError:
-                raise TransientError(
-                    f"{method} {path}: answer is not JSON", status=resp.status_code, outcome_unknown=True
-                ) from None
-        raise classify(method, path, resp)
+        return resp
+
+
+def _replayable(kwargs: dict[str, Any]) -> bool:
+    """A streamed body (multipart upload) cannot be sent twice."""
+    data = kwargs.get("data")
+    return data is None or isinstance(data, bytes | str | dict)
 
 
 def classify(method: str, path: str, resp: requests.Response) -> AworkError:

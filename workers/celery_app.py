@@ -13,6 +13,7 @@ app = Celery(
         "workers.kombu_fixes",
         "workers.steps",
         "workers.signals",
+        "workers.connections.keepalive",
         "workers.shutdown",
         "workers.metrics",
         "workers.logging_setup",

@@ -14,16 +14,23 @@ from functools import cached_property
 
 import redis
 
+from producers.config import ConfigError
 from producers.records import JobStore
-from workers.awork_client import AworkClient
+from workers.awork_client import AworkClient, TokenSource, Unauthorized
 from workers.blob import BlobUploader, RedisFallbackStore
+from workers.connections.settings import ConnectionSettings
+from workers.connections.store import ConnectionStore
+from workers.connections.tokens import Connections, UnknownConnection
+from workers.limits_config import WorkspaceLimits
 from workers.ratelimit import RateLimiter
-from workers.settings import WorkerSettings, transfer_policy_from_env
+from workers.settings import Secret, WorkerSettings, transfer_policy_from_env
 from workers.step_lock import StepLocks
 
 log = logging.getLogger("awork.runtime")
 # "off" runs without the shared limiter: for the comparison in ops/bench/ratelimit_fleet.py only.
 RATE_LIMITER_ENV = "AWORK_RATE_LIMITER"
+# API clients kept per process (one per workspace recently used), whatever the registry's size.
+MAX_CLIENTS = 256
 
 
 @dataclass
@@ -72,32 +79,91 @@ class Runtime:
             fallback_store=RedisFallbackStore(self.redis),
         )
 
+    @cached_property
+    def connection_settings(self) -> ConnectionSettings:
+        return ConnectionSettings.from_env(self.settings.api_url)
+
+    @cached_property
+    def connections(self) -> Connections | None:
+        """The registry's connections, or None on a worker without AWORK_SECRETS_KEY."""
+        cs = self.connection_settings
+        if cs.box is None:
+            return None
+        return Connections(ConnectionStore(self.redis, cs.box), cs.oauth, ttl=cs.cache_seconds)
+
+    def is_static(self, workspace: str) -> bool:
+        """Served from AWORK_WORKSPACES_FILE / AWORK_API_KEY rather than the registry."""
+        return workspace in self.settings.workspaces
+
+    def registry(self) -> Connections:
+        conns = self.connections
+        if conns is None:
+            raise ConfigError(
+                "AWORK_SECRETS_KEY: not set on this worker, so it cannot use registered connections"
+            )
+        return conns
+
+    def limits(self, workspace: str) -> WorkspaceLimits:
+        """The workspace's plan limits: its table in the file, else its registered connection."""
+        if self.is_static(workspace):
+            return self.settings.workspace(workspace).limits
+        conn = self.registry().get(workspace)
+        if conn is None:
+            raise UnknownConnection(f"connection {workspace!r} is not registered", code="connection-unknown")
+        return conn.limits
+
     def client(self, workspace: str) -> AworkClient:
         """The workspace's API client; every response feeds the shared limiter."""
         with self._lock:
             existing = self._clients.get(workspace)
             if existing is not None:
                 return existing
+        api_url = self.settings.api_url
+        on_unauthorized: Unauthorized | None = None
+        key: TokenSource
+        if self.is_static(workspace):
             ws = self.settings.workspace(workspace)
+            key, api_url = ws.api_key, ws.api_url
+        else:
+            conns = self.registry()
+            conn = conns.get(workspace)
+            if conn is None:
+                raise UnknownConnection(
+                    f"connection {workspace!r} is not registered", code="connection-unknown"
+                )
+            api_url = conn.api_url or api_url
 
-            def observe(status: int, headers: Mapping[str, str], elapsed: float) -> None:
-                # The request has happened: a limiter failure here must not turn its answer
-                # into an error (a link or multipart upload would then look lost). The next
-                # take_token() meets a Redis outage and fails closed.
-                try:
-                    self.limiter.observe(ws.name, ws.limits, status, headers, elapsed=elapsed)
-                except Exception:
-                    log.warning("rate limiter: could not observe a %s response", status, exc_info=True)
+            def key() -> Secret:
+                return conns.bearer(workspace)
 
-            client = AworkClient(
-                ws.api_url,
-                ws.api_key,
-                self.settings.connect_timeout,
-                self.settings.read_timeout,
-                on_response=observe if self.limiter_enabled else None,
-            )
-            self._clients[workspace] = client
-            return client
+            def on_unauthorized(seen: Secret) -> Secret | None:
+                c = conns.get(workspace)
+                if c is None or c.kind.value != "oauth":
+                    return None
+                return conns.refresh(workspace, seen)
+
+        def observe(status: int, headers: Mapping[str, str], elapsed: float) -> None:
+            # The request has happened: a limiter failure here must not turn its answer
+            # into an error (a link or multipart upload would then look lost). The next
+            # take_token() meets a Redis outage and fails closed.
+            try:
+                self.limiter.observe(workspace, self.limits(workspace), status, headers, elapsed=elapsed)
+            except Exception:
+                log.warning("rate limiter: could not observe a %s response", status, exc_info=True)
+
+        client = AworkClient(
+            api_url,
+            key,
+            self.settings.connect_timeout,
+            self.settings.read_timeout,
+            on_response=observe if self.limiter_enabled else None,
+            on_unauthorized=on_unauthorized,
+        )
+        with self._lock:
+            self._clients.setdefault(workspace, client)
+            while len(self._clients) > MAX_CLIENTS:
+                self._clients.pop(next(iter(self._clients)))
+            return self._clients[workspace]
 
 
 _runtime: Runtime | None = None

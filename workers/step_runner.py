@@ -26,9 +26,11 @@ from producers import staging
 from producers.broker import MAX_COUNTDOWN_SECONDS
 from producers.contract import JobState
 from workers import metrics
+from workers.connections.tokens import NeedsReconnect
 from workers.error_text import scrub
 from workers.errors import AworkError, PermanentError, RateLimited, TransientError, UploadUrlExpired
 from workers.logging_setup import step_outcome
+from workers.parking import connection_usable, park
 from workers.ratelimit import suggested_countdown
 from workers.runtime import Runtime, runtime
 from workers.step_lock import LeaseLost
@@ -128,22 +130,23 @@ class StepContext:
             return
         if not self.rt.limiter_enabled:
             return
-        ws = self.rt.settings.workspace(self.workspace)
+        name = self.workspace
+        limits = self.rt.limits(name)
         limiter = self.rt.limiter
         with _inline_waiters_lock:
-            may_sleep = _inline_waiters[ws.name] < max_inline_waiters()
+            may_sleep = _inline_waiters[name] < max_inline_waiters()
             if may_sleep:
-                _inline_waiters[ws.name] += 1
+                _inline_waiters[name] += 1
         if not may_sleep:  # a token if one is free now, else defer: no thread of ours sleeps
-            wait = limiter.acquire(ws.name, ws.limits)
+            wait = limiter.acquire(name, limits)
             if wait > 0:
                 raise RateWait(wait, contended=wait <= MAX_INLINE_WAIT_SECONDS)
             return
         try:
-            wait = limiter.wait_for_token(ws.name, ws.limits, max_wait=MAX_INLINE_WAIT_SECONDS)
+            wait = limiter.wait_for_token(name, limits, max_wait=MAX_INLINE_WAIT_SECONDS)
         finally:
             with _inline_waiters_lock:
-                _inline_waiters[ws.name] -= 1
+                _inline_waiters[name] -= 1
         if wait > 0:
             raise RateWait(wait)
 
@@ -249,6 +252,8 @@ def _run_locked(
         if crashes > rt.settings.retry.max_crashes:
             _end(ctx, JobState.DEAD, AworkError(f"{step} lost its worker {crashes} times", code="poison"))
     if step in API_STEPS:
+        if not connection_usable(ctx):
+            raise park(ctx)
         _token_or_defer(ctx)
     attempt = rt.store.start_step(job_id, step, state.value)
     record.update(state=state.value, running=step)
@@ -285,6 +290,8 @@ def _handle_failure(ctx: StepContext, attempt: int, exc: Exception) -> NoReturn:
         raise task.retry(countdown=countdown, max_retries=None)
     if isinstance(exc, UploadUrlExpired):
         raise _renew_url(ctx, attempt, exc)
+    if isinstance(exc, NeedsReconnect):
+        raise park(ctx)
     if isinstance(exc, LeaseLost):
         # Frozen past the lock: another copy may own the step now. Look again later (that run
         # takes the lock afresh and finds the work done, or does it).
@@ -328,8 +335,7 @@ def _token_or_defer(ctx: StepContext) -> None:
     if not rt.limiter_enabled:
         return
     try:
-        ws = rt.settings.workspace(ctx.workspace)
-        decision = rt.limiter.try_acquire(ws.name, ws.limits)
+        decision = rt.limiter.try_acquire(ctx.workspace, rt.limits(ctx.workspace))
     except Exception:  # no key for it, Redis trouble: the body meets it too and retries it as an error
         log.debug("rate pre-check failed for job %s", ctx.job_id, exc_info=True)
         return
@@ -337,7 +343,7 @@ def _token_or_defer(ctx: StepContext) -> None:
         ctx.token_held = True
         return
     contended = decision.wait <= MAX_INLINE_WAIT_SECONDS
-    if contended and _inline_waiters[ws.name] < max_inline_waiters():
+    if contended and _inline_waiters[ctx.workspace] < max_inline_waiters():
         return
     countdown = _defer_for_rate(ctx, decision.wait, contended)
     attempts = int(ctx.record.get(f"attempts_{ctx.step}") or 0)

@@ -62,6 +62,7 @@ def stats(sandbox: Sandbox) -> dict[str, Any]:
     out["uploads"] = {uid: up.to_json() for uid, up in state.uploads.items()}
     out["entities"] = {t: len(ids) for t, ids in state.entities.items()}
     out["settings"] = sandbox.settings.to_json()
+    out["oauth"] = sandbox.oauth.to_json()
     return out
 
 
@@ -94,6 +95,24 @@ class AdminApi:
                     raise AdminError(400, str(exc)) from None
                 self.sandbox.apply_settings(new, reseed="seed" in body)
                 return _json(new.to_json())
+            if path == "/oauth" and method == "GET":
+                return _json(self.sandbox.oauth.to_json())
+            if path == "/oauth" and method == "POST":
+                body = await _body(request)
+                lifetime = body.get("access_lifetime_s") if isinstance(body, dict) else None
+                if isinstance(lifetime, bool) or not isinstance(lifetime, int | float) or lifetime <= 0:
+                    raise AdminError(400, "access_lifetime_s: expected a number of seconds > 0")
+                self.sandbox.oauth.access_lifetime_s = float(lifetime)
+                return _json(self.sandbox.oauth.to_json())
+            if path == "/oauth/issued" and method == "GET":
+                # for leak scans in tests: which tokens must never show up in plain text
+                return _json({"tokens": self.sandbox.oauth.issued})
+            if path == "/oauth/revoke" and method == "POST":
+                body = await _body(request)
+                if not isinstance(body, dict) or not (body.get("workspace") or body.get("grant")):
+                    raise AdminError(400, "expected {\"workspace\": NAME} or {\"grant\": ID}")
+                n = self.sandbox.oauth.revoke(body.get("workspace"), body.get("grant"))
+                return _json({"revoked": n})
             if path == "/reset" and method == "POST":
                 body = await _body(request, default={})
                 if not isinstance(body, dict):

@@ -31,6 +31,7 @@ from .content import Content
 from .core import UPLOAD_CONTAINER, Sandbox
 from .errors import ApiError
 from .faults import Fault
+from .oauth import AUTHORIZE_PATH, TOKEN_PATH, OAuthError
 from .sas import format_se
 from .state import StoredFile, now_iso
 from .storage import BodyTooLarge, DiskSink, Dropped
@@ -532,6 +533,36 @@ def _abort(request: web.BaseRequest) -> None:
         transport.abort()
 
 
+class _Answer(Exception):
+    """A response that skips the route handlers (GET /me)."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__("answer")
+        self.response = response
+
+
+async def oauth_endpoint(
+    sb: Sandbox, request: web.BaseRequest, path: str, headers: dict[str, str]
+) -> web.StreamResponse:
+    """/accounts/authorize and /accounts/token: no bearer token, no rate window (ops.sandbox.oauth)."""
+    try:
+        if path == AUTHORIZE_PATH and request.method == "GET":
+            location = sb.oauth.authorize(dict(request.query))
+            return web.Response(status=302, headers={**headers, "Location": location})
+        if path == TOKEN_PATH and request.method == "POST":
+            body = sb.oauth.token(request.headers.get("Authorization", ""), await request.read())
+            return web.Response(
+                body=json.dumps(body).encode(), content_type="application/json",
+                headers={**headers, "Cache-Control": "no-store"},
+            )
+        raise OAuthError(405, "invalid_request", f"{request.method} is not allowed here")
+    except OAuthError as exc:
+        return web.Response(
+            status=exc.status, body=json.dumps(exc.body()).encode(),
+            content_type="application/json", headers=headers,
+        )
+
+
 class ApiFrontDoor:
     """Everything under /api/v1: auth, limits, faults, counters around the handlers."""
 
@@ -551,10 +582,17 @@ class ApiFrontDoor:
         counters.requests[stat] += 1
         headers = {"Trace-Id": trace_id, "X-Edge-Ref": f"sandbox-{trace_id[:12]}"}
         fault_kind: str | None = None
+        if route is None and sub_path.lower().rstrip("/") in (AUTHORIZE_PATH, TOKEN_PATH):
+            return await oauth_endpoint(sb, request, sub_path.lower().rstrip("/"), headers)
         try:
             auth = request.headers.get("Authorization", "")
             scheme, _, token = auth.partition(" ")
             workspace = self._keys.get(token.strip()) if scheme.lower() == "bearer" else None
+            user_id = sb.user_ids.get(token.strip(), "")
+            if workspace is None and scheme.lower() == "bearer":
+                found = sb.oauth.access(token.strip())
+                if found is not None:
+                    workspace, user_id = found
             if workspace is None:
                 counters.unauthorized += 1
                 headers["WWW-Authenticate"] = "Bearer"
@@ -571,6 +609,9 @@ class ApiFrontDoor:
                 if sb.settings.retry_after_header:
                     headers["Retry-After"] = str(decision.reset)
                 raise ApiError(429, E.TOO_MANY_REQUESTS, "API rate limit exceeded.")
+            if route is None and method == "GET" and sub_path.lower().rstrip("/") == "/me":
+                # awork's GET /me (the current user): what `connections test` calls
+                raise _Answer(_json_response({"id": user_id, "workspace": workspace}))
             if route is None:
                 if path_exists:
                     raise ApiError(
@@ -585,7 +626,7 @@ class ApiFrontDoor:
             fault_kind = fault.kind
             if fault_kind is not None:
                 self._before(request, workspace, fault, headers)
-            ctx = Ctx(sb, request, workspace, sb.user_ids[token.strip()], trace_id, fault)
+            ctx = Ctx(sb, request, workspace, user_id, trace_id, fault)
             response = await route.handler(ctx, params)
             if fault_kind == "drop_after":
                 counters.faults_injected["drop_after"] += 1
@@ -594,6 +635,8 @@ class ApiFrontDoor:
             if fault_kind == "500_after":
                 counters.faults_injected["500_after"] += 1
                 raise ApiError(500, E.SERVER_ERROR, "An internal server error occurred.")
+        except _Answer as answer:
+            response = answer.response
         except ApiError as exc:
             response = web.Response(
                 status=exc.status, body=exc.body(trace_id), content_type="application/json"

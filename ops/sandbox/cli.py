@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--api-key", action="append", default=[], metavar="KEY[=WORKSPACE]",
       help="an accepted bearer token and its workspace (default workspace: default); "
       "repeatable. Without any, one key is generated and printed as AWORK_API_KEY=")
+    a("--oauth-client", action="append", default=[], metavar="ID:SECRET",
+      help="an OAuth client the token endpoint accepts (HTTP Basic); repeatable")
+    a("--oauth-access-lifetime", type=float, default=86400.0, metavar="SECONDS",
+      help="expires_in of issued access tokens (default 86400, as awork's examples)")
     a("--admin-token", default=None,
       help="bearer token of the admin API (default: generated, printed as SANDBOX_ADMIN_TOKEN=)")
     a("--data-dir", type=Path, default=None,
@@ -94,6 +98,16 @@ def _parse_keys(values: list[str]) -> dict[str, str]:
             raise SystemExit(f"--api-key {v!r}: the key is empty")
         keys[key] = ws if sep and ws else "default"
     return keys
+
+
+def _parse_clients(values: list[str]) -> dict[str, str]:
+    clients: dict[str, str] = {}
+    for v in values:
+        cid, sep, secret = v.partition(":")
+        if not cid or not sep or not secret:
+            raise SystemExit(f"--oauth-client {v!r}: expected ID:SECRET")
+        clients[cid] = secret
+    return clients
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -201,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     config = SandboxConfig(
         host=args.host, port=args.port, blob_port=args.blob_port, public_host=args.public_host,
         api_keys=keys, admin_token=admin_token, data_dir=data_dir, access_log=args.access_log,
+        oauth_clients=_parse_clients(args.oauth_client),
+        oauth_access_lifetime_s=args.oauth_access_lifetime,
     )
     try:
         sandbox = Sandbox(config, settings)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .faults import FaultInjector
+from .oauth import OAuthServer
 from .ratelimit import RateLimiter
 from .sas import Signer
 from .settings import Settings
@@ -28,6 +29,8 @@ class SandboxConfig:
     blob_port: int | None = None  # None: port + 1, or any free port when port is 0
     public_host: str | None = None  # the host name put into URLs; default: host
     api_keys: dict[str, str] = field(default_factory=dict)  # key -> workspace
+    oauth_clients: dict[str, str] = field(default_factory=dict)  # OAuth client id -> secret
+    oauth_access_lifetime_s: float = 86400.0
     admin_token: str = ""
     data_dir: Path = Path("var/sandbox")
     access_log: bool = False
@@ -44,6 +47,8 @@ class Sandbox:
         self.signer = Signer(secrets.token_bytes(32))
         # awork answers as the API key's user: one stable user id per key.
         self.user_ids = {k: str(uuid.uuid5(_USER_NAMESPACE, k)) for k in config.api_keys}
+        self.oauth = OAuthServer(config.oauth_clients)
+        self.oauth.access_lifetime_s = config.oauth_access_lifetime_s
         self.api_base = ""  # http://host:port/api/v1, set once the sockets are bound
         self.blob_base = ""  # http://host:port
         self.admin_base = ""

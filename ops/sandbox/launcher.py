@@ -228,3 +228,13 @@ class SandboxProcess:
 
     def stats(self) -> dict[str, Any]:
         return dict(self.admin("GET", "/stats"))
+
+    def oauth_stats(self) -> dict[str, Any]:
+        return dict(self.admin("GET", "/oauth"))
+
+    def set_oauth_lifetime(self, seconds: float) -> dict[str, Any]:
+        return dict(self.admin("POST", "/oauth", {"access_lifetime_s": seconds}))
+
+    def revoke_grants(self, workspace: str) -> int:
+        """What a customer does who removes the integration's access in awork."""
+        return int(self.admin("POST", "/oauth/revoke", {"workspace": workspace})["revoked"])
