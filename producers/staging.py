@@ -40,15 +40,6 @@ COPY_CHUNK = 8 * 1024 * 1024
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
-def inside(path: Path, root: Path) -> bool:
-    """True when `path`, with every symlink resolved, lies under `root` (no `..` escape)."""
-    try:
-        path.resolve(strict=True).relative_to(root.resolve())
-    except (ValueError, FileNotFoundError):
-        return False
-    return True
-
-
 def open_source_file(path: Path, field: str = "path") -> OpenedFile:
     """Open a producer's source file once (see producers.safe_open); SpecError names `field`."""
     try:
@@ -98,7 +89,9 @@ def stage_file(
     _ensure_root(staging_dir, mode)
     with open_source_file(path) as src:
         located = src.located() or os.path.realpath(path)
-        if within(located, os.path.realpath(staging_dir)):
+        # referenced in place only as the workers will accept it: one link, no symlink on the way
+        # (the kernel's name of the opened file has none); anything else is copied
+        if within(located, os.path.realpath(staging_dir)) and os.fstat(src.fd).st_nlink == 1:
             return Staged(Path(located), False, None, src.size)
         return _copy(src, staging_dir, job_id, file_name, single_put_threshold, block_size, mode)
 

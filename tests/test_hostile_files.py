@@ -249,6 +249,21 @@ def test_a_file_that_grows_while_copied_is_copied_to_the_size_seen(
     assert staged.size == len(first)
 
 
+def test_a_hard_linked_file_inside_staging_is_copied_not_referenced(tmp_path: Path) -> None:
+    """#11.3: the workers refuse hard-linked files beneath STAGING_DIR, so staging copies one
+    (what it copies is what it opened) instead of referencing it in place."""
+    root = tmp_path / "staging"
+    root.mkdir()
+    inner = root / "shared.bin"
+    inner.write_bytes(b"twice linked")
+    os.link(inner, tmp_path / "elsewhere.bin")
+    staged = staging.stage_file(inner, root, new_job_id(), "shared.bin")
+    assert staged.owned and staged.path != inner and staged.path.read_bytes() == b"twice linked"
+    (tmp_path / "elsewhere.bin").unlink()
+    again = staging.stage_file(inner, root, new_job_id(), "shared.bin")
+    assert not again.owned and again.path == inner
+
+
 # -- #11.5 job ids -------------------------------------------------------------------------------
 
 
