@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -42,6 +41,7 @@ from producers.config import (
 )
 from producers.connections import ConnectionRegistry
 from producers.contract import JobState, SpecError
+from producers.job_ids import check_job_id, is_job_id, new_job_id
 from producers.records import Job, JobStore
 from producers.spec import JobSpec, ValidSpec, validate
 
@@ -166,13 +166,14 @@ class Uploads:
         return names | {DEFAULT_WORKSPACE} | registered
 
     def _prepare(self, v: ValidSpec) -> _Prepared:
-        job_id = uuid.uuid4().hex
-        owned, md5 = False, None
+        job_id = new_job_id()
+        owned, md5, size = False, None, v.size
         if v.url is not None:
             source_kind, source = "url", v.url
         else:
+            mode = self.settings.staging_mode
             if v.data is not None:
-                staged = staging.stage_bytes(v.data, self.settings.staging_dir, job_id, v.file_name)
+                staged = staging.stage_bytes(v.data, self.settings.staging_dir, job_id, v.file_name, mode)
             else:
                 assert v.path is not None
                 staged = staging.stage_file(
@@ -182,8 +183,14 @@ class Uploads:
                     v.file_name,
                     self.settings.single_put_threshold,
                     self.settings.block_size,
+                    mode,
                 )
             source_kind, source, owned, md5 = "file", str(staged.path), staged.owned, staged.md5_b64
+            size = staged.size  # what staging saw on the descriptor it read (may differ from validate's)
+            if size > v.target.max_bytes:
+                if staged.owned:
+                    staging.remove_job_dir(self.settings.staging_dir, job_id)
+                raise SpecError("path", f"grew to {size} bytes, over the {v.target.max_bytes} byte cap")
         now = repr(time.time())
         record = {
             "id": job_id,
@@ -197,7 +204,7 @@ class Uploads:
             "file_name": v.file_name,
             "description": v.description or "",
             "content_type": v.content_type,
-            "size": "" if v.size is None else str(v.size),
+            "size": "" if size is None else str(size),
             "source_kind": source_kind,
             "source": source,
             "staged_owned": "1" if owned else "0",
@@ -273,7 +280,7 @@ class Uploads:
         return self._job(job_id)
 
     def statuses(self, job_ids: Iterable[str]) -> list[Job]:
-        ids = list(job_ids)
+        ids = [check_job_id(i) for i in job_ids]
         records = self._retry(lambda: self.store.get_many(ids))
         out = []
         for job_id, record in zip(ids, records, strict=True):
@@ -316,7 +323,8 @@ class Uploads:
             raise SpecError(
                 "state", f"unknown state {state!r} (one of {', '.join(s.value for s in JobState)})"
             )
-        ids = self._retry(lambda: self.store.list_ids(limit=max(limit * 4, 1000)))
+        listed = self._retry(lambda: self.store.list_ids(limit=max(limit * 4, 1000)))
+        ids = [i for i in listed if is_job_id(i)]  # the index is read back: anything else is not ours
         records = self._retry(lambda: self.store.get_many(ids))
         gone = [i for i, r in zip(ids, records, strict=True) if r is None]
         self.store.prune_index(gone)
@@ -327,6 +335,7 @@ class Uploads:
 
     # -- helpers -----------------------------------------------------------------------------
     def _job(self, job_id: str, created: bool = True) -> Job:
+        check_job_id(job_id)
         record = self._retry(lambda: self.store.get(job_id))
         if record is None:
             raise JobNotFound(job_id)

@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from producers.block_digests import DEFAULT_BLOCK_SIZE, DEFAULT_SINGLE_PUT_THRESHOLD
+from producers.staging_mode import PRIVATE, StagingMode, StagingModeError
 
 DEFAULT_API_URL = "https://api.awork.com/api/v1"
 DEFAULT_WORKSPACE = "default"
@@ -83,6 +84,8 @@ class SharedSettings:
     # the blocks of larger files at this size, so the workers need not (producers.block_digests).
     single_put_threshold: int = DEFAULT_SINGLE_PUT_THRESHOLD
     block_size: int = DEFAULT_BLOCK_SIZE
+    # Permissions of staged copies (AWORK_STAGING_MODE: private 0600/0700, group 0640/0770).
+    staging_mode: StagingMode = PRIVATE
 
     @classmethod
     def from_env(cls) -> SharedSettings:
@@ -106,7 +109,15 @@ class SharedSettings:
             source_url_hosts=tuple(h.strip().lower() for h in hosts.split(",") if h.strip()),
             single_put_threshold=env_int("AWORK_SINGLE_PUT_THRESHOLD", DEFAULT_SINGLE_PUT_THRESHOLD),
             block_size=env_int("AWORK_BLOCK_SIZE", DEFAULT_BLOCK_SIZE),
+            staging_mode=_staging_mode(),
         )
+
+
+def _staging_mode() -> StagingMode:
+    try:
+        return StagingMode.from_env()
+    except StagingModeError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def read_workspaces_file(path: Path) -> dict[str, dict[str, object]]:

@@ -83,7 +83,7 @@ MULTIPART_MAX_BYTES = 1_000_000_000
 # with 4000 MiB blocks -- in practice the limit is the staging disk.
 UPLOAD_URL_MAX_BYTES = 50_000 * 4000 * 1024 * 1024
 
-_ENTITY_ID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_ENTITY_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 class SpecError(ValueError):
@@ -138,6 +138,8 @@ class Target:
     def parse(cls, text: str, field: str = "to") -> Target:
         if not isinstance(text, str) or ":" not in text:
             raise SpecError(field, f"expected KIND:ID (kinds: {', '.join(TARGET_KINDS)}), got {text!r}")
+        if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text):
+            raise SpecError(field, f"contains a control character: {text!r}")
         kind, _, rest = text.partition(":")
         kind = kind.strip().lower()
         rest = rest.strip()
@@ -160,6 +162,6 @@ class Target:
 
 
 def _entity_id(text: str, field: str) -> str:
-    if not _ENTITY_ID.match(text):
+    if not _ENTITY_ID.fullmatch(text):
         raise SpecError(field, f"malformed id {text!r}: awork ids are UUIDs")
     return str(uuid.UUID(text))

@@ -7,13 +7,17 @@ kept until `purge`, so a retry has something to send.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from producers import staging
 from producers.client import JobNotFound, Uploads
 from producers.contract import JobState
+from producers.job_ids import check_job_id, is_job_id
 from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, STEPS, Job, job_key
 from producers.redrive import canvas_from, resume_step
+
+log = logging.getLogger("awork.producer")
 
 RESET_FIELDS = (
     "error_step",
@@ -37,7 +41,7 @@ class DeadLetters:
         self.redis = uploads.redis
 
     def jobs(self, limit: int = 1000) -> list[Job]:
-        ids = [i.decode() for i in self.redis.zrange(DEAD_KEY, 0, limit - 1)]  # type: ignore[union-attr]
+        ids = _job_ids(self.redis.zrange(DEAD_KEY, 0, limit - 1))  # type: ignore[arg-type]
         records = self.up.store.get_many(ids)
         self.up.store.prune_index([i for i, r in zip(ids, records, strict=True) if r is None])
         return [Job.from_record(r) for r in records if r is not None]
@@ -46,6 +50,7 @@ class DeadLetters:
         """Re-drive each job from the step that failed; returns the jobs, now queued again."""
         out = []
         for job_id in job_ids:
+            check_job_id(job_id)
             record = self.up.store.get(job_id)
             if record is None:
                 raise JobNotFound(job_id)
@@ -73,7 +78,7 @@ class DeadLetters:
     def purge(self, older_than_seconds: float) -> int:
         """Delete dead letters that ended more than `older_than_seconds` ago, with their bytes."""
         cutoff = time.time() - older_than_seconds
-        ids = [i.decode() for i in self.redis.zrangebyscore(DEAD_KEY, 0, cutoff)]  # type: ignore[union-attr]
+        ids = _job_ids(self.redis.zrangebyscore(DEAD_KEY, 0, cutoff))  # type: ignore[arg-type]
         for job_id in ids:
             record = self.up.store.get(job_id) or {}
             if record.get("staged_owned") == "1":
@@ -84,6 +89,19 @@ class DeadLetters:
             pipe.zrem(INDEX_KEY, job_id)
             pipe.execute()
         return len(ids)
+
+
+def _job_ids(raw: list[bytes]) -> list[str]:
+    """Ids read back from the dead-letter set; anything not shaped like a job id is skipped
+    (logged), so it never reaches a path or a delete."""
+    out = []
+    for item in raw:
+        text = item.decode(errors="replace")
+        if is_job_id(text):
+            out.append(text)
+        else:
+            log.warning("dead letters: skipped malformed job id %r", text[:80])
+    return out
 
 
 def _retry_step(record: dict[str, str]) -> str:

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from producers import text_rules
 from producers.contract import SpecError, Target
 from producers.source_url import source_host_refused
 
-_CONTENT_TYPE = re.compile(r"^[A-Za-z0-9][\w.+-]*/[\w.+-]+(\s*;.*)?$")
-_WORKSPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_IDEM_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
-MAX_FILE_NAME = 255
-MAX_DESCRIPTION = 4000
+# Matched whole (`fullmatch`): `$` would let a trailing newline through.
+_CONTENT_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]*/[\w.+-]+( *;[\x20-\x7e]*)?", re.ASCII)
+_WORKSPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_IDEM_KEY = re.compile(r"[\x21-\x7e]{1,200}")
 
 IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\x89PNG\r\n\x1a\n", "image/png"),
@@ -72,11 +72,9 @@ def validate(
     target = Target.parse(spec.to, "to")
     workspace = _workspace(spec.workspace, known_workspaces)
     idem = spec.idempotency_key
-    if idem is not None and not _IDEM_KEY.match(idem):
+    if idem is not None and not (isinstance(idem, str) and _IDEM_KEY.fullmatch(idem)):
         raise SpecError("idempotency_key", "1 to 200 printable ASCII characters without spaces")
-    description = spec.description
-    if description is not None and len(description) > MAX_DESCRIPTION:
-        raise SpecError("description", f"longer than {MAX_DESCRIPTION} characters")
+    description = text_rules.description(spec.description)
 
     path: Path | None = None
     url: str | None = None
@@ -100,18 +98,14 @@ def validate(
         from producers.staging import check_local_file
 
         path = Path(src).expanduser()
-        size = check_local_file(path, "path")
+        image = target.route.name == "IMAGE_BY_UPLOAD_ID"
+        size, first = check_local_file(path, "path", head=16 if image else 0)
+        head = first if image else None
         default_name = path.name
-        if target.route.name == "IMAGE_BY_UPLOAD_ID":
-            try:
-                with path.open("rb") as fh:
-                    head = fh.read(16)
-            except OSError as exc:
-                raise SpecError("path", f"{path}: not readable ({exc.strerror})") from None
     else:
         raise SpecError("source", f"expected a path, bytes or an http(s) URL, got {type(src).__name__}")
 
-    file_name = _file_name(spec.name or default_name)
+    file_name = text_rules.file_name(spec.name or default_name)
     if size is not None and size > target.max_bytes:
         raise SpecError(
             "path",
@@ -139,7 +133,7 @@ def validate(
 
 
 def _workspace(name: str, known: set[str] | None) -> str:
-    if not isinstance(name, str) or not _WORKSPACE.match(name):
+    if not isinstance(name, str) or not _WORKSPACE.fullmatch(name):
         raise SpecError("workspace", f"malformed workspace name {name!r}")
     if known is not None and name not in known:
         listed = ", ".join(sorted(known)) or "none"
@@ -147,22 +141,16 @@ def _workspace(name: str, known: set[str] | None) -> str:
     return name
 
 
-def _file_name(name: str) -> str:
-    name = name.strip()
-    if not name:
-        raise SpecError("name", "the file name is empty")
-    if len(name) > MAX_FILE_NAME:
-        raise SpecError("name", f"longer than {MAX_FILE_NAME} characters")
-    if any(ord(c) < 32 or c in "/\\" for c in name):
-        raise SpecError("name", f"{name!r} contains a control character or a path separator")
-    return name
+def check_content_type(given: object, field: str = "content_type") -> str:
+    """A MIME type as a header can carry it: printable ASCII, matched whole."""
+    if not isinstance(given, str) or not _CONTENT_TYPE.fullmatch(given):
+        raise SpecError(field, f"malformed MIME type {given!r}")
+    return given
 
 
 def _content_type(given: str | None, file_name: str) -> str:
     if given is not None:
-        if not _CONTENT_TYPE.match(given):
-            raise SpecError("content_type", f"malformed MIME type {given!r}")
-        return given
+        return check_content_type(given)
     guessed, _ = mimetypes.guess_type(file_name)
     return guessed or "application/octet-stream"
 

@@ -30,10 +30,10 @@ from workers.blob import (
     RedisFallbackStore,
     TransferPolicy,
     block_id,
-    multipart_body,
 )
 from workers.block_journal import MemoryBlockJournal, RedisBlockJournal
 from workers.errors import PermanentError, TransientError, UploadUrlExpired
+from workers.multipart import multipart_body
 from workers.sources import FileSource, UrlSource
 
 REPO = Path(__file__).resolve().parent.parent

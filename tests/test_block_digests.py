@@ -15,6 +15,7 @@ import pytest
 import workers.blob
 from producers import staging
 from producers.block_digests import BlockDigests, BlockHasher, block_size_for, sidecar_path
+from producers.job_ids import new_job_id
 from tests.azurite_util import make_file
 from tests.blob_fake_host import FakeBlobHost
 from tests.blob_policies import SMALL, KiB, MiB, staged_digests
@@ -74,19 +75,20 @@ def test_block_size_grows_only_past_azures_block_count() -> None:
 
 def test_staging_writes_digests_only_for_files_that_go_up_as_blocks(tmp_path: Path) -> None:
     root = tmp_path / "staging"
+    job1, job2, job3 = (new_job_id() for _ in range(3))
     big = make_file(tmp_path / "big.bin", THRESHOLD + 3 * KiB)
-    staged = staging.stage_file(tmp_path / "big.bin", root, "job1", "big.bin", THRESHOLD, BLOCK)
-    digests = BlockDigests.load(sidecar_path(root, "job1"))
+    staged = staging.stage_file(tmp_path / "big.bin", root, job1, "big.bin", THRESHOLD, BLOCK)
+    digests = BlockDigests.load(sidecar_path(root, job1))
     assert digests is not None and staged.md5_b64 == _md5(big)
     assert digests == staged_digests(big)
     make_file(tmp_path / "small.bin", THRESHOLD)
-    staging.stage_file(tmp_path / "small.bin", root, "job2", "small.bin", THRESHOLD, BLOCK)
-    assert not sidecar_path(root, "job2").exists()
+    staging.stage_file(tmp_path / "small.bin", root, job2, "small.bin", THRESHOLD, BLOCK)
+    assert not sidecar_path(root, job2).exists()
     # a file already in staging is referenced in place: nothing hashed, nothing written
-    staging.stage_file(staged.path, root, "job3", "again.bin", THRESHOLD, BLOCK)
-    assert not sidecar_path(root, "job3").exists()
-    staging.remove_job_dir(root, "job1")
-    assert not sidecar_path(root, "job1").exists() and not staged.path.exists()
+    staging.stage_file(staged.path, root, job3, "again.bin", THRESHOLD, BLOCK)
+    assert not sidecar_path(root, job3).exists()
+    staging.remove_job_dir(root, job1)
+    assert not sidecar_path(root, job1).exists() and not staged.path.exists()
 
 
 def _uploader(fake: FakeBlobHost) -> BlobUploader:

@@ -49,7 +49,6 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
-from requests_toolbelt.multipart.encoder import MultipartEncoder, MultipartEncoderMonitor
 
 from producers.block_digests import (
     DEFAULT_BLOCK_SIZE,
@@ -57,7 +56,6 @@ from producers.block_digests import (
     MAX_BLOCKS,
     block_size_for,
 )
-from producers.contract import MULTIPART_MAX_BYTES
 from workers.block_journal import BlockJournal, MemoryBlockJournal
 from workers.error_text import transport_error
 from workers.errors import AworkError, PermanentError, TransientError, UploadUrlExpired
@@ -66,7 +64,6 @@ from workers.sources import (
     FileSource,
     SourceInterrupted,
     SourceReader,
-    file_md5_b64,
     iter_blocks,
     md5_b64,
     read_exact,
@@ -721,7 +718,7 @@ class BlobUploader:
 
         def recheck(err: AworkError) -> None:
             # The server saw other bytes than we hashed: in flight (retry) or in the file itself.
-            if isinstance(source, FileSource) and file_md5_b64(source.path) != digest:
+            if isinstance(source, FileSource) and source.current_md5() != digest:
                 raise PermanentError(
                     f"{source.label} no longer matches the MD5 it was sent with: it changed after staging",
                     status=err.status,
@@ -858,9 +855,10 @@ class BlobUploader:
             tmp.flush()
             spooled = FileSource(tmp.name, md5_b64=base64.b64encode(h.digest()).decode("ascii"))
             target = check_upload_url(url, self.allowed_hosts)
-            return self._upload_rereadable(
-                url, target, spooled, content_type, MemoryBlockJournal(), tracker, blocks_ok=False
-            )
+            with spooled:
+                return self._upload_rereadable(
+                    url, target, spooled, content_type, MemoryBlockJournal(), tracker, blocks_ok=False
+                )
 
     # -- Put Block / Put Block List ----------------------------------------------------------
 
@@ -1110,64 +1108,6 @@ def _md5_of(source: ByteSource) -> str:
         reader.close()
 
 
-# -- the one-request (multipart) route ------------------------------------------------------
-
-
-def _multipart_size(source: ByteSource, size: int | None) -> int:
-    if size is None:
-        raise PermanentError(
-            f"source {source.label} has no Content-Length: cannot stream it as multipart",
-            code="source-invalid",
-        )
-    if size > MULTIPART_MAX_BYTES:
-        raise PermanentError(
-            f"{size} bytes is above awork's {MULTIPART_MAX_BYTES}-byte limit for this route",
-            code="request-body-too-large",
-        )
-    return size
-
-
-def multipart_body(
-    source: ByteSource,
-    file_name: str,
-    content_type: str,
-    progress: ProgressFn | None = None,
-) -> tuple[MultipartEncoder | MultipartEncoderMonitor, str, int]:
-    """A streamed multipart/form-data body with the file in part `File`, for POST .../files.
-
-    Returns (body, Content-Type header, Content-Length). The body reads the source as requests
-    sends it (`data=body`), so a 1 GB file never sits in memory. Built once per request: a retry
-    calls this again. A URL source must announce its size (awork needs a Content-Length).
-    """
-    stream: Any
-    if isinstance(source, FileSource):
-        size = _multipart_size(source, source.size)
-        stream = open(source.path, "rb")  # noqa: SIM115 - the encoder reads it; fstat gives its length
-    else:
-        reader = source.open()
-        try:
-            size = _multipart_size(source, reader.size)
-        except BaseException:
-            reader.close()
-            raise
-        stream = _Body(reader.read, size, lambda n: None) if size else b""
-        if not size:
-            reader.close()
-    encoder = MultipartEncoder(fields={"File": (file_name, stream, content_type)})
-    body: MultipartEncoder | MultipartEncoderMonitor = encoder
-    if progress is not None:
-        tracker = _Progress(progress, 0.25)
-        tracker.reset(encoder.len)
-        last = [0]
-
-        def on_read(monitor: MultipartEncoderMonitor) -> None:
-            tracker.add(monitor.bytes_read - last[0])
-            last[0] = monitor.bytes_read
-
-        body = MultipartEncoderMonitor(encoder, on_read)
-    return body, encoder.content_type, encoder.len
-
-
 __all__ = [
     "BLOCK_REFUSAL_CODES",
     "EXPIRY_CODES",
@@ -1180,7 +1120,6 @@ __all__ = [
     "UploadOutcome",
     "block_id",
     "check_upload_url",
-    "multipart_body",
     "plain_session",
     "upload_identity",
     "url_expiry",

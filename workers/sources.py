@@ -2,8 +2,8 @@
 
 The transfer engine reads every source sequentially, block by block, so a multi-GiB file never
 sits in memory and an http(s) source never touches disk. A `FileSource` can be re-read at will
-(its MD5 can be computed beforehand, a retry re-opens it); a `UrlSource` is read once, and if
-the stream breaks it resumes with a `Range` GET where the server allows it.
+(its MD5 can be computed beforehand, a retry reads its one descriptor again); a `UrlSource` is
+read once, and if the stream breaks it resumes with a `Range` GET where the server allows it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import base64
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -21,6 +22,7 @@ import requests
 import urllib3.exceptions
 
 from producers.block_digests import BlockDigests
+from producers.safe_open import FileRefused, OpenedFile, open_regular
 from producers.source_url import SourceUrlRefused, check_source_url
 from workers.errors import PermanentError, TransientError
 
@@ -102,37 +104,45 @@ def read_exact(reader: SourceReader, n: int) -> bytes:
 
 
 class _FileReader:
-    def __init__(self, path: Path, size: int) -> None:
-        self._f = open(path, "rb")  # noqa: SIM115 - closed by close()
-        self.size: int | None = size
-        self._left = size
+    """Sequential reads by `pread` on the source's one descriptor, never past the size seen at
+    open (a file still growing must not change the upload). Readers share the descriptor, each
+    with its own position, so a retry or a parallel block reads the same file."""
+
+    def __init__(self, opened: OpenedFile) -> None:
+        self._opened = opened
+        self.size: int | None = opened.size
+        self._pos = 0
 
     def read(self, n: int) -> bytes:
-        # Never read past the size seen at open: a file still growing must not change the upload.
-        n = min(n, self._left)
-        if n <= 0:
-            return b""
-        data = self._f.read(n)
-        self._left -= len(data)
+        data = self._opened.pread(self._pos, n)
+        self._pos += len(data)
         return data
 
     def close(self) -> None:
-        self._f.close()
+        """The descriptor belongs to the FileSource (closed with it)."""
 
 
 class FileSource:
-    """A local (staged) file. Pass `md5_b64` when the producer already computed it while staging,
-    and `block_digests` when it hashed the blocks too (producers.block_digests)."""
+    """A local (staged) file, opened once: every read is a `pread` on that descriptor, so what
+    is sent is what was opened (see producers.safe_open). Workers pass `opened` (confined to
+    STAGING_DIR by `open_beneath`); otherwise the path is opened on first use (no symlink as last
+    component, regular files only). Pass `md5_b64` when the producer already computed it while
+    staging, and `block_digests` when it hashed the blocks too (producers.block_digests).
+    Close it (or use it as a context manager) when done."""
 
     def __init__(
         self,
         path: str | os.PathLike[str],
         md5_b64: str | None = None,
         block_digests: BlockDigests | None = None,
+        *,
+        opened: OpenedFile | None = None,
     ) -> None:
         self.path = Path(path)
         self._md5 = md5_b64
         self.block_digests = block_digests
+        self._opened = opened
+        self._lock = threading.Lock()
 
     @property
     def label(self) -> str:
@@ -147,41 +157,60 @@ class FileSource:
     def rereadable(self) -> bool:
         return True
 
+    def _file(self) -> OpenedFile:
+        with self._lock:
+            if self._opened is None:
+                try:
+                    self._opened = open_regular(self.path)
+                except FileRefused as exc:
+                    raise file_refused(self.path.name, exc) from None
+            return self._opened
+
     @property
     def size(self) -> int:
-        try:
-            return self.path.stat().st_size
-        except FileNotFoundError:
-            raise PermanentError(f"source file is gone: {self.path}", code="source-missing") from None
+        """The size `fstat` gave when the file was opened."""
+        return self._file().size
 
     def open(self) -> _FileReader:
-        size = self.size
-        try:
-            return _FileReader(self.path, size)
-        except FileNotFoundError:
-            raise PermanentError(f"source file is gone: {self.path}", code="source-missing") from None
+        return _FileReader(self._file())
 
     def read_range(self, offset: int, length: int) -> bytes:
         """Any range (pread): lets a caller read blocks concurrently or re-read one for a retry."""
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            parts = []
-            while length > 0:
-                chunk = os.pread(fd, length, offset)
-                if not chunk:
-                    break
-                parts.append(chunk)
-                offset += len(chunk)
-                length -= len(chunk)
-            return b"".join(parts)
-        finally:
-            os.close(fd)
+        return self._file().pread(offset, length)
+
+    def current_md5(self) -> str:
+        """The MD5 (base64) of the bytes on the descriptor now, in one streaming pass."""
+        opened = self._file()
+        digest = hashlib.md5()
+        offset = 0
+        while chunk := opened.pread(offset, 4 * MiB):
+            digest.update(chunk)
+            offset += len(chunk)
+        return base64.b64encode(digest.digest()).decode("ascii")
 
     def md5_b64(self) -> str:
         """The whole file's MD5, computed once (streaming) and cached."""
         if self._md5 is None:
-            self._md5 = file_md5_b64(self.path)
+            self._md5 = self.current_md5()
         return self._md5
+
+    def close(self) -> None:
+        with self._lock:
+            if self._opened is not None:
+                self._opened.close()
+
+    def __enter__(self) -> FileSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def file_refused(name: str, exc: FileRefused) -> PermanentError:
+    """The job error for a staged file that cannot be used (`source-missing`/`source-refused`)."""
+    if exc.missing:
+        return PermanentError(f"source file is gone: {name}", code="source-missing")
+    return PermanentError(f"source {name} {exc.reason}", code="source-refused")
 
 
 # -- http(s) URLs --------------------------------------------------------------------------
@@ -439,6 +468,7 @@ __all__ = [
     "SourceReader",
     "UrlSource",
     "file_md5_b64",
+    "file_refused",
     "iter_blocks",
     "md5_b64",
     "open_url_source",

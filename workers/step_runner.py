@@ -25,6 +25,7 @@ from kombu.exceptions import OperationalError
 from producers import staging
 from producers.broker import MAX_COUNTDOWN_SECONDS
 from producers.contract import JobState
+from producers.job_ids import is_job_id
 from workers import metrics
 from workers.connections.tokens import NeedsReconnect
 from workers.error_text import scrub
@@ -185,6 +186,10 @@ def run_step(
     body: Callable[[StepContext], dict[str, Any]],
 ) -> dict[str, Any]:
     """Run one step for one job, safely when delivered twice or concurrently."""
+    if not is_job_id(job_id):
+        # a task argument from the queue: anyone who can publish can put anything here
+        log.warning("step=%s job=%r outcome=dropped reason=malformed-job-id", step, str(job_id)[:80])
+        raise Ignore()
     rt = runtime()
     try:
         token, record = rt.locks.acquire_and_read(job_id, step)

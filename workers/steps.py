@@ -12,7 +12,6 @@ from typing import Any
 
 from celery import Task
 
-from producers import staging
 from producers.block_digests import BlockDigests, sidecar_path
 from producers.contract import (
     TASK_GENERATE_UPLOAD_URL,
@@ -22,12 +21,16 @@ from producers.contract import (
     JobState,
     Target,
 )
+from producers.job_ids import is_job_id
+from producers.safe_open import FileRefused, open_beneath
 from workers import metrics
-from workers.blob import multipart_body, plain_session, url_expiry
+from workers.blob import plain_session, url_expiry
 from workers.block_journal import RedisBlockJournal
 from workers.celery_app import app
 from workers.errors import PermanentError, TransientError, UploadUrlExpired
 from workers.file_match import find_linked_file
+from workers.multipart import multipart_body
+from workers.record_checks import check_record
 from workers.sources import DEFAULT_MAX_SOURCE_BYTES, ByteSource, FileSource, open_url_source
 from workers.step_runner import JobEnded, StepContext, cleanup_staging, run_step
 
@@ -95,16 +98,20 @@ def _put(ctx: StepContext) -> dict[str, Any]:
     url = record.get("upload_url")
     if not url or not url_usable(record):
         raise UploadUrlExpired("no upload URL, or it is at its se= expiry")
+    check_record(ctx.job_id, record)
     source = _open_source(ctx)
     journal = RedisBlockJournal(ctx.rt.redis, ctx.job_id)
-    outcome = ctx.rt.uploader.upload(
-        url,
-        source,
-        content_type=record.get("content_type") or "application/octet-stream",
-        journal=journal,
-        progress=ctx.progress,
-        fence=ctx.fence,
-    )
+    try:
+        outcome = ctx.rt.uploader.upload(
+            url,
+            source,
+            content_type=record.get("content_type") or "application/octet-stream",
+            journal=journal,
+            progress=ctx.progress,
+            fence=ctx.fence,
+        )
+    finally:
+        _close(source)
     ctx.update(
         uploaded_upload_id=record["upload_id"],
         size=outcome.size,
@@ -138,6 +145,7 @@ def _link(ctx: StepContext) -> dict[str, Any]:
         # A link from an older chain, or the put's record write was lost: the put of the current
         # chain (or the sweeper) brings the job here again.
         raise TransientError("the upload has not finished yet")
+    check_record(ctx.job_id, record)
     target = _target(record)
     # An earlier attempt sent this link and its outcome is unknown (timeout, dropped
     # connection, a worker killed mid-request): look before linking again.
@@ -169,6 +177,7 @@ def link_file(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
 # -- one-request route -----------------------------------------------------------------------
 def _multipart(ctx: StepContext) -> dict[str, Any]:
     record = ctx.record
+    check_record(ctx.job_id, record)
     target = _target(record)
     sent_before = record.get("multipart_sent") == "1"
     if sent_before:
@@ -178,13 +187,17 @@ def _multipart(ctx: StepContext) -> dict[str, Any]:
         if found:
             return found
     source = _open_source(ctx)
-    ctx.take_token()
-    body, content_type, length = multipart_body(
-        source, record["file_name"], record.get("content_type") or "application/octet-stream"
-    )
-    if not sent_before:
-        ctx.update(multipart_sent=1, link_started_at=time.time())
-    info = ctx.rt.client(ctx.workspace).multipart_upload(target.link_path, body, content_type, length)
+    try:
+        ctx.take_token()
+        # checks the staged MD5 while streaming, aborting before the body's end on a mismatch
+        body, content_type, length = multipart_body(
+            source, record["file_name"], record.get("content_type") or "application/octet-stream"
+        )
+        if not sent_before:
+            ctx.update(multipart_sent=1, link_started_at=time.time())
+        info = ctx.rt.client(ctx.workspace).multipart_upload(target.link_path, body, content_type, length)
+    finally:
+        _close(source)
     return _done(ctx, info)
 
 
@@ -252,16 +265,23 @@ def open_source(
     if record.get("source_kind") == "url":
         return open_url_source(record["source"], source_url_hosts, max_source_bytes, plain_session())
     path = Path(record["source"])
-    if not staging.inside(path, staging_dir):
-        # Only files under STAGING_DIR, symlinks and `..` resolved: a crafted record cannot make
-        # a worker read (and upload) anything else on its disk.
-        raise PermanentError(f"source {path.name} is not inside STAGING_DIR", code="source-refused")
-    if not path.is_file():
-        raise PermanentError(f"staged file {path.name} is gone", code="staging-missing")
+    try:
+        # Opened once, beneath STAGING_DIR, no symlink followed, a regular file: a crafted record
+        # or a file swapped after staging cannot make a worker read (and upload) anything else.
+        opened = open_beneath(staging_dir, path)
+    except FileRefused as exc:
+        if exc.missing:
+            raise PermanentError(f"staged file {path.name} is gone", code="staging-missing") from None
+        raise PermanentError(f"source {path.name} {exc.reason}", code="source-refused") from None
     md5 = record.get("source_md5") or None
     digests = None
     job_id = record.get("id", "")
-    if md5 is not None and record.get("staged_owned") == "1" and job_id.isalnum():
+    if md5 is not None and record.get("staged_owned") == "1" and is_job_id(job_id):
         # beside the job's own staging folder, never a path taken from the record
         digests = BlockDigests.load(sidecar_path(staging_dir, job_id))
-    return FileSource(path, md5_b64=md5, block_digests=digests)
+    return FileSource(path, md5_b64=md5, block_digests=digests, opened=opened)
+
+
+def _close(source: ByteSource) -> None:
+    if isinstance(source, FileSource):
+        source.close()

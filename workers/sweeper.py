@@ -56,6 +56,7 @@ from producers.block_digests import SUFFIX as SIDECAR_SUFFIX
 from producers.broker import celery_config
 from producers.config import env_float
 from producers.contract import QUEUE_API, QUEUE_TRANSFER, JobState
+from producers.job_ids import is_job_id
 from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, job_key
 from producers.redrive import canvas_from, resume_step
 
@@ -152,7 +153,7 @@ def payload_job_id(raw: bytes | str | dict[str, Any]) -> str | None:
         decoded = json.loads(body)
         kwargs = decoded[1] if isinstance(decoded, list) else {}
         job_id = kwargs.get("job_id")
-        return str(job_id) if job_id else None
+        return job_id if is_job_id(job_id) else None
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return None
 
@@ -200,6 +201,11 @@ class Sweeper:
                     self.redis.zrem(ACTIVE_KEY, job_id)  # record expired or purged
                     continue
                 record = {_s(k): _s(v) for k, v in raw.items()}
+                if not is_job_id(job_id) or record.get("id") != job_id:
+                    # written by hand into Redis: never re-driven, never a path
+                    log.warning("sweeper: dropped malformed job id %r from the active list", job_id[:80])
+                    self.redis.zrem(ACTIVE_KEY, job_id)
+                    continue
                 messages = held.get(job_id, [])
                 oldest = min((t for _, t in messages), default=None)
                 reason = stalled_reason(record, self._lock_held(job_id, record), now, oldest)
@@ -412,7 +418,7 @@ def remove_orphan_staging(client: redis.Redis, root: Path, min_age: float = ORPH
         # a job's folder, or its block MD5s (producers.block_digests) left without one
         job_id = child.name.removesuffix(SIDECAR_SUFFIX) if child.is_file() else child.name
         ours = child.is_dir() or child.name.endswith(SIDECAR_SUFFIX)
-        if ours and len(job_id) == 32 and child.stat().st_mtime <= cutoff:
+        if ours and is_job_id(job_id) and child.stat(follow_symlinks=False).st_mtime <= cutoff:
             found.add(job_id)
     candidates = sorted(found)
     removed = 0
