@@ -181,3 +181,64 @@ def test_flower_control_switch_is_parsed_strictly() -> None:
     with pytest.raises(ConfigError, match=CONTROL_ENV):
         control_allowed(False, {CONTROL_ENV: "maybe"})
     assert "--allow-control" not in FlowerProcess({"REDIS_URL": "redis://127.0.0.1:1/0"}).child.argv
+
+
+# -- #11.12: the API key never goes out over plain http ----------------------------------------------
+@pytest.fixture
+def worker_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    for key in list(os.environ):
+        if key.startswith("AWORK_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("STAGING_DIR", str(tmp_path / "staging"))
+    monkeypatch.setenv("AWORK_API_KEY", "k")
+    return monkeypatch
+
+
+def test_api_url_must_be_https_off_loopback(worker_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """#11.12: http:// AWORK_API_URL (or a workspace's api_url) is refused unless it points at
+    loopback or AWORK_ALLOW_INSECURE_API=1; the error names the variable."""
+    from workers.settings import WorkerSettings
+
+    for url in ("http://api.example.com/api/v1", "http://10.0.0.5:8765/api/v1", "http://sandbox:8765/api/v1",
+                "http://localhost.evil.example/api", "http://127.0.0.1.evil.example/api"):  # fmt: skip
+        worker_env.setenv("AWORK_API_URL", url)
+        with pytest.raises(
+            ConfigError, match=r"^AWORK_API_URL: http:// .*clear text.*AWORK_ALLOW_INSECURE_API"
+        ):
+            WorkerSettings.from_env()
+        worker_env.setenv("AWORK_ALLOW_INSECURE_API", "1")
+        assert WorkerSettings.from_env().api_url == url.rstrip("/")
+        worker_env.delenv("AWORK_ALLOW_INSECURE_API")
+    for url in ("https://api.awork.com/api/v1", "http://127.0.0.1:8765/api/v1", "http://127.9.9.9/api",
+                "http://localhost:8765/api/v1", "http://[::1]:8765/api/v1"):  # fmt: skip
+        worker_env.setenv("AWORK_API_URL", url)
+        assert WorkerSettings.from_env().api_url == url
+    worker_env.setenv("AWORK_ALLOW_INSECURE_API", "perhaps")
+    with pytest.raises(ConfigError, match="AWORK_ALLOW_INSECURE_API"):
+        WorkerSettings.from_env()
+    worker_env.delenv("AWORK_ALLOW_INSECURE_API")
+    workspaces = tmp_path / "workspaces.toml"
+    workspaces.write_text(
+        '[workspaces.acme]\napi_key_env = "AWORK_API_KEY"\napi_url = "http://awork.example/api/v1"\n'
+    )
+    worker_env.setenv("AWORK_WORKSPACES_FILE", str(workspaces))
+    worker_env.setenv("AWORK_API_URL", "https://api.awork.com/api/v1")
+    with pytest.raises(ConfigError, match=r"workspaces\.acme\.api_url: http://"):
+        WorkerSettings.from_env()
+
+
+@pytest.mark.slow
+def test_a_worker_with_an_http_api_url_does_not_start(rig: Rig) -> None:
+    """#11.12: the worker stops at start (exit 2) with one line naming AWORK_API_URL, instead of
+    consuming steps."""
+    env = {**rig.env, "AWORK_API_KEY": "k", "AWORK_API_URL": "http://api.example.com/api/v1"}
+    log = rig.root / "worker-http.log"
+    child = Child("worker-http", worker_argv(1, f"http-{uuid.uuid4().hex[:6]}@x"), env, log).start()
+    try:
+        assert child.proc is not None
+        assert child.proc.wait(timeout=60) == 2
+    finally:
+        child.stop(5)
+    lines = [line for line in log.read_text().splitlines() if "AWORK_API_URL" in line]
+    assert lines and "not starting" in lines[0] and "clear text" in lines[0], log.read_text()[-2000:]

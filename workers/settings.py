@@ -9,17 +9,18 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from producers.config import (
     DEFAULT_API_URL,
     DEFAULT_WORKSPACE,
     ConfigError,
     SharedSettings,
+    env_flag,
     env_float,
     env_int,
     read_workspaces_file,
 )
+from workers.api_url import ALLOW_INSECURE_ENV, check_api_url
 from workers.blob import TransferPolicy
 from workers.limits_config import WorkspaceLimits
 
@@ -80,14 +81,15 @@ class WorkerSettings:
 
         shared = SharedSettings.from_env()
         api_url = os.environ.get("AWORK_API_URL", "").strip() or DEFAULT_API_URL
-        _check_url("AWORK_API_URL", api_url)
+        allow_insecure = env_flag(ALLOW_INSECURE_ENV)
+        check_api_url("AWORK_API_URL", api_url, allow_insecure)
         workspaces: dict[str, Workspace] = {}
         if shared.workspaces_file is not None:
             for name, table in read_workspaces_file(shared.workspaces_file).items():
                 key = _key_from_table(name, table)
                 limits = limits_for_workspace(name, table)
                 ws_url = str(table.get("api_url") or api_url)
-                _check_url(f"workspaces.{name}.api_url", ws_url)
+                check_api_url(f"AWORK_WORKSPACES_FILE: workspaces.{name}.api_url", ws_url, allow_insecure)
                 workspaces[name] = Workspace(name, key, limits, ws_url.rstrip("/"))
         env_key = os.environ.get("AWORK_API_KEY", "").strip()
         if env_key and DEFAULT_WORKSPACE not in workspaces:
@@ -157,9 +159,3 @@ def _key_from_table(name: str, table: dict[str, object]) -> Secret:
             raise ConfigError(f"{where}.api_key_file: {path} is readable by others; chmod 600 it")
         return Secret(path.read_text().strip())
     raise ConfigError(f"{where}: set api_key_env or api_key_file")
-
-
-def _check_url(name: str, url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{name}: expected an http(s) URL, got {url!r}")
