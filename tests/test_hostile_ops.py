@@ -242,3 +242,84 @@ def test_a_worker_with_an_http_api_url_does_not_start(rig: Rig) -> None:
         child.stop(5)
     lines = [line for line in log.read_text().splitlines() if "AWORK_API_URL" in line]
     assert lines and "not starting" in lines[0] and "clear text" in lines[0], log.read_text()[-2000:]
+
+
+# -- #11.12: the sandbox's own key, its secrets out of argv, compared in constant time ----------------
+def call(method: str, url: str, token: str) -> int:
+    """The status of a request with `Authorization: Bearer <token>`."""
+    return requests.request(method, url, headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code
+
+
+def test_sandbox_has_its_own_key_variable_and_no_secret_in_argv(tmp_path: Path) -> None:
+    """#11.12: the sandbox accepts AWORK_SANDBOX_API_KEY (never AWORK_API_KEY, the real key's
+    variable) and gets its keys and admin token from the environment, not its command line."""
+    from ops.sandbox.launcher import SandboxProcess
+
+    real_key, sandbox_key, admin = (
+        f"real-{uuid.uuid4().hex}",
+        f"sb-{uuid.uuid4().hex}",
+        f"adm-{uuid.uuid4().hex}",
+    )
+    env = {**os.environ, "AWORK_API_KEY": real_key}
+    with SandboxProcess(api_keys={sandbox_key: "default"}, admin_token=admin, env=env) as sb:
+        cmdline = Path(f"/proc/{sb.pid}/cmdline").read_bytes().decode(errors="replace")
+        assert sandbox_key not in cmdline and admin not in cmdline
+        url = f"{sb.api_url}/files/generateuploadurl"
+        assert call("POST", url, sandbox_key) == 200
+        assert call("POST", url, real_key) == 401
+        stats = f"{sb.admin_url}/stats"
+        assert call("GET", stats, admin) == 200
+        assert call("GET", stats, admin + "x") == 401
+    # without any sandbox key it makes one up and prints it under its own name
+    env.pop("AWORK_SANDBOX_API_KEY", None)
+    with SandboxProcess(api_keys={}, admin_token=admin, env=env) as sb:
+        assert "AWORK_API_KEY" not in sb.values
+        generated = sb.values["AWORK_SANDBOX_API_KEY"]
+        assert generated != real_key
+        url = f"{sb.api_url}/files/generateuploadurl"
+        assert call("POST", url, generated) == 200
+        assert call("POST", url, real_key) == 401
+
+
+def test_sandbox_compares_its_secrets_in_constant_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """#11.12: the admin token and the API keys are checked with hmac.compare_digest (no `!=`,
+    no dict lookup by the presented token); the checks still accept and refuse correctly."""
+    import asyncio
+    import hmac
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from ops.sandbox.admin import AdminApi
+    from ops.sandbox.app import ApiFrontDoor
+    from ops.sandbox.core import Sandbox, SandboxConfig
+    from ops.sandbox.settings import Settings
+
+    seen: list[bytes] = []
+    real = hmac.compare_digest
+
+    def spy(a: Any, b: Any) -> bool:
+        seen.extend([bytes(a), bytes(b)] if isinstance(a, bytes) else [a.encode(), b.encode()])
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    config = SandboxConfig(api_keys={"key-a": "a", "key-b": "b"}, admin_token="admin-t", data_dir=tmp_path)
+    sandbox = Sandbox(config, Settings())
+    admin, api = AdminApi(sandbox), ApiFrontDoor(sandbox)
+
+    def status(handler: Any, path: str, token: str) -> int:
+        request = make_mocked_request("GET", path, headers={"Authorization": f"Bearer {token}"})
+        return int(asyncio.run(handler.handle(request, path)).status)
+
+    assert status(admin, "/faults", "admin-t") == 200
+    assert b"Bearer admin-t" in seen
+    seen.clear()
+    assert status(admin, "/faults", "admin-T") == 401
+    assert b"Bearer admin-T" in seen
+    seen.clear()
+    assert status(api, "/no-such-route", "key-b") == 404  # past auth
+    assert b"key-b" in seen and b"key-a" in seen  # every key compared, not a lookup
+    seen.clear()
+    assert status(api, "/no-such-route", "key-c") == 401
+    assert b"key-c" in seen
