@@ -11,9 +11,14 @@ from __future__ import annotations
 import ipaddress
 from urllib.parse import urlsplit
 
-from producers.config import ConfigError, redact_url
+from producers.config import ConfigError, env_flag, redact_url
 
 ALLOW_INSECURE_ENV = "AWORK_ALLOW_INSECURE_API"
+
+
+def insecure_api_allowed() -> bool:
+    """AWORK_ALLOW_INSECURE_API, read once at start by the worker settings."""
+    return env_flag(ALLOW_INSECURE_ENV)
 
 
 def is_loopback_host(host: str) -> bool:

@@ -15,12 +15,11 @@ from producers.config import (
     DEFAULT_WORKSPACE,
     ConfigError,
     SharedSettings,
-    env_flag,
     env_float,
     env_int,
     read_workspaces_file,
 )
-from workers.api_url import ALLOW_INSECURE_ENV, check_api_url
+from workers.api_url import check_api_url, insecure_api_allowed
 from workers.blob import TransferPolicy
 from workers.limits_config import WorkspaceLimits
 
@@ -81,7 +80,7 @@ class WorkerSettings:
 
         shared = SharedSettings.from_env()
         api_url = os.environ.get("AWORK_API_URL", "").strip() or DEFAULT_API_URL
-        allow_insecure = env_flag(ALLOW_INSECURE_ENV)
+        allow_insecure = insecure_api_allowed()
         check_api_url("AWORK_API_URL", api_url, allow_insecure)
         workspaces: dict[str, Workspace] = {}
         if shared.workspaces_file is not None:
