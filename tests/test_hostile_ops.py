@@ -12,6 +12,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,10 +60,15 @@ class Rig:
         found = self.app.control.inspect(destination=[self.worker], timeout=3.0).revoked() or {}
         return list(found.get(self.worker, []))
 
-    def flower(self, name: str, **kwargs: Any) -> FlowerProcess:
-        return FlowerProcess(self.env, basic_auth=AUTH, log_path=self.root / f"{name}.log", **kwargs).start(
-            timeout=60
-        )
+    @contextmanager
+    def flower(self, name: str, **kwargs: Any) -> Iterator[FlowerProcess]:
+        """A started Flower on this Redis, stopped on exit (started once: `with` does not restart it)."""
+        process = FlowerProcess(self.env, basic_auth=AUTH, log_path=self.root / f"{name}.log", **kwargs)
+        process.start(timeout=60)
+        try:
+            yield process
+        finally:
+            process.stop()
 
 
 @pytest.fixture(scope="module")
