@@ -6,6 +6,9 @@
 - Without auth Flower starts only on a loopback address; on any other address it refuses to
   start. (Flower's ``/metrics`` and ``/healthcheck`` are never behind auth; they hold no
   secrets.)
+- Read-only by default: Flower's control API (shut down workers, revoke tasks, send any task...)
+  answers 403 for every user (ops/flower_server.py). ``--allow-control`` or
+  AWORK_FLOWER_CONTROL=1 is the operator's explicit opt-in to Flower's full API.
 - ``--persistent-db PATH`` keeps Flower's task history across restarts (saved every 10 s and on
   exit).
 - Settings shared by every Flower we start (columns, redaction of task fields, memory bounds)
@@ -26,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ops.flower_server import ALLOW_CONTROL_FLAG
 from ops.processes import Child
 from ops.redis_server import free_port
 from producers.config import ConfigError
@@ -33,6 +37,9 @@ from producers.config import ConfigError
 AUTH_ENV = "FLOWER_BASIC_AUTH"
 # Flower would open its API to anyone without auth when this is set: never passed on.
 UNAUTHENTICATED_API_ENV = "FLOWER_UNAUTHENTICATED_API"
+CONTROL_ENV = "AWORK_FLOWER_CONTROL"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
 FLOWERCONFIG = Path(__file__).with_name("flowerconfig.py")
 DEFAULT_ADDRESS = "127.0.0.1"
 DEFAULT_PORT = 5555
@@ -67,16 +74,27 @@ def check_auth(auth: str | None, address: str) -> str | None:
     return auth
 
 
+def control_allowed(flag: bool, env: Mapping[str, str]) -> bool:
+    """The opt-in to Flower's control API: the flag, or AWORK_FLOWER_CONTROL set to a true value."""
+    value = env.get(CONTROL_ENV, "").strip().lower()
+    if value not in _TRUE + _FALSE:
+        raise ConfigError(f"{CONTROL_ENV}: expected 1 or 0 (true/false, yes/no, on/off), got {value!r}")
+    return flag or value in _TRUE
+
+
 def flower_argv(
     address: str = DEFAULT_ADDRESS,
     port: int = DEFAULT_PORT,
     persistent_db: Path | None = None,
     conf: Path = FLOWERCONFIG,
     python: str = sys.executable,
+    allow_control: bool = False,
 ) -> list[str]:
-    """`celery -A workers flower ...`: no secret in it."""
+    """`celery -A workers flower ...` through ops.flower_server (read-only unless allowed): no
+    secret in it."""
+    control = [ALLOW_CONTROL_FLAG] if allow_control else []
     argv = [
-        python, "-m", "celery", "-A", "workers", "flower",
+        python, "-m", "ops.flower_server", *control, "-A", "workers", "flower",
         f"--conf={conf}", f"--address={address}", f"--port={port}",
     ]  # fmt: skip
     if persistent_db is not None:
@@ -115,16 +133,19 @@ class FlowerProcess:
         basic_auth: str | None = None,
         persistent_db: Path | None = None,
         log_path: Path | None = None,
+        allow_control: bool | None = None,
     ) -> None:
+        """`allow_control` None: as AWORK_FLOWER_CONTROL in `env` says (off when unset)."""
         auth = basic_auth if basic_auth is not None else env.get(AUTH_ENV)
         self.auth = check_auth(auth, address)
+        self.allow_control = control_allowed(False, env) if allow_control is None else allow_control
         self.address = address
         self.port = port or free_port()
         self.persistent_db = persistent_db
         self.log_path = log_path
         self.child = Child(
             "flower",
-            flower_argv(address, self.port, persistent_db),
+            flower_argv(address, self.port, persistent_db, allow_control=self.allow_control),
             flower_env(env, self.auth),
             log_path,
         )
@@ -178,6 +199,12 @@ class FlowerProcess:
         auth = self.credentials if authenticated else None
         return requests.get(f"{self.url}{path}", params=params or None, auth=auth, timeout=10)
 
+    def post(self, path: str, **data: Any) -> Any:
+        """POST `path` with the credentials (a requests.Response); `data` as a form body."""
+        import requests
+
+        return requests.post(f"{self.url}{path}", data=data or None, auth=self.credentials, timeout=15)
+
     def tasks(self, **params: Any) -> dict[str, Any]:
         """GET /api/tasks: task id -> task (name, state, args, kwargs, ...)."""
         response = self.get("/api/tasks", **params)
@@ -211,7 +238,7 @@ class FlowerProcess:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="awork-uploads flower",
-        description="Run Flower for the fleet (celery -A workers flower) with basic auth.",
+        description="Run Flower for the fleet (celery -A workers flower): basic auth, read-only by default.",
         epilog=f"Auth comes from {AUTH_ENV}=user:password (preferred: it stays out of `ps`). "
         "Without it Flower starts only on a loopback address.",
     )
@@ -225,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--basic-auth", default=None, metavar="USER:PASSWORD",
         help=f"instead of {AUTH_ENV} (which is preferred)",
     )  # fmt: skip
+    p.add_argument(
+        "--allow-control", action="store_true",
+        help=f"serve Flower's control API (shut down workers, revoke and send tasks); off by "
+        f"default, also {CONTROL_ENV}=1",
+    )  # fmt: skip
     return p
 
 
@@ -233,6 +265,7 @@ def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     given = args.basic_auth if args.basic_auth is not None else os.environ.get(AUTH_ENV)
     auth = check_auth(given, args.address)
+    allow_control = control_allowed(args.allow_control, os.environ)
     if auth is None:
         print(
             f"awork-uploads flower: {AUTH_ENV} not set: the web UI is open to local users and the API is off",
@@ -240,6 +273,11 @@ def main(argv: Sequence[str]) -> int:
         )
     if args.persistent_db is not None:
         args.persistent_db.parent.mkdir(parents=True, exist_ok=True)
-    argv_ = flower_argv(args.address, args.port, args.persistent_db)
+    if allow_control:
+        print(
+            "awork-uploads flower: control is ON: every Flower user can shut down workers and send tasks",
+            file=sys.stderr,
+        )
+    argv_ = flower_argv(args.address, args.port, args.persistent_db, allow_control=allow_control)
     os.execve(sys.executable, argv_, flower_env(os.environ, auth))
     return 0  # not reached

@@ -71,6 +71,18 @@ def env_float(name: str, default: float) -> float:
         raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
 
 
+def env_flag(name: str, default: bool = False) -> bool:
+    """A switch from the environment: 1/true/yes/on or 0/false/no/off; blank = default."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: expected 1 or 0 (true/false, yes/no, on/off), got {raw!r}")
+
+
 @dataclass(frozen=True)
 class SharedSettings:
     redis_url: str

@@ -19,6 +19,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "compose.yaml"
+REDIS_START = REPO / "ops" / "redis-start.sh"
+SECRETISH = re.compile(r"KEY|PASSWORD|AUTH|TOKEN|SECRET")
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 OUR_IMAGE = "awork-uploads:latest"
@@ -34,7 +36,7 @@ def _our_env_names() -> set[str]:
     for package in ("producers", "workers", "ops"):
         for path in (REPO / package).rglob("*.py"):
             source = path.read_text()
-            if not any(w in source for w in ("environ", "getenv", "env_int(", "env_float(")):
+            if not any(w in source for w in ("environ", "getenv", "env_int(", "env_float(", "env_flag(")):
                 continue
             for node in ast.walk(ast.parse(source)):
                 candidates: list[ast.expr] = []
@@ -71,9 +73,14 @@ def _third_party_env_names() -> set[str]:
     return names
 
 
+def _redis_env_names() -> set[str]:
+    """What the redis service's processes read: ops/redis-start.sh, and redis-cli's REDISCLI_AUTH."""
+    return set(re.findall(r"\$\{?([A-Z][A-Z0-9_]+)", REDIS_START.read_text())) | {"REDISCLI_AUTH"}
+
+
 @functools.cache
 def env_names_read() -> frozenset[str]:
-    return frozenset(_our_env_names() | _third_party_env_names())
+    return frozenset(_our_env_names() | _third_party_env_names() | _redis_env_names())
 
 
 def interpolate(value: str, fill: str = "x") -> str:
@@ -142,9 +149,16 @@ def test_redis_is_a_durable_password_protected_broker() -> None:
     assert "--appendonly yes" in args
     assert "--appendfsync always" in args
     assert "--maxmemory-policy noeviction" in args
-    password = raw[raw.index("--requirepass") + 1]
-    assert INTERPOLATION.fullmatch(password), "the password must come from the environment"
-    assert INTERPOLATION.fullmatch(password).group(1) == "REDIS_PASSWORD"  # type: ignore[union-attr]
+    # the password: from the environment, into a file by ops/redis-start.sh, never in argv
+    assert "--requirepass" not in raw
+    env = environment("redis")
+    for var in ("REDIS_PASSWORD", "REDISCLI_AUTH"):
+        match = INTERPOLATION.fullmatch(env[var])
+        assert match and match.group(1) == "REDIS_PASSWORD" and match.group(2) == ":?", var
+    entrypoint = [str(c) for c in redis["entrypoint"]]
+    script = entrypoint[-1]
+    assert volume_mounts("redis")[script] == "./ops/redis-start.sh"
+    assert "/run/redis-secret" in redis["tmpfs"], "the password file lives in memory only"
     assert "/data" in volume_mounts("redis") and volume_mounts("redis")["/data"] == "redis-data"
     assert "ports" not in redis, "the broker is not published on the host"
     assert "healthcheck" in redis and "ping" in str(redis["healthcheck"]["test"])
@@ -190,7 +204,7 @@ def test_flower_requires_auth_and_keeps_state_on_a_volume() -> None:
 
 
 def test_sandbox_listens_on_all_interfaces_for_a_local_trial() -> None:
-    from ops.sandbox.cli import build_parser
+    from ops.sandbox.cli import KEYS_ENV, build_parser
 
     cmd = command("sandbox")
     assert cmd[0] == "sandbox"
@@ -198,6 +212,81 @@ def test_sandbox_listens_on_all_interfaces_for_a_local_trial() -> None:
     assert args.host == "0.0.0.0"
     assert args.public_host == "sandbox"
     assert service("sandbox").get("profiles"), "a trial tool: not started by a plain `up`"
+    # #11.12: its own key variable, through the environment; the real key's variable never
+    assert not args.api_key
+    assert INTERPOLATION.fullmatch(environment("sandbox")[KEYS_ENV]).group(1) == KEYS_ENV  # type: ignore[union-attr]
+    assert "AWORK_API_KEY" not in str(service("sandbox"))
+
+
+def test_no_secret_in_any_command_entrypoint_or_healthcheck() -> None:
+    """#11.12: argv and healthcheck commands show in `ps` and `docker inspect`: secrets go
+    through the environment only."""
+    for name, svc in compose()["services"].items():
+        parts = [svc.get("command"), svc.get("entrypoint"), (svc.get("healthcheck") or {}).get("test")]
+        for part in parts:
+            for var in INTERPOLATION.findall(str(part or "")):
+                assert not SECRETISH.search(var[0]), f"{name}: ${{{var[0]}}} in a command line"
+            flags = r"(^|\s)-a\s|--requirepass|--api-key|--admin-token|--basic-auth"
+            assert not re.search(flags, str(part or "")), name
+
+
+def test_workers_check_source_hosts_too() -> None:
+    """#11.12: workers re-check a URL source's host against AWORK_SOURCE_URL_HOSTS, so they get it."""
+    worker, producer = environment("worker"), environment("producer")
+    assert worker["AWORK_SOURCE_URL_HOSTS"] == producer["AWORK_SOURCE_URL_HOSTS"]
+    # opt-ins are off unless the operator sets them
+    for name, var in (("worker", "AWORK_ALLOW_INSECURE_API"), ("flower", "AWORK_FLOWER_CONTROL")):
+        match = INTERPOLATION.fullmatch(environment(name)[var])
+        assert match and match.group(1) == var and not match.group(3), (name, var)
+
+
+@pytest.mark.slow
+def test_redis_start_script_keeps_the_password_out_of_argv(tmp_path: Path) -> None:
+    """#11.12: ops/redis-start.sh for real, with this machine's redis-server on a free port (the
+    image's docker-entrypoint.sh, which only drops root, stands in as `exec "$@"`)."""
+    import os
+    import time
+
+    import redis as redis_py
+
+    from ops.redis_server import find_redis_server, free_port
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "docker-entrypoint.sh"
+    shim.write_text('#!/bin/sh\nexec "$@"\n')
+    shim.chmod(0o755)
+    password, port = os.urandom(12).hex(), free_port()
+    env = {
+        "PATH": f"{bin_dir}:{Path(find_redis_server()).parent}:/usr/bin:/bin",
+        "REDIS_PASSWORD": password,
+        "REDISCLI_AUTH": password,
+        "REDIS_SECRET_DIR": str(tmp_path / "secret"),
+    }
+    argv = ["/bin/sh", str(REDIS_START), "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]  # fmt: skip
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis_py.Redis(port=port, password=password, socket_timeout=2)
+        for _ in range(100):
+            assert proc.poll() is None, "redis-start.sh exited"
+            try:
+                assert client.ping()
+                break
+            except redis_py.ConnectionError:
+                time.sleep(0.05)
+        with pytest.raises(redis_py.AuthenticationError):
+            redis_py.Redis(port=port, socket_timeout=2).ping()
+        assert password not in Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode()
+        assert password.encode() not in Path(f"/proc/{proc.pid}/environ").read_bytes()
+        conf = tmp_path / "secret" / "redis.conf"
+        assert conf.stat().st_mode & 0o777 == 0o600 and (tmp_path / "secret").stat().st_mode & 0o777 == 0o700
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    bad = subprocess.run(argv, env={**env, "REDIS_PASSWORD": "with space"}, capture_output=True, text=True)
+    assert bad.returncode == 2 and "REDIS_PASSWORD" in bad.stderr
 
 
 def test_producers_share_the_staging_volume_and_hold_no_key() -> None:
@@ -222,7 +311,7 @@ def test_every_environment_variable_compose_sets_is_read_by_the_code() -> None:
 
 
 def test_secrets_in_compose_come_only_from_the_environment() -> None:
-    secretish = re.compile(r"KEY|PASSWORD|AUTH|TOKEN|SECRET")
+    secretish = SECRETISH
     for name in compose()["services"]:
         for var, value in environment(name).items():
             if secretish.search(var):

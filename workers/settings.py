@@ -9,7 +9,6 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from producers.config import (
     DEFAULT_API_URL,
@@ -20,6 +19,7 @@ from producers.config import (
     env_int,
     read_workspaces_file,
 )
+from workers.api_url import check_api_url, insecure_api_allowed
 from workers.blob import TransferPolicy
 from workers.limits_config import WorkspaceLimits
 from workers.sources import DEFAULT_MAX_SOURCE_BYTES
@@ -83,14 +83,15 @@ class WorkerSettings:
 
         shared = SharedSettings.from_env()
         api_url = os.environ.get("AWORK_API_URL", "").strip() or DEFAULT_API_URL
-        _check_url("AWORK_API_URL", api_url)
+        allow_insecure = insecure_api_allowed()
+        check_api_url("AWORK_API_URL", api_url, allow_insecure)
         workspaces: dict[str, Workspace] = {}
         if shared.workspaces_file is not None:
             for name, table in read_workspaces_file(shared.workspaces_file).items():
                 key = _key_from_table(name, table)
                 limits = limits_for_workspace(name, table)
                 ws_url = str(table.get("api_url") or api_url)
-                _check_url(f"workspaces.{name}.api_url", ws_url)
+                check_api_url(f"AWORK_WORKSPACES_FILE: workspaces.{name}.api_url", ws_url, allow_insecure)
                 workspaces[name] = Workspace(name, key, limits, ws_url.rstrip("/"))
         env_key = os.environ.get("AWORK_API_KEY", "").strip()
         if env_key and DEFAULT_WORKSPACE not in workspaces:
@@ -168,9 +169,3 @@ def _positive(name: str, default: int) -> int:
     if value <= 0:
         raise ConfigError(f"{name}: expected a positive number of bytes, got {value}")
     return value
-
-
-def _check_url(name: str, url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{name}: expected an http(s) URL, got {url!r}")

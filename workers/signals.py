@@ -1,15 +1,29 @@
-"""Worker lifecycle hooks: announce the workspaces this worker can serve."""
+"""Worker lifecycle hooks: check the settings, announce the workspaces this worker can serve."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from producers.client import WORKSPACES_KEY
+from producers.config import ConfigError
 
 log = logging.getLogger("awork.worker")
+
+
+@worker_init.connect
+def refuse_bad_settings(**_: Any) -> None:
+    """Stop at start on a configuration error (its message names the variable) instead of
+    consuming steps that would all fail. SystemExit passes Celery's signal dispatch."""
+    from workers.settings import WorkerSettings
+
+    try:
+        WorkerSettings.from_env()
+    except ConfigError as exc:
+        log.critical("configuration error, not starting: %s", exc)
+        raise SystemExit(2) from None
 
 
 @worker_ready.connect

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .auth import same_secret
 from .core import Sandbox
 from .state import ENTITY_TYPES
 
@@ -77,7 +78,7 @@ class AdminApi:
         try:
             if path == "/health" and method == "GET":
                 return _json({"ok": True})
-            if request.headers.get("Authorization", "") != self._auth:
+            if not same_secret(request.headers.get("Authorization", ""), self._auth):
                 raise AdminError(401, "missing or wrong admin token (Authorization: Bearer ...)")
             if path == "/stats" and method == "GET":
                 return _json(stats(self.sandbox))

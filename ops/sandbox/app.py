@@ -27,6 +27,7 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 
 from . import errors as E
+from .auth import workspace_for_key
 from .content import Content
 from .core import UPLOAD_CONTAINER, Sandbox
 from .errors import ApiError
@@ -587,7 +588,7 @@ class ApiFrontDoor:
         try:
             auth = request.headers.get("Authorization", "")
             scheme, _, token = auth.partition(" ")
-            workspace = self._keys.get(token.strip()) if scheme.lower() == "bearer" else None
+            workspace = workspace_for_key(self._keys, token.strip()) if scheme.lower() == "bearer" else None
             user_id = sb.user_ids.get(token.strip(), "")
             if workspace is None and scheme.lower() == "bearer":
                 found = sb.oauth.access(token.strip())

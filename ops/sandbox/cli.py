@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import secrets
 import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,10 @@ from .server import print_ready, serve
 from .settings import FAULT_KINDS, FAULT_ROUTES, MIB, Settings
 
 DEMO_PER_TYPE = 3
+# The sandbox's own variables, never AWORK_API_KEY: a real awork key must not reach the sandbox.
+# Keys and the admin token come from here rather than the command line, so `ps` does not show them.
+KEYS_ENV = "AWORK_SANDBOX_API_KEY"  # KEY[=WORKSPACE][,KEY[=WORKSPACE]...]
+ADMIN_TOKEN_ENV = "AWORK_SANDBOX_ADMIN_TOKEN"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,14 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--public-host", default=None,
       help="host name written into URLs (default: --host; 127.0.0.1 for 0.0.0.0)")
     a("--api-key", action="append", default=[], metavar="KEY[=WORKSPACE]",
-      help="an accepted bearer token and its workspace (default workspace: default); "
-      "repeatable. Without any, one key is generated and printed as AWORK_API_KEY=")
+      help=f"an accepted bearer token and its workspace (default workspace: default); "
+      f"repeatable, added to those in {KEYS_ENV} (preferred: it stays out of `ps`). "
+      f"Without any, one key is generated and printed as {KEYS_ENV}=")
     a("--oauth-client", action="append", default=[], metavar="ID:SECRET",
       help="an OAuth client the token endpoint accepts (HTTP Basic); repeatable")
     a("--oauth-access-lifetime", type=float, default=86400.0, metavar="SECONDS",
       help="expires_in of issued access tokens (default 86400, as awork's examples)")
     a("--admin-token", default=None,
-      help="bearer token of the admin API (default: generated, printed as SANDBOX_ADMIN_TOKEN=)")
+      help=f"bearer token of the admin API (default: {ADMIN_TOKEN_ENV}, else generated and "
+      "printed as SANDBOX_ADMIN_TOKEN=)")
     a("--data-dir", type=Path, default=None,
       help="where bytes are stored (default: a temporary directory removed on exit)")
     a("--seed-demo", action="store_true",
@@ -90,14 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse_keys(values: list[str]) -> dict[str, str]:
+def _parse_keys(values: list[str], where: str = "--api-key") -> dict[str, str]:
     keys: dict[str, str] = {}
     for v in values:
-        key, sep, ws = v.partition("=")
+        key, sep, ws = v.strip().partition("=")
         if not key:
-            raise SystemExit(f"--api-key {v!r}: the key is empty")
+            raise SystemExit(f"{where}: an entry has an empty key")
         keys[key] = ws if sep and ws else "default"
     return keys
+
+
+def keys_from_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """AWORK_SANDBOX_API_KEY: comma-separated KEY[=WORKSPACE] (blank entries skipped)."""
+    raw = environ.get(KEYS_ENV, "")
+    return _parse_keys([item for item in raw.split(",") if item.strip()], KEYS_ENV)
 
 
 def _parse_clients(values: list[str]) -> dict[str, str]:
@@ -192,12 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = settings_from_args(args)
     extra: list[str] = [f"SANDBOX_SEED={settings.seed}"]
-    keys = _parse_keys(args.api_key)
+    keys = {**keys_from_env(os.environ), **_parse_keys(args.api_key)}
     if not keys:
         generated = f"sandbox-{secrets.token_hex(12)}"
         keys = {generated: "default"}
-        extra.append(f"AWORK_API_KEY={generated}")
-    admin_token = args.admin_token
+        extra.append(f"{KEYS_ENV}={generated}")
+    admin_token = args.admin_token or os.environ.get(ADMIN_TOKEN_ENV, "").strip()
     if not admin_token:
         admin_token = secrets.token_hex(16)
         extra.append(f"SANDBOX_ADMIN_TOKEN={admin_token}")

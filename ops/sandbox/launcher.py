@@ -63,10 +63,8 @@ class SandboxProcess:
     # --- lifecycle -------------------------------------------------------------------------
 
     def command(self) -> list[str]:
-        cmd = [*self.wrapper, self.python, "-m", "ops.sandbox", "--host", "127.0.0.1", "--port", "0",
-               "--admin-token", self.admin_token]
-        for key, ws in self.api_keys.items():
-            cmd += ["--api-key", f"{key}={ws}"]
+        """The command line; the keys and the admin token go in the environment (see start())."""
+        cmd = [*self.wrapper, self.python, "-m", "ops.sandbox", "--host", "127.0.0.1", "--port", "0"]
         if self.data_dir is not None:
             cmd += ["--data-dir", str(self.data_dir)]
         if self.seed_demo:
@@ -75,6 +73,8 @@ class SandboxProcess:
 
     def start(self) -> SandboxProcess:
         env = dict(os.environ if self.env is None else self.env)
+        env["AWORK_SANDBOX_API_KEY"] = ",".join(f"{key}={ws}" for key, ws in self.api_keys.items())
+        env["AWORK_SANDBOX_ADMIN_TOKEN"] = self.admin_token
         # Importable from a checkout even without `pip install -e .`.
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(_REPO_ROOT), env.get("PYTHONPATH", "")) if p
