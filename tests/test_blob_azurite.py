@@ -24,7 +24,8 @@ from tests.blob_policies import SMALL, KiB, MiB, staged_digests
 from workers.blob import BlobUploader, MemoryFallbackStore, TransferPolicy
 from workers.block_journal import MemoryBlockJournal
 from workers.errors import PermanentError, TransientError, UploadUrlExpired
-from workers.sources import FileSource, UrlSource
+from workers.sources import FileSource
+from workers.url_source import UrlSource
 
 CONTAINER = "uploads"
 

@@ -34,7 +34,8 @@ from workers.blob import (
 from workers.block_journal import MemoryBlockJournal, RedisBlockJournal
 from workers.errors import PermanentError, TransientError, UploadUrlExpired
 from workers.multipart import multipart_body
-from workers.sources import FileSource, UrlSource
+from workers.sources import FileSource
+from workers.url_source import UrlSource
 
 REPO = Path(__file__).resolve().parent.parent
 

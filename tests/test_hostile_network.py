@@ -26,7 +26,8 @@ from producers.contract import SpecError
 from producers.spec import JobSpec, source_host_refused, validate
 from workers.blob import BlobUploader, MemoryFallbackStore, TransferPolicy
 from workers.errors import AworkError, PermanentError, TransientError
-from workers.sources import FileSource, SourceInterrupted, UrlSource
+from workers.sources import FileSource, SourceInterrupted
+from workers.url_source import UrlSource
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -568,7 +569,7 @@ def test_max_source_bytes_is_read_once_from_the_environment(monkeypatch: pytest.
     """#11.11: AWORK_MAX_SOURCE_BYTES reaches the worker settings; nonsense names the variable."""
     from producers.config import ConfigError
     from workers.settings import WorkerSettings
-    from workers.sources import DEFAULT_MAX_SOURCE_BYTES
+    from workers.url_source import DEFAULT_MAX_SOURCE_BYTES
 
     monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
     monkeypatch.delenv("AWORK_MAX_SOURCE_BYTES", raising=False)

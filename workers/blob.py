@@ -67,8 +67,8 @@ from workers.sources import (
     iter_blocks,
     md5_b64,
     read_exact,
-    redact_url,
 )
+from workers.url_source import redact_url
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from workers.logging_setup import redact
-from workers.sources import redact_url
+from workers.url_source import redact_url
 
 # scheme://anything-up-to-whitespace-or-quote (a URL inside a longer text)
 _URL = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s\"'<>]+")

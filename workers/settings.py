@@ -22,7 +22,7 @@ from producers.config import (
 from workers.api_url import check_api_url, insecure_api_allowed
 from workers.blob import TransferPolicy
 from workers.limits_config import WorkspaceLimits
-from workers.sources import DEFAULT_MAX_SOURCE_BYTES
+from workers.url_source import DEFAULT_MAX_SOURCE_BYTES
 
 
 class Secret:

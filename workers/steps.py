@@ -31,8 +31,9 @@ from workers.errors import PermanentError, TransientError, UploadUrlExpired
 from workers.file_match import find_linked_file
 from workers.multipart import multipart_body
 from workers.record_checks import check_record
-from workers.sources import DEFAULT_MAX_SOURCE_BYTES, ByteSource, FileSource, open_url_source
+from workers.sources import ByteSource, FileSource
 from workers.step_runner import JobEnded, StepContext, cleanup_staging, run_step
+from workers.url_source import DEFAULT_MAX_SOURCE_BYTES, open_url_source
 
 # awork's code for "this uploadId is linked already" (a second link of the same upload).
 ALREADY_LINKED = "duplication-violation"
