@@ -1,10 +1,11 @@
 """OAuth connections end to end: 2 worker processes x 8 threads, access tokens living 3 s, jobs over
 two connections; refreshes are single-flight (no invalid_grant) and about run time / lifetime;
 a revoked grant parks its jobs (none dead) until a new grant is added; no secret in plain text
-in Redis or the logs."""
+in Redis, the logs or Flower."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 import uuid
@@ -16,6 +17,7 @@ import pytest
 import requests
 from cryptography.fernet import Fernet
 
+from ops.flower import FlowerProcess
 from producers.cli import main as cli_main
 from producers.connections import ConnectionRegistry
 from producers.spec import JobSpec
@@ -96,6 +98,14 @@ def test_api_key_connection_added_at_run_time(fleet: Fleet) -> None:
 def test_refresh_is_single_flight_then_revoke_parks_and_reconnect_resumes(
     fleet: Fleet, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # Flower watches the whole run: its task list and task pages are scanned for secrets at the end
+    with FlowerProcess(fleet.env, basic_auth="ops:" + uuid.uuid4().hex) as flower:
+        _run_refresh_revoke_reconnect(fleet, flower, monkeypatch, capsys)
+
+
+def _run_refresh_revoke_reconnect(
+    fleet: Fleet, flower: FlowerProcess, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     for name in CONNS:
         _connect(fleet, name)
     # -- 300 jobs over two connections, tokens living 3 s ------------------------------------
@@ -156,6 +166,10 @@ def test_refresh_is_single_flight_then_revoke_parks_and_reconnect_resumes(
     assert len(issued) >= 6
     needles = [t.encode() for t in issued] + [CLIENT_SECRET.encode(), SECRETS_KEY.encode()]
     haystacks = {"redis": _redis_dump(fleet)}
+    tasks = flower.wait_for_tasks(lambda ts: len(ts) >= 300, timeout=30)
+    haystacks["flower /api/tasks"] = json.dumps(tasks).encode()
+    for tid in list(tasks)[:: max(1, len(tasks) // 40)]:
+        haystacks[f"flower /api/task/info/{tid}"] = flower.get(f"/api/task/info/{tid}").content
     for log in Path(fleet.root / "logs").glob("*.log"):
         haystacks[log.name] = log.read_bytes()
     leaks = [(where, n[:6]) for where, hay in haystacks.items() for n in needles if n in hay]
