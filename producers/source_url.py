@@ -1,5 +1,5 @@
 """The one check of an http(s) source URL, shared by producers (at enqueue) and workers (before
-every GET, and again for every redirect hop).
+every GET, and again for every redirect hop); workers parse upload URLs with it too.
 
 Why two parsers: the standard library's `urlsplit` and urllib3's `parse_url` (what requests
 connects with) disagree on odd URLs. `http://evil.test\\@files.example.com/x` is host
@@ -41,14 +41,17 @@ class SourceUrlRefused(ValueError):
     """A source URL that must not be fetched; the message says why, without the URL's query."""
 
 
-def parse_source_url(url: str) -> SourceAddress:
-    """The address `url` connects to, or SourceUrlRefused when it is malformed or ambiguous."""
+def parse_http_url(url: str) -> SourceAddress:
+    """The address `url` connects to, or SourceUrlRefused when it is malformed or ambiguous.
+
+    Used for source URLs and for upload URLs alike: whatever the worker connects to is parsed here.
+    """
     if not isinstance(url, str) or not url:
         raise SourceUrlRefused("expected an http(s) URL")
     if "\\" in url:
-        raise SourceUrlRefused("backslashes are refused in source URLs (parsers disagree on them)")
+        raise SourceUrlRefused("backslashes are refused in URLs (parsers disagree on them)")
     if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
-        raise SourceUrlRefused("whitespace and control characters are refused in source URLs")
+        raise SourceUrlRefused("whitespace and control characters are refused in URLs")
     try:
         std = urlsplit(url)
         std_port = std.port
@@ -96,7 +99,7 @@ def host_allowed(address: SourceAddress, allowed: Iterable[str]) -> bool:
 
 def check_source_url(url: str, allowed: Iterable[str]) -> SourceAddress:
     """The address of an allowed source URL, else SourceUrlRefused (names host:port only)."""
-    address = parse_source_url(url)
+    address = parse_http_url(url)
     if not host_allowed(address, allowed):
         raise SourceUrlRefused(f"host {address.hostport} is not on the allow-list AWORK_SOURCE_URL_HOSTS")
     return address
@@ -118,6 +121,6 @@ __all__ = [
     "check_source_url",
     "host_allowed",
     "parse_host_entry",
-    "parse_source_url",
+    "parse_http_url",
     "source_host_refused",
 ]

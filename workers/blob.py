@@ -56,6 +56,7 @@ from producers.block_digests import (
     MAX_BLOCKS,
     block_size_for,
 )
+from producers.source_url import SourceAddress, SourceUrlRefused, host_allowed, parse_http_url
 from workers.block_journal import BlockJournal, MemoryBlockJournal
 from workers.error_text import transport_error
 from workers.errors import AworkError, PermanentError, TransientError, UploadUrlExpired
@@ -68,7 +69,6 @@ from workers.sources import (
     md5_b64,
     read_exact,
 )
-from workers.url_source import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -208,62 +208,20 @@ class RedisFallbackStore:
 
 # -- URLs ------------------------------------------------------------------------------------
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-@dataclass(frozen=True)
-class _Target:
-    scheme: str
-    host: str
-    port: int
-
-    @property
-    def hostport(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-def _parse_host_entry(entry: str) -> tuple[str, int | None]:
-    entry = entry.strip().lower()
-    if "://" in entry:
-        parts = urlsplit(entry)
-        return (parts.hostname or "", parts.port)
-    if entry.startswith("["):  # [v6]:port
-        host, _, rest = entry[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else None
-    if entry.count(":") == 1:
-        host, _, port = entry.partition(":")
-        return host, int(port)
-    return entry, None
-
-
-def check_upload_url(url: str, allowed_hosts: Collection[str]) -> _Target:
-    """PermanentError unless `url` is http(s), has no userinfo and its host:port is allowed.
-
-    An entry without a port allows the scheme's default port (80/443) only.
+def check_upload_url(url: str, allowed_hosts: Collection[str]) -> SourceAddress:
+    """PermanentError unless `url` is http(s), unambiguous, has no userinfo and its host:port is
+    allowed. The same parse and allow-list rule as source URLs (producers.source_url): an entry
+    without a port allows the scheme's default port (80/443) only.
     """
     try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise PermanentError(f"malformed upload URL: {exc}", code="upload-url-invalid") from None
-    scheme = parts.scheme.lower()
-    host = (parts.hostname or "").lower()
-    if scheme not in _DEFAULT_PORTS or not host:
+        address = parse_http_url(url)
+    except SourceUrlRefused as exc:
+        raise PermanentError(f"upload URL refused: {exc}", code="upload-url-invalid") from None
+    if not host_allowed(address, allowed_hosts):
         raise PermanentError(
-            f"upload URL must be http(s) with a host: {redact_url(url)}", code="upload-url-invalid"
+            f"upload host {address.hostport} is not in AWORK_UPLOAD_HOSTS", code="upload-host-refused"
         )
-    if parts.username is not None or parts.password is not None:
-        raise PermanentError("upload URL carries userinfo: refused", code="upload-url-invalid")
-    effective = port if port is not None else _DEFAULT_PORTS[scheme]
-    for entry in allowed_hosts:
-        e_host, e_port = _parse_host_entry(entry)
-        if e_host == host and (
-            e_port == effective or (e_port is None and effective == _DEFAULT_PORTS[scheme])
-        ):
-            return _Target(scheme, host, effective)
-    raise PermanentError(
-        f"upload host {host}:{effective} is not in AWORK_UPLOAD_HOSTS", code="upload-host-refused"
-    )
+    return address
 
 
 def url_expiry(url: str) -> dt.datetime | None:
@@ -607,7 +565,7 @@ class BlobUploader:
     def _upload_once(
         self,
         url: str,
-        target: _Target,
+        target: SourceAddress,
         source: ByteSource,
         content_type: str,
         journal: BlockJournal,
@@ -663,7 +621,7 @@ class BlobUploader:
     def _upload_rereadable(
         self,
         url: str,
-        target: _Target,
+        target: SourceAddress,
         source: ByteSource,
         content_type: str,
         journal: BlockJournal,
@@ -733,7 +691,7 @@ class BlobUploader:
                 r.close()
         return UploadOutcome(size, digest, "single", fell_back=size > self.policy.single_put_threshold)
 
-    def _remember_refusal(self, target: _Target, exc: AworkError) -> None:
+    def _remember_refusal(self, target: SourceAddress, exc: AworkError) -> None:
         reason = f"{exc.status} {exc.code or ''}".strip()
         log.warning(
             "upload host %s refuses block operations (%s): one Put Blob instead", target.hostport, reason
@@ -865,7 +823,7 @@ class BlobUploader:
     def _blocks(
         self,
         url: str,
-        target: _Target,
+        target: SourceAddress,
         blocks: Iterator[bytes],
         size: int | None,
         content_type: str,
