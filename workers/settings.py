@@ -6,7 +6,6 @@ API keys are read here and only here. `Secret` keeps them out of reprs, logs and
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from producers.config import (
 from workers.api_url import check_api_url, insecure_api_allowed
 from workers.blob import TransferPolicy
 from workers.limits_config import WorkspaceLimits
+from workers.secret_files import read_secret_file
 from workers.url_source import DEFAULT_MAX_SOURCE_BYTES
 
 
@@ -153,14 +153,7 @@ def _key_from_table(name: str, table: dict[str, object]) -> Secret:
         return Secret(value)
     file = table.get("api_key_file")
     if file:
-        path = Path(str(file))
-        try:
-            mode = path.stat().st_mode
-        except FileNotFoundError:
-            raise ConfigError(f"{where}.api_key_file: {path} does not exist") from None
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(f"{where}.api_key_file: {path} is readable by others; chmod 600 it")
-        return Secret(path.read_text().strip())
+        return Secret(read_secret_file(f"{where}.api_key_file", Path(str(file))))
     raise ConfigError(f"{where}: set api_key_env or api_key_file")
 
 

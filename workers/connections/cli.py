@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import stat
 import sys
 import time
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from workers.connections.oauth import OAuthClient, begin_authorization, complete
 from workers.connections.store import ConnectionStore, remove_connection
 from workers.connections.tokens import Connections
 from workers.errors import AworkError
+from workers.secret_files import read_secret_file
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 REMOVED_CODE = "connection-removed"
@@ -43,19 +43,6 @@ def _redis() -> redis.Redis:
 
 def _store(client: redis.Redis) -> ConnectionStore:
     return ConnectionStore(client, SecretBox.from_env())
-
-
-def _read_secret_file(flag: str, path: Path) -> str:
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise ConfigError(f"{flag}: {path} does not exist") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"{flag}: {path} is readable by others; chmod 600 it")
-    value = path.read_text().strip()
-    if not value:
-        raise ConfigError(f"{flag}: {path} is empty")
-    return value
 
 
 def _limits(args: argparse.Namespace) -> dict[str, object] | None:
@@ -86,13 +73,13 @@ def cmd_add(args: argparse.Namespace) -> int:
     if args.oauth:
         if not args.refresh_token_file:
             raise SpecError("refresh_token_file", "--oauth needs --refresh-token-file PATH")
-        token = _read_secret_file("--refresh-token-file", Path(args.refresh_token_file))
+        token = read_secret_file("--refresh-token-file", Path(args.refresh_token_file))
         info = store.add_oauth(args.name, token, limits=_limits(args))
     else:
         if bool(args.api_key_file) == bool(args.api_key_env):
             raise SpecError("api_key", "give one of --api-key-file PATH, --api-key-env VAR, or --oauth")
         if args.api_key_file:
-            key = _read_secret_file("--api-key-file", Path(args.api_key_file))
+            key = read_secret_file("--api-key-file", Path(args.api_key_file))
         else:
             key = os.environ.get(args.api_key_env, "").strip()
             if not key:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from producers.config import ConfigError
+from workers.secret_files import secret_from_env
 
 ENV_KEY = "AWORK_SECRETS_KEY"
 ENV_KEY_FILE = "AWORK_SECRETS_KEY_FILE"
@@ -46,19 +45,7 @@ class SecretBox:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> SecretBox:
         env = os.environ if environ is None else environ
-        raw = env.get(ENV_KEY, "").strip()
-        file = env.get(ENV_KEY_FILE, "").strip()
-        if raw and file:
-            raise ConfigError(f"{ENV_KEY} and {ENV_KEY_FILE}: set one, not both")
-        if file:
-            path = Path(file)
-            try:
-                mode = path.stat().st_mode
-            except FileNotFoundError:
-                raise ConfigError(f"{ENV_KEY_FILE}: {path} does not exist") from None
-            if mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise ConfigError(f"{ENV_KEY_FILE}: {path} is readable by others; chmod 600 it")
-            raw = path.read_text().strip()
+        raw = secret_from_env(env, ENV_KEY)
         if not raw:
             raise ConfigError(
                 f"{ENV_KEY}: not set (connections keep their secrets encrypted under it; "

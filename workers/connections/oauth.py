@@ -17,10 +17,8 @@ import base64
 import hashlib
 import os
 import secrets
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -36,6 +34,7 @@ from producers.connections import (
 )
 from workers.connections.store import ConnectionStore, TokenSet
 from workers.errors import PermanentError, TransientError
+from workers.secret_files import secret_from_env
 from workers.settings import Secret
 
 SCOPES = "full_access offline_access"
@@ -60,8 +59,8 @@ class OAuthClient:
     @classmethod
     def from_env(cls, api_url: str, environ: Mapping[str, str] | None = None) -> OAuthClient:
         env = os.environ if environ is None else environ
-        cid = _value(env, "AWORK_OAUTH_CLIENT_ID")
-        secret = _value(env, "AWORK_OAUTH_CLIENT_SECRET")
+        cid = secret_from_env(env, "AWORK_OAUTH_CLIENT_ID", private=False)
+        secret = secret_from_env(env, "AWORK_OAUTH_CLIENT_SECRET")
         if not cid or not secret:
             raise ConfigError(
                 "AWORK_OAUTH_CLIENT_ID / AWORK_OAUTH_CLIENT_SECRET: not set (OAuth connections need "
@@ -182,20 +181,3 @@ def _take(client: redis.Redis, key: str) -> bytes | None:
     pipe.delete(key)
     value = pipe.execute()[0]
     return value if isinstance(value, bytes) else (value.encode() if isinstance(value, str) else None)
-
-
-def _value(env: Mapping[str, str], name: str) -> str:
-    raw = env.get(name, "").strip()
-    file = env.get(f"{name}_FILE", "").strip()
-    if raw and file:
-        raise ConfigError(f"{name} and {name}_FILE: set one, not both")
-    if file:
-        path = Path(file)
-        try:
-            mode = path.stat().st_mode
-        except FileNotFoundError:
-            raise ConfigError(f"{name}_FILE: {path} does not exist") from None
-        if name.endswith("SECRET") and mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(f"{name}_FILE: {path} is readable by others; chmod 600 it")
-        return path.read_text().strip()
-    return raw
