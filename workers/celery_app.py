@@ -6,6 +6,7 @@ from celery import Celery
 
 from producers.broker import celery_config
 from producers.config import SharedSettings
+from workers.resume import ResumeStep
 
 app = Celery(
     "workers",
@@ -19,3 +20,5 @@ app = Celery(
     ],
 )
 app.conf.update(celery_config(SharedSettings.from_env().redis_url))
+# Consumer bootstep: hand back what was held across a broker reconnect (workers/resume.py).
+app.steps["consumer"].add(ResumeStep)
