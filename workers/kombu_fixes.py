@@ -15,7 +15,9 @@ three workers to one Redis SIGKILL + restart):
 Both are turned into warnings. Nothing is lost by that: the messages stay in Redis' `unacked`
 hash; the worker notes the failed acks and rejects (workers/resume.py) and settles them, with
 what its channel held, as soon as it is connected again. The sweeper (workers.sweeper) remains
-the net for workers that die.
+the net for workers that die. And a message that BRPOP took from its queue just as the
+connection dropped, before kombu could record it in `unacked`, is noted with its body
+(`append_or_note`) and published again, instead of being held nowhere.
 
 3. The hang (issue #12). The consumer loop reads the pub/sub connection (broadcasts: pings,
    `celery inspect`, control) in `Channel._receive_one` with `PubSub.parse_response()`, whose
@@ -61,6 +63,7 @@ _restore_unacked = kombu_redis.QoS.restore_unacked
 _ack_log_error = Message.ack_log_error
 _reject_log_error = Message.reject_log_error
 _receive_one = kombu_redis.Channel._receive_one
+_qos_append = kombu_redis.QoS.append
 # Used when the transport options set no socket_timeout.
 PUBSUB_READ_TIMEOUT_SECONDS = 10.0
 
@@ -105,6 +108,20 @@ def reject_log_error(self: Message, logger: Any, errors: Any, requeue: bool = Fa
         LEDGER.note_failed(self.delivery_tag, requeue=requeue)
 
 
+@functools.wraps(_qos_append)
+def append_or_note(self: Any, message: Any, delivery_tag: str) -> Any:
+    """kombu records a delivered message in `unacked` after BRPOP took it from its queue; if
+    the connection drops in between, Redis holds the message nowhere. Note it, so the worker
+    publishes it again once reconnected (workers/resume.py), then fail as before."""
+    try:
+        return _qos_append(self, message, delivery_tag)
+    except self.channel.connection_errors:
+        delivery = message.delivery_info
+        LEDGER.note_unrecorded(delivery_tag, message._raw, delivery["exchange"], delivery["routing_key"])
+        log.warning("broker connection lost while recording message %s; it is published again", delivery_tag)
+        raise
+
+
 class _BoundedPubSub:
     """The channel's PubSub, but `parse_response()` never blocks for longer than `timeout`."""
 
@@ -137,6 +154,7 @@ def bounded_pubsub_reads(self: Any, c: Any) -> Any:
 
 def install() -> None:
     kombu_redis.Channel._receive_one = bounded_pubsub_reads  # type: ignore[method-assign]
+    kombu_redis.QoS.append = append_or_note  # type: ignore[method-assign]
     kombu_redis.QoS.restore_unacked = restore_unacked  # type: ignore[method-assign]
     Message.ack_log_error = ack_log_error  # type: ignore[method-assign]
     Message.reject_log_error = reject_log_error  # type: ignore[method-assign]

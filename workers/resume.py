@@ -12,6 +12,8 @@ So the worker keeps a small ledger of delivery tags (`Ledger`):
 - when the consumer stops for a reconnect (`ResumeStep.stop`, before the channel closes), every
   tag its channel holds unacknowledged is noted: `restore` for messages no step is running on
   (countdowns, messages waiting for a thread), `running` for the others;
+- a message taken from its queue just as the connection dropped, whose `unacked` entry could
+  not be written (kombu's BRPOP-then-record window), is noted with its body (`republish`);
 - a step that ends while the connection is down has its ack or reject fail on the closed
   channel: kombu_fixes reports it here, and its tag becomes `forget` (an ack) or `restore`
   (a reject that asked for a requeue);
@@ -40,6 +42,7 @@ log = logging.getLogger("awork.worker")
 RESTORE = "restore"
 FORGET = "forget"
 RUNNING = "running"
+REPUBLISH = "republish"
 
 
 class Ledger:
@@ -48,6 +51,7 @@ class Ledger:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._tags: dict[str, str] = {}
+        self._lost: dict[str, tuple[Any, str, str]] = {}  # tag -> (payload, exchange, routing key)
         self._qos: Any = None  # the live channel's QoS, once connected
 
     def note_held(self, held: Iterable[str], running: Iterable[str]) -> None:
@@ -63,6 +67,13 @@ class Ledger:
         with self._lock:
             self._tags[tag] = RESTORE if requeue else FORGET
         self.settle()
+
+    def note_unrecorded(self, tag: str, payload: Any, exchange: str, routing_key: str) -> None:
+        """A message taken from its queue (BRPOP) whose entry in `unacked` could not be written:
+        Redis holds it nowhere now, so it is published again after the reconnect."""
+        with self._lock:
+            self._tags[tag] = REPUBLISH
+            self._lost[tag] = (payload, exchange, routing_key)
 
     def connected(self, qos: Any) -> None:
         with self._lock:
@@ -90,6 +101,13 @@ class Ledger:
                 if action == RESTORE:
                     qos.restore_by_tag(tag, leftmost=True)
                     restored += 1
+                elif action == REPUBLISH:
+                    payload, exchange, routing_key = self._lost[tag]
+                    with qos.channel.conn_or_acquire() as client:
+                        pipe = client.pipeline()
+                        qos.channel._do_restore_message(payload, exchange, routing_key, pipe, leftmost=True)
+                        pipe.execute()
+                    restored += 1
                 else:
                     qos._remove_from_indices(tag).execute()
                     forgotten += 1
@@ -99,6 +117,7 @@ class Ledger:
             with self._lock:
                 if self._tags.get(tag) == action:
                     del self._tags[tag]
+                    self._lost.pop(tag, None)
         if restored or forgotten:
             log.log(
                 logging.WARNING if restored else logging.INFO,
