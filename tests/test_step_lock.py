@@ -3,6 +3,8 @@ and its late release leaves the new holder's lock and `running` mark alone."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis
 
@@ -60,3 +62,27 @@ def test_a_frozen_holder_whose_lock_lapsed_is_fenced_off(redis_url: str, taken_o
         assert client.hget(job_key("j3"), "running") == b"link"
     else:
         assert client.hget(job_key("j3"), "running") is None
+
+
+def test_a_release_that_fails_while_redis_is_away_is_retried_once_it_is_back(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from ops.redis_server import RedisServer
+
+    server = RedisServer(Path(str(tmp_path)) / "redis", appendfsync="always").start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        locks = StepLocks(client)
+        token, _ = locks.acquire_and_read("j4", "put")
+        assert token is not None
+        server.kill()
+        locks.release("j4", "put", token)  # fails: Redis is away (the lock would live its TTL)
+        server.start()  # same AOF: the lock is still there
+        assert client.get(lock_key("j4", "put")) == token.encode()
+        deadline = time.monotonic() + 5  # retried every second; the TTL is 60 s
+        while client.get(lock_key("j4", "put")) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.get(lock_key("j4", "put")) is None, "released once Redis answered again"
+        client.close()
+    finally:
+        server.stop()

@@ -34,6 +34,7 @@ log = logging.getLogger("awork.steps")
 
 LOCK_TTL_SECONDS = max(2, int(env_float("AWORK_LOCK_TTL_SECONDS", 60)))
 HEARTBEAT_SECONDS = min(env_float("AWORK_HEARTBEAT_SECONDS", 10.0), LOCK_TTL_SECONDS / 3)
+RELEASE_RETRY_SECONDS = 1.0
 
 _RELEASE = Path(__file__).with_name("step_lock.lua").read_text()
 _REFRESH = """
@@ -67,6 +68,9 @@ class StepLocks:
         self._release = client.register_script(_RELEASE)
         self._refresh = client.register_script(_REFRESH)
         self._held: dict[str, _Held] = {}  # by token
+        # Releases that failed (Redis away): retried every RELEASE_RETRY_SECONDS, so the next run
+        # of the step need not wait for the lock's TTL once Redis is back.
+        self._unreleased: dict[str, tuple[str, str]] = {}  # token -> (job id, step)
         self._mutex = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -91,7 +95,22 @@ class StepLocks:
         try:
             self._release(keys=[lock_key(job_id, step), job_key(job_id)], args=[token])
         except redis.exceptions.RedisError:
-            log.warning("job=%s step=%s: lock release failed; it expires by itself", job_id, step)
+            log.warning("job=%s step=%s: lock release failed; retried until Redis answers", job_id, step)
+            with self._mutex:
+                self._unreleased[token] = (job_id, step)
+                self._ensure_thread()
+
+    def _retry_releases(self) -> None:
+        with self._mutex:
+            pending = list(self._unreleased.items())
+        for token, (job_id, step) in pending:
+            try:
+                self._release(keys=[lock_key(job_id, step), job_key(job_id)], args=[token])
+            except redis.exceptions.RedisError:
+                return  # still away: next round
+            with self._mutex:
+                self._unreleased.pop(token, None)
+            log.info("job=%s step=%s: lock released after Redis came back", job_id, step)
 
     def held(self) -> list[tuple[str, str, str]]:
         """(job id, step, token) of every lock this process holds: what a shutdown hands back."""
@@ -104,8 +123,14 @@ class StepLocks:
             self._thread.start()
 
     def _beat(self) -> None:
+        renewed_at = time.monotonic()
         while True:
-            time.sleep(HEARTBEAT_SECONDS)
+            time.sleep(min(HEARTBEAT_SECONDS, RELEASE_RETRY_SECONDS))
+            if self._unreleased:
+                self._retry_releases()
+            if time.monotonic() - renewed_at < HEARTBEAT_SECONDS:
+                continue
+            renewed_at = time.monotonic()
             with self._mutex:
                 held = list(self._held.items())
             for token, h in held:
