@@ -86,3 +86,37 @@ def test_a_release_that_fails_while_redis_is_away_is_retried_once_it_is_back(tmp
         client.close()
     finally:
         server.stop()
+
+
+def test_a_lock_taken_as_the_connection_broke_is_released_once_redis_is_back(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    locks = StepLocks(client)
+    real_pipeline = client.pipeline
+    taken: list[str] = []
+
+    class BreaksAfterSet:
+        """The SET reaches Redis, then the connection breaks before the answer."""
+
+        def __init__(self) -> None:
+            self.pipe = real_pipeline(transaction=False)
+
+        def set(self, key: str, value: str, **kw: object) -> None:
+            client.set(key, value, **kw)  # type: ignore[arg-type]
+            taken.append(value)
+
+        def hgetall(self, key: str) -> None:
+            pass
+
+        def execute(self) -> None:
+            raise redis.exceptions.ConnectionError("Connection closed by server.")
+
+    client.pipeline = lambda transaction=True: BreaksAfterSet()  # type: ignore[method-assign,assignment]
+    with pytest.raises(redis.exceptions.ConnectionError):
+        locks.acquire_and_read("j5", "generate")
+    client.pipeline = real_pipeline  # type: ignore[method-assign]
+    assert client.get(lock_key("j5", "generate")) == taken[0].encode()
+    deadline = time.monotonic() + 5  # retried every second; the TTL is 60 s
+    while client.get(lock_key("j5", "generate")) is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.get(lock_key("j5", "generate")) is None
+    client.close()

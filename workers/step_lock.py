@@ -80,7 +80,15 @@ class StepLocks:
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(lock_key(job_id, step), token, nx=True, ex=LOCK_TTL_SECONDS)
         pipe.hgetall(job_key(job_id))
-        got, raw = pipe.execute()
+        try:
+            got, raw = pipe.execute()
+        except redis.exceptions.RedisError:
+            # The SET may have reached Redis before the connection broke (and survive in its AOF):
+            # release it once Redis answers, as it is ours, or the step waits out the TTL.
+            with self._mutex:
+                self._unreleased[token] = (job_id, step)
+                self._ensure_thread()
+            raise
         record = {_s(k): _s(v) for k, v in raw.items()} or None
         if not got:
             return None, record
