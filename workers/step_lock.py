@@ -35,6 +35,7 @@ log = logging.getLogger("awork.steps")
 LOCK_TTL_SECONDS = max(2, int(env_float("AWORK_LOCK_TTL_SECONDS", 60)))
 HEARTBEAT_SECONDS = min(env_float("AWORK_HEARTBEAT_SECONDS", 10.0), LOCK_TTL_SECONDS / 3)
 RELEASE_RETRY_SECONDS = 1.0
+RELEASE_INLINE_SECONDS = 3.0  # a failed release is retried this long before the step goes on
 
 _RELEASE = Path(__file__).with_name("step_lock.lua").read_text()
 _REFRESH = """
@@ -100,21 +101,30 @@ class StepLocks:
     def release(self, job_id: str, step: str, token: str) -> None:
         with self._mutex:
             self._held.pop(token, None)
+        # A restarting Redis answers again within moments: retry a little here, so that a message
+        # handed back right after this (a requeue) is not put off by its own stale lock.
+        deadline = time.monotonic() + RELEASE_INLINE_SECONDS
+        while not self._try_release(job_id, step, token):
+            if time.monotonic() >= deadline:
+                log.warning("job=%s step=%s: lock release failed; retried until Redis answers", job_id, step)
+                with self._mutex:
+                    self._unreleased[token] = (job_id, step)
+                    self._ensure_thread()
+                return
+            time.sleep(RELEASE_RETRY_SECONDS / 5)
+
+    def _try_release(self, job_id: str, step: str, token: str) -> bool:
         try:
             self._release(keys=[lock_key(job_id, step), job_key(job_id)], args=[token])
         except redis.exceptions.RedisError:
-            log.warning("job=%s step=%s: lock release failed; retried until Redis answers", job_id, step)
-            with self._mutex:
-                self._unreleased[token] = (job_id, step)
-                self._ensure_thread()
+            return False
+        return True
 
     def _retry_releases(self) -> None:
         with self._mutex:
             pending = list(self._unreleased.items())
         for token, (job_id, step) in pending:
-            try:
-                self._release(keys=[lock_key(job_id, step), job_key(job_id)], args=[token])
-            except redis.exceptions.RedisError:
+            if not self._try_release(job_id, step, token):
                 return  # still away: next round
             with self._mutex:
                 self._unreleased.pop(token, None)
