@@ -88,7 +88,7 @@ def test_a_release_that_fails_while_redis_is_away_is_retried_once_it_is_back(tmp
         server.stop()
 
 
-def test_a_lock_taken_as_the_connection_broke_is_released_once_redis_is_back(redis_url: str) -> None:
+def test_a_lock_taken_as_the_connection_broke_is_released_not_left_for_its_ttl(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     locks = StepLocks(client)
     real_pipeline = client.pipeline
@@ -114,9 +114,7 @@ def test_a_lock_taken_as_the_connection_broke_is_released_once_redis_is_back(red
     with pytest.raises(redis.exceptions.ConnectionError):
         locks.acquire_and_read("j5", "generate")
     client.pipeline = real_pipeline  # type: ignore[method-assign]
-    assert client.get(lock_key("j5", "generate")) == taken[0].encode()
-    deadline = time.monotonic() + 5  # retried every second; the TTL is 60 s
-    while client.get(lock_key("j5", "generate")) is not None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    assert taken, "the SET reached Redis"
+    # released before the error reaches the step (which requeues it), not left for its TTL
     assert client.get(lock_key("j5", "generate")) is None
     client.close()

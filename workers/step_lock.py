@@ -86,9 +86,7 @@ class StepLocks:
         except redis.exceptions.RedisError:
             # The SET may have reached Redis before the connection broke (and survive in its AOF):
             # release it once Redis answers, as it is ours, or the step waits out the TTL.
-            with self._mutex:
-                self._unreleased[token] = (job_id, step)
-                self._ensure_thread()
+            self.release(job_id, step, token)
             raise
         record = {_s(k): _s(v) for k, v in raw.items()} or None
         if not got:
