@@ -104,6 +104,9 @@ def test_a_lock_taken_as_the_connection_broke_is_released_not_left_for_its_ttl(r
             client.set(key, value, **kw)  # type: ignore[arg-type]
             taken.append(value)
 
+        def get(self, key: str) -> None:
+            pass
+
         def hgetall(self, key: str) -> None:
             pass
 
@@ -117,4 +120,27 @@ def test_a_lock_taken_as_the_connection_broke_is_released_not_left_for_its_ttl(r
     assert taken, "the SET reached Redis"
     # released before the error reaches the step (which requeues it), not left for its TTL
     assert client.get(lock_key("j5", "generate")) is None
+    client.close()
+
+
+def test_a_lock_taken_by_a_first_send_whose_answer_was_lost_is_ours(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py sends a pipeline again when the connection broke before the answer: the first
+    SET NX took the lock, the second finds it taken. The lock is still ours."""
+    import uuid
+
+    from workers import step_lock
+
+    client = redis.Redis.from_url(redis_url)
+    fixed = uuid.uuid4()
+    monkeypatch.setattr(step_lock.uuid, "uuid4", lambda: fixed)
+    client.set(lock_key("j6", "generate"), fixed.hex, ex=60)  # what the first send did
+    locks = StepLocks(client)
+    token, _ = locks.acquire_and_read("j6", "generate")
+    assert token == fixed.hex
+    client.set(lock_key("j7", "generate"), "another worker", ex=60)
+    assert locks.acquire_and_read("j7", "generate")[0] is None
+    locks.release("j6", "generate", token)
+    assert client.get(lock_key("j6", "generate")) is None
     client.close()

@@ -80,9 +80,13 @@ class StepLocks:
         token = uuid.uuid4().hex
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(lock_key(job_id, step), token, nx=True, ex=LOCK_TTL_SECONDS)
+        # Who holds it now: redis-py sends the pipeline again when the connection broke before
+        # the answer, and then the SET that did take the lock reports it taken (by us).
+        pipe.get(lock_key(job_id, step))
         pipe.hgetall(job_key(job_id))
         try:
-            got, raw = pipe.execute()
+            set_ok, holder, raw = pipe.execute()
+            got = bool(set_ok) or _s(holder or b"") == token
         except redis.exceptions.RedisError:
             # The SET may have reached Redis before the connection broke (and survive in its AOF):
             # release it once Redis answers, as it is ours, or the step waits out the TTL.
