@@ -55,7 +55,7 @@ from kombu.exceptions import MessageStateError
 from kombu.message import Message
 from kombu.transport import redis as kombu_redis
 
-from workers.resume import LEDGER
+from workers.resume import LEDGER, running_tags
 
 log = logging.getLogger("awork.worker")
 
@@ -70,6 +70,11 @@ PUBSUB_READ_TIMEOUT_SECONDS = 10.0
 
 @functools.wraps(_restore_unacked)
 def restore_unacked(self: Any, client: Any = None) -> Any:
+    if LEDGER.reconnecting:
+        # A lost connection, not a shutdown: messages of steps still running stay in `unacked`
+        # for the ledger (workers/resume.py), which hands each back once its step has ended.
+        for tag in running_tags() & set(getattr(self, "_delivered", {}) or {}):
+            self._delivered.pop(tag, None)
     try:
         return _restore_unacked(self, client)
     except AttributeError as exc:

@@ -17,6 +17,9 @@ So the worker keeps a small ledger of delivery tags (`Ledger`):
 - a step that ends while the connection is down has its ack or reject fail on the closed
   channel: kombu_fixes reports it here, and its tag becomes `forget` (an ack) or `restore`
   (a reject that asked for a requeue);
+- kombu's own hand-back when the old channel closes skips the messages of running steps (it
+  would put a second copy in the queue while the first still runs; that copy then finds the
+  step locked and waits a 20 s recheck, even when the first is about to requeue);
 - once the consumer is connected again (`ResumeStep.start`), and whenever a late ack or reject
   comes in after that, the ledger is settled on the live channel: `restore` moves the message
   from `unacked` back to the head of its queue with kombu's own `restore_by_tag` (atomic: a tag
@@ -53,6 +56,9 @@ class Ledger:
         self._tags: dict[str, str] = {}
         self._lost: dict[str, tuple[Any, str, str]] = {}  # tag -> (payload, exchange, routing key)
         self._qos: Any = None  # the live channel's QoS, once connected
+        # True between a connection loss and the reconnect: kombu's restore at channel close then
+        # leaves running steps' messages to the ledger (workers/kombu_fixes.py).
+        self.reconnecting = False
 
     def note_held(self, held: Iterable[str], running: Iterable[str]) -> None:
         running_tags = set(running)
@@ -160,11 +166,13 @@ class ResumeStep(bootsteps.StartStopStep):
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
     def start(self, c: Any) -> None:
+        LEDGER.reconnecting = False
         qos = _qos_of(c)
         if qos is not None and hasattr(qos, "restore_by_tag"):
             LEDGER.connected(qos)
 
     def stop(self, c: Any) -> None:
+        LEDGER.reconnecting = True
         LEDGER.disconnected()
         qos = _qos_of(c)
         if qos is not None:
@@ -172,4 +180,5 @@ class ResumeStep(bootsteps.StartStopStep):
 
     def shutdown(self, c: Any) -> None:
         # A worker that stops hands its messages back through kombu and workers/shutdown.py.
+        LEDGER.reconnecting = False
         LEDGER.disconnected()
