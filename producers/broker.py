@@ -7,6 +7,7 @@ importing workers.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 from kombu import Exchange, Queue
@@ -34,14 +35,55 @@ def shutdown_grace_seconds() -> float:
     return max(0.0, value)
 
 
-def celery_config(redis_url: str) -> dict[str, Any]:
-    transport = {
-        "visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,
-        # Reconnect instead of failing a publish when Redis blips.
-        "retry_on_timeout": True,
-        "socket_keepalive": True,
-        "health_check_interval": 10,
+# Broker sockets (workers and producers alike). No read or connect on a broker connection may
+# wait for ever: a Redis that restarted, or a network that swallows packets (a black hole), must
+# end in an error that Celery answers by reconnecting. socket_timeout stays well above kombu's
+# BRPOP timeout (1 s), so an idle queue is never mistaken for a dead one.
+BROKER_SOCKET_TIMEOUT_SECONDS = 10.0
+BROKER_CONNECT_TIMEOUT_SECONDS = 5.0
+BROKER_HEALTH_CHECK_SECONDS = 5
+# TCP keepalive: a peer that went away without a word is found after ~10 + 3 x 5 s even on an
+# idle connection.
+KEEPALIVE_IDLE_SECONDS = 10
+KEEPALIVE_INTERVAL_SECONDS = 5
+KEEPALIVE_PROBES = 3
+
+
+def keepalive_options() -> dict[int, int]:
+    """TCP keepalive timings where the platform has them (Linux names them all)."""
+    wanted = {
+        "TCP_KEEPIDLE": KEEPALIVE_IDLE_SECONDS,
+        "TCP_KEEPINTVL": KEEPALIVE_INTERVAL_SECONDS,
+        "TCP_KEEPCNT": KEEPALIVE_PROBES,
     }
+    return {getattr(socket, name): value for name, value in wanted.items() if hasattr(socket, name)}
+
+
+def broker_transport_options() -> dict[str, Any]:
+    """kombu Redis transport options: visibility timeout, socket bounds, keepalive, health checks.
+
+    Why each bound (issue #12, a worker hung after a Redis restart):
+    - socket_timeout: every reply kombu waits for, BRPOP's included, comes within it or the
+      connection is dropped and re-made; the pub/sub reads use it too (workers/kombu_fixes.py);
+    - socket_connect_timeout: a reconnect into a black hole fails instead of hanging;
+    - socket_keepalive (+ options): the kernel finds a silent peer on idle connections;
+    - health_check_interval: kombu PINGs the pub/sub connection and drops it after two missed
+      answers, and drops a BRPOP whose reply is this much overdue;
+    - retry_on_timeout: a publish or ack that times out once is tried again on a new connection.
+    """
+    return {
+        "visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,
+        "retry_on_timeout": True,
+        "socket_timeout": BROKER_SOCKET_TIMEOUT_SECONDS,
+        "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_SECONDS,
+        "socket_keepalive": True,
+        "socket_keepalive_options": keepalive_options(),
+        "health_check_interval": BROKER_HEALTH_CHECK_SECONDS,
+    }
+
+
+def celery_config(redis_url: str) -> dict[str, Any]:
+    transport = broker_transport_options()
     return {
         "broker_url": redis_url,
         "broker_transport_options": transport,

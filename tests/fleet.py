@@ -23,6 +23,7 @@ from ops.processes import Child, stop_all
 from ops.redis_server import RedisServer
 from ops.sandbox.launcher import SandboxProcess
 from ops.stack import ping_workers, worker_argv
+from ops.tcp_proxy import TcpProxy
 from producers.client import Uploads
 from producers.config import SharedSettings
 from producers.records import Job
@@ -52,7 +53,10 @@ class Fleet:
     concurrency: int = 4
     extra_env: dict[str, str] = field(default_factory=dict)
     sandbox_args: list[str] = field(default_factory=list)
+    appendfsync: str = "everysec"  # "always": a Redis SIGKILL loses no acknowledged write
+    via_proxy: bool = False  # workers reach Redis through a TcpProxy (self.proxy); tests do not
     redis: RedisServer | None = None
+    proxy: TcpProxy | None = None
     sandbox: Any = None
     workers: list[Child] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -60,7 +64,9 @@ class Fleet:
     _uploads: Uploads | None = None
 
     def start(self) -> Fleet:
-        self.redis = RedisServer(self.root / "redis").start()
+        self.redis = RedisServer(self.root / "redis", appendfsync=self.appendfsync).start()
+        if self.via_proxy:
+            self.proxy = TcpProxy("127.0.0.1", self.redis.port).start()
         self.sandbox = SandboxProcess(
             api_keys={API_KEY: "default", SECOND_KEY: "second"},
             admin_token=ADMIN_TOKEN,
@@ -102,7 +108,8 @@ class Fleet:
         log = self.root / "logs" / f"worker-{n}-{len(self.workers)}.log"
         hostname = f"w{n}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
         argv = worker_argv(self.concurrency, hostname)
-        child = Child(f"worker-{n}", argv, {**self.env, **(env or {})}, log)
+        via = {"REDIS_URL": self.proxy.url_for(self.env["REDIS_URL"])} if self.proxy is not None else {}
+        child = Child(f"worker-{n}", argv, {**self.env, **via, **(env or {})}, log)
         self.workers.append(child.start())
         self.hostnames[hostname] = child
         return child
@@ -152,6 +159,8 @@ class Fleet:
             self._uploads.close()
         if self.sandbox is not None:
             self.sandbox.stop()
+        if self.proxy is not None:
+            self.proxy.close()
         if self.redis is not None:
             self.redis.stop()
 

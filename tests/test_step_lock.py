@@ -3,6 +3,8 @@ and its late release leaves the new holder's lock and `running` mark alone."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis
 
@@ -60,3 +62,85 @@ def test_a_frozen_holder_whose_lock_lapsed_is_fenced_off(redis_url: str, taken_o
         assert client.hget(job_key("j3"), "running") == b"link"
     else:
         assert client.hget(job_key("j3"), "running") is None
+
+
+def test_a_release_that_fails_while_redis_is_away_is_retried_once_it_is_back(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from ops.redis_server import RedisServer
+
+    server = RedisServer(Path(str(tmp_path)) / "redis", appendfsync="always").start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        locks = StepLocks(client)
+        token, _ = locks.acquire_and_read("j4", "put")
+        assert token is not None
+        server.kill()
+        locks.release("j4", "put", token)  # fails: Redis is away (the lock would live its TTL)
+        server.start()  # same AOF: the lock is still there
+        assert client.get(lock_key("j4", "put")) == token.encode()
+        deadline = time.monotonic() + 5  # retried every second; the TTL is 60 s
+        while client.get(lock_key("j4", "put")) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.get(lock_key("j4", "put")) is None, "released once Redis answered again"
+        client.close()
+    finally:
+        server.stop()
+
+
+def test_a_lock_taken_as_the_connection_broke_is_released_not_left_for_its_ttl(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    locks = StepLocks(client)
+    real_pipeline = client.pipeline
+    taken: list[str] = []
+
+    class BreaksAfterSet:
+        """The SET reaches Redis, then the connection breaks before the answer."""
+
+        def __init__(self) -> None:
+            self.pipe = real_pipeline(transaction=False)
+
+        def set(self, key: str, value: str, **kw: object) -> None:
+            client.set(key, value, **kw)  # type: ignore[arg-type]
+            taken.append(value)
+
+        def get(self, key: str) -> None:
+            pass
+
+        def hgetall(self, key: str) -> None:
+            pass
+
+        def execute(self) -> None:
+            raise redis.exceptions.ConnectionError("Connection closed by server.")
+
+    client.pipeline = lambda transaction=True: BreaksAfterSet()  # type: ignore[method-assign,assignment]
+    with pytest.raises(redis.exceptions.ConnectionError):
+        locks.acquire_and_read("j5", "generate")
+    client.pipeline = real_pipeline  # type: ignore[method-assign]
+    assert taken, "the SET reached Redis"
+    # released before the error reaches the step (which requeues it), not left for its TTL
+    assert client.get(lock_key("j5", "generate")) is None
+    client.close()
+
+
+def test_a_lock_taken_by_a_first_send_whose_answer_was_lost_is_ours(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py sends a pipeline again when the connection broke before the answer: the first
+    SET NX took the lock, the second finds it taken. The lock is still ours."""
+    import uuid
+
+    from workers import step_lock
+
+    client = redis.Redis.from_url(redis_url)
+    fixed = uuid.uuid4()
+    monkeypatch.setattr(step_lock.uuid, "uuid4", lambda: fixed)
+    client.set(lock_key("j6", "generate"), fixed.hex, ex=60)  # what the first send did
+    locks = StepLocks(client)
+    token, _ = locks.acquire_and_read("j6", "generate")
+    assert token == fixed.hex
+    client.set(lock_key("j7", "generate"), "another worker", ex=60)
+    assert locks.acquire_and_read("j7", "generate")[0] is None
+    locks.release("j6", "generate", token)
+    assert client.get(lock_key("j6", "generate")) is None
+    client.close()

@@ -6,6 +6,8 @@ from celery import Celery
 
 from producers.broker import celery_config
 from producers.config import SharedSettings
+from workers.liveness import LivenessStep
+from workers.resume import ResumeStep
 
 app = Celery(
     "workers",
@@ -20,3 +22,6 @@ app = Celery(
     ],
 )
 app.conf.update(celery_config(SharedSettings.from_env().redis_url))
+# Consumer bootsteps: hand back what was held across a broker reconnect; tick the liveness watchdog.
+app.steps["consumer"].add(ResumeStep)
+app.steps["consumer"].add(LivenessStep)

@@ -1,4 +1,4 @@
-"""Guards around kombu 5.7 Redis-transport bugs that stop a worker when Redis restarts.
+"""Guards around kombu 5.7 Redis-transport bugs that stop or hang a worker when Redis restarts.
 
 When the broker connection drops, Celery closes it and reconnects. Two things then fail inside
 kombu with an AttributeError instead of a connection error, which Celery takes for an
@@ -13,36 +13,74 @@ three workers to one Redis SIGKILL + restart):
    message on that closed channel: `'NoneType' object has no attribute 'client'`.
 
 Both are turned into warnings. Nothing is lost by that: the messages stay in Redis' `unacked`
-hash, where the sweeper (workers.sweeper) moves the ones of unfinished jobs back to their queue
-and drops the ones of finished jobs (or kombu's visibility timeout restores them hours later,
-to be skipped).
+hash; the worker notes the failed acks and rejects (workers/resume.py) and settles them, with
+what its channel held, as soon as it is connected again. The sweeper (workers.sweeper) remains
+the net for workers that die. And a message that BRPOP took from its queue just as the
+connection dropped, before kombu could record it in `unacked`, is noted with its body
+(`append_or_note`) and published again, instead of being held nowhere.
+
+3. The hang (issue #12). The consumer loop reads the pub/sub connection (broadcasts: pings,
+   `celery inspect`, control) in `Channel._receive_one` with `PubSub.parse_response()`, whose
+   default is `block=True`. Found with the worker's stack and Redis' CLIENT LIST after a Redis
+   SIGKILL + restart (one worker in a few restarts):
+   - the event loop saw the old socket readable: its EOF;
+   - redis-py's retry layer (`PubSub._execute` -> `call_with_retry` -> `_reconnect`) reconnected
+     *inside* that call, to the restarted Redis;
+   - redis-py re-subscribes a PubSub from a connect callback that it registers only when the
+     PubSub opens its connection itself; kombu's `MultiChannelPoller._client_registered` sets
+     `client.connection` itself, so nothing re-subscribed: Redis listed that connection with
+     `psub=0 cmd=client` (the handshake, then nothing);
+   - and since redis-py 8 a blocking pub/sub read has no timeout at all, whatever
+     `socket_timeout` says (redis/redis-py#4098, made the documented behaviour by
+     redis/redis-py#4119), so the loop waited for ever on a connection that would never
+     receive a byte: `on_readable -> _receive -> _receive_one -> parse_response -> _execute ->
+     try_read -> read_response -> sock.recv_into`. Tasks, heartbeats and pings stopped with it
+     (the same stack as celery/celery#2606).
+   `bounded_pubsub_reads` makes those reads non-blocking: read only when a reply is there
+   (`can_read(0)`, which reports the EOF as a connection error, outside the retry layer, so
+   Celery makes a fresh connection and kombu subscribes it), and give a reply that has begun at
+   most the transport's `socket_timeout`. The rest of the cure is in the broker transport
+   options (producers/broker.py): socket and connect timeouts, TCP keepalive and health
+   checks, so that no other broker read can wait for ever either.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from queue import Empty
 from typing import Any
 
 from kombu.exceptions import MessageStateError
 from kombu.message import Message
 from kombu.transport import redis as kombu_redis
 
+from workers.resume import LEDGER, running_tags
+
 log = logging.getLogger("awork.worker")
 
 _restore_unacked = kombu_redis.QoS.restore_unacked
 _ack_log_error = Message.ack_log_error
 _reject_log_error = Message.reject_log_error
+_receive_one = kombu_redis.Channel._receive_one
+_qos_append = kombu_redis.QoS.append
+# Used when the transport options set no socket_timeout.
+PUBSUB_READ_TIMEOUT_SECONDS = 10.0
 
 
 @functools.wraps(_restore_unacked)
 def restore_unacked(self: Any, client: Any = None) -> Any:
+    if LEDGER.reconnecting:
+        # A lost connection, not a shutdown: messages of steps still running stay in `unacked`
+        # for the ledger (workers/resume.py), which hands each back once its step has ended.
+        for tag in running_tags() & set(getattr(self, "_delivered", {}) or {}):
+            self._delivered.pop(tag, None)
     try:
         return _restore_unacked(self, client)
     except AttributeError as exc:
         log.warning(
             "broker connection lost: kombu could not hand %d message(s) back (%s); "
-            "they stay unacknowledged in Redis until the sweeper restores them",
+            "they stay unacknowledged in Redis until this worker reconnects and restores them",
             len(getattr(self, "_delivered", {}) or {}),
             exc,
         )
@@ -55,8 +93,11 @@ def ack_log_error(self: Message, logger: Any, errors: Any, multiple: bool = Fals
         _ack_log_error(self, logger, errors, multiple=multiple)
     except (AttributeError, MessageStateError) as exc:
         log.warning(
-            "could not ack %s on a closed broker channel (%s); the sweeper clears it", self.delivery_tag, exc
+            "could not ack %s on a closed broker channel (%s); cleared after the reconnect",
+            self.delivery_tag,
+            exc,
         )
+        LEDGER.note_failed(self.delivery_tag, requeue=None)
 
 
 @functools.wraps(_reject_log_error)
@@ -65,13 +106,60 @@ def reject_log_error(self: Message, logger: Any, errors: Any, requeue: bool = Fa
         _reject_log_error(self, logger, errors, requeue=requeue)
     except (AttributeError, MessageStateError) as exc:
         log.warning(
-            "could not reject %s on a closed broker channel (%s); the sweeper restores it",
+            "could not reject %s on a closed broker channel (%s); settled after the reconnect",
             self.delivery_tag,
             exc,
         )
+        LEDGER.note_failed(self.delivery_tag, requeue=requeue)
+
+
+@functools.wraps(_qos_append)
+def append_or_note(self: Any, message: Any, delivery_tag: str) -> Any:
+    """kombu records a delivered message in `unacked` after BRPOP took it from its queue; if
+    the connection drops in between, Redis holds the message nowhere. Note it, so the worker
+    publishes it again once reconnected (workers/resume.py), then fail as before."""
+    try:
+        return _qos_append(self, message, delivery_tag)
+    except self.channel.connection_errors:
+        delivery = message.delivery_info
+        LEDGER.note_unrecorded(delivery_tag, message._raw, delivery["exchange"], delivery["routing_key"])
+        log.warning("broker connection lost while recording message %s; it is published again", delivery_tag)
+        raise
+
+
+class _BoundedPubSub:
+    """The channel's PubSub, but `parse_response()` never blocks for longer than `timeout`."""
+
+    def __init__(self, pubsub: Any, timeout: float) -> None:
+        self._pubsub = pubsub
+        self._timeout = timeout
+
+    def parse_response(self, block: bool = True, timeout: float = 0) -> Any:
+        return self._pubsub.parse_response(block=False, timeout=self._timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pubsub, name)
+
+
+@functools.wraps(_receive_one)
+def bounded_pubsub_reads(self: Any, c: Any) -> Any:
+    """kombu's `_receive_one`, reading only when a reply is there, and then with a timeout."""
+    conn = c.connection
+    if conn is not None:
+        try:
+            ready = conn.can_read(timeout=0)
+        except self.connection_errors:
+            self._in_listen = None
+            raise
+        if not ready:
+            raise Empty()
+    timeout = self.socket_timeout or PUBSUB_READ_TIMEOUT_SECONDS
+    return _receive_one(self, _BoundedPubSub(c, timeout))
 
 
 def install() -> None:
+    kombu_redis.Channel._receive_one = bounded_pubsub_reads  # type: ignore[method-assign]
+    kombu_redis.QoS.append = append_or_note  # type: ignore[method-assign]
     kombu_redis.QoS.restore_unacked = restore_unacked  # type: ignore[method-assign]
     Message.ack_log_error = ack_log_error  # type: ignore[method-assign]
     Message.reject_log_error = reject_log_error  # type: ignore[method-assign]

@@ -20,6 +20,10 @@ Read from Redis at scrape time (``QueueDepthCollector``): ``awork_uploads_queue_
 ``awork_uploads_dead_letters`` and ``awork_uploads_broker_up``. Every worker reports the same
 broker-wide values: aggregate them with ``max``, not ``sum``.
 
+Of the worker itself, read at scrape time: ``awork_uploads_consumer_loop_tick_age_seconds``
+(workers/liveness.py: seconds since the consumer loop last ticked; the watchdog ends the worker
+above ``AWORK_LIVENESS_SECONDS``).
+
 The endpoint (``start_metrics_server``), started by Celery's worker signals:
 
 - Off unless ``WORKER_METRICS_PORT`` is set. ``WORKER_METRICS_ADDR`` is the address to bind
@@ -45,12 +49,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 log = logging.getLogger("awork.metrics")
+
+
+def _tick_age() -> float:
+    from workers.liveness import tick_age
+
+    return tick_age()
+
 
 PREFIX = "awork_uploads_"
 PORT_ENV = "WORKER_METRICS_PORT"
@@ -106,6 +117,12 @@ RATE_WAIT = Histogram(
     ["workspace"],
     buckets=WAIT_BUCKETS,
 )
+# Set at scrape time from workers.liveness (the watchdog ends the worker above its limit).
+LOOP_TICK_AGE = Gauge(
+    f"{PREFIX}consumer_loop_tick_age_seconds",
+    "Seconds since this worker's consumer loop last ticked (liveness; small when healthy).",
+)
+LOOP_TICK_AGE.set_function(_tick_age)
 BYTES_UPLOADED = Counter(
     f"{PREFIX}bytes_uploaded",
     "Bytes accepted by the upload host (or sent in a multipart upload), per workspace.",
@@ -125,6 +142,7 @@ FAMILIES = (
     f"{PREFIX}unacked_messages",
     f"{PREFIX}dead_letters",
     f"{PREFIX}broker_up",
+    f"{PREFIX}consumer_loop_tick_age_seconds",
 )
 
 

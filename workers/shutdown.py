@@ -130,6 +130,9 @@ def hand_back() -> tuple[int, int]:
     """Release this process's step locks, then restore every message it holds unacknowledged.
 
     Returns (locks released, messages restored)."""
+    from workers.resume import LEDGER
+
+    LEDGER.reconnecting = False  # the process ends: hand back running steps' messages too
     released = 0
     try:
         from workers import runtime as runtime_module

@@ -34,6 +34,8 @@ log = logging.getLogger("awork.steps")
 
 LOCK_TTL_SECONDS = max(2, int(env_float("AWORK_LOCK_TTL_SECONDS", 60)))
 HEARTBEAT_SECONDS = min(env_float("AWORK_HEARTBEAT_SECONDS", 10.0), LOCK_TTL_SECONDS / 3)
+RELEASE_RETRY_SECONDS = 1.0
+RELEASE_INLINE_SECONDS = 3.0  # a failed release is retried this long before the step goes on
 
 _RELEASE = Path(__file__).with_name("step_lock.lua").read_text()
 _REFRESH = """
@@ -67,6 +69,9 @@ class StepLocks:
         self._release = client.register_script(_RELEASE)
         self._refresh = client.register_script(_REFRESH)
         self._held: dict[str, _Held] = {}  # by token
+        # Releases that failed (Redis away): retried every RELEASE_RETRY_SECONDS, so the next run
+        # of the step need not wait for the lock's TTL once Redis is back.
+        self._unreleased: dict[str, tuple[str, str]] = {}  # token -> (job id, step)
         self._mutex = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -75,8 +80,18 @@ class StepLocks:
         token = uuid.uuid4().hex
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(lock_key(job_id, step), token, nx=True, ex=LOCK_TTL_SECONDS)
+        # Who holds it now: redis-py sends the pipeline again when the connection broke before
+        # the answer, and then the SET that did take the lock reports it taken (by us).
+        pipe.get(lock_key(job_id, step))
         pipe.hgetall(job_key(job_id))
-        got, raw = pipe.execute()
+        try:
+            set_ok, holder, raw = pipe.execute()
+            got = bool(set_ok) or _s(holder or b"") == token
+        except redis.exceptions.RedisError:
+            # The SET may have reached Redis before the connection broke (and survive in its AOF):
+            # release it once Redis answers, as it is ours, or the step waits out the TTL.
+            self.release(job_id, step, token)
+            raise
         record = {_s(k): _s(v) for k, v in raw.items()} or None
         if not got:
             return None, record
@@ -88,10 +103,34 @@ class StepLocks:
     def release(self, job_id: str, step: str, token: str) -> None:
         with self._mutex:
             self._held.pop(token, None)
+        # A restarting Redis answers again within moments: retry a little here, so that a message
+        # handed back right after this (a requeue) is not put off by its own stale lock.
+        deadline = time.monotonic() + RELEASE_INLINE_SECONDS
+        while not self._try_release(job_id, step, token):
+            if time.monotonic() >= deadline:
+                log.warning("job=%s step=%s: lock release failed; retried until Redis answers", job_id, step)
+                with self._mutex:
+                    self._unreleased[token] = (job_id, step)
+                    self._ensure_thread()
+                return
+            time.sleep(RELEASE_RETRY_SECONDS / 5)
+
+    def _try_release(self, job_id: str, step: str, token: str) -> bool:
         try:
             self._release(keys=[lock_key(job_id, step), job_key(job_id)], args=[token])
         except redis.exceptions.RedisError:
-            log.warning("job=%s step=%s: lock release failed; it expires by itself", job_id, step)
+            return False
+        return True
+
+    def _retry_releases(self) -> None:
+        with self._mutex:
+            pending = list(self._unreleased.items())
+        for token, (job_id, step) in pending:
+            if not self._try_release(job_id, step, token):
+                return  # still away: next round
+            with self._mutex:
+                self._unreleased.pop(token, None)
+            log.info("job=%s step=%s: lock released after Redis came back", job_id, step)
 
     def held(self) -> list[tuple[str, str, str]]:
         """(job id, step, token) of every lock this process holds: what a shutdown hands back."""
@@ -104,8 +143,14 @@ class StepLocks:
             self._thread.start()
 
     def _beat(self) -> None:
+        renewed_at = time.monotonic()
         while True:
-            time.sleep(HEARTBEAT_SECONDS)
+            time.sleep(min(HEARTBEAT_SECONDS, RELEASE_RETRY_SECONDS))
+            if self._unreleased:
+                self._retry_releases()
+            if time.monotonic() - renewed_at < HEARTBEAT_SECONDS:
+                continue
+            renewed_at = time.monotonic()
             with self._mutex:
                 held = list(self._held.items())
             for token, h in held:
