@@ -73,7 +73,8 @@ def test_version_creates_then_adds_versions(fleet: Fleet, up: Uploads, tmp_path:
     assert second.state.value == "done", second.error
     assert second.outcome == "version" and second.file_id == first.file_id
     (stored,) = _stored(fleet, task)
-    assert [v["md5"] for v in stored["versions"]] == [_md5(b"night 1\n" * 100), _md5(b"night 2, longer\n" * 100)]
+    want = [_md5(b"night 1\n" * 100), _md5(b"night 2, longer\n" * 100)]
+    assert [v["md5"] for v in stored["versions"]] == want
     assert up.store.get(second.id)["size_verified"] == "1"  # type: ignore[index]
 
 
