@@ -226,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per job per line")
     p.set_defaults(func=cmd_enqueue)
 
+    from producers.sync_cli import add_parser as add_sync_parser
+
+    add_sync_parser(sub)
+
     p = sub.add_parser("status", help="show jobs by id")
     p.add_argument("jobs", nargs="+", metavar="JOB")
     p.add_argument("--json", action="store_true")
