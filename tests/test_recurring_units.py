@@ -99,3 +99,15 @@ def test_name_lock_waits_for_a_running_owner_and_takes_over_an_ended_one() -> No
     assert r.get(key) == b"job-c"
     locks.release(key, "job-c")
     assert r.get(key) is None
+
+
+def test_redrive_starts_a_recurring_flow_at_its_step() -> None:
+    from producers.dead_letters import _retry_step
+    from producers.redrive import resume_step
+
+    base = {"route": "byuploadid", "upload_id": "u1", "uploaded_upload_id": "u1"}
+    assert resume_step({**base, "flow": "resolve"}) == "resolve"
+    assert resume_step({**base, "flow": "version"}) == "version"
+    assert resume_step({**base, "route": "multipart", "flow": "version"}) == "version"
+    assert _retry_step({"route": "multipart", "flow": "byurl"}) == "byurl"
+    assert resume_step({**base, "flow": ""}) == "link"  # resolved to the default canvas
