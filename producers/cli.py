@@ -45,6 +45,7 @@ def job_json(job: Job) -> str:
             "bytes_sent": job.bytes_sent,
             "file_id": job.file_id,
             "created": job.created,
+            "outcome": job.outcome,
             "wait_reason": job.wait_reason,
             "wait_until": job.wait_until,
             "error": None
@@ -76,6 +77,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         raise SpecError("name", "--name applies to one file; give one PATH")
     if args.idempotency_key and len(args.paths) > 1:
         raise SpecError("idempotency_key", "--idempotency-key applies to one file; give one PATH")
+    if args.new_version_of and len(args.paths) > 1:
+        raise SpecError("new_version_of", "--new-version-of applies to one file; give one PATH")
     specs = [
         JobSpec(
             source=p if p.lower().startswith(("http://", "https://")) else Path(p),
@@ -85,6 +88,9 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             description=args.description,
             idempotency_key=args.idempotency_key,
             content_type=args.content_type,
+            on_existing=args.on_existing,
+            new_version_of=args.new_version_of,
+            via=args.via,
         )
         for p in args.paths
     ]
@@ -202,10 +208,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--description")
     p.add_argument("--idempotency-key", help="the same key returns the same job (one PATH only)")
     p.add_argument("--content-type")
+    p.add_argument(
+        "--on-existing",
+        choices=["new", "version", "skip"],
+        default="new",
+        help="a file of that name is there: add another (new, default), a new version of it, or skip",
+    )
+    p.add_argument("--new-version-of", metavar="FILE_ID", help="a new version of this awork file")
+    p.add_argument(
+        "--via",
+        choices=["workers", "awork"],
+        default="workers",
+        help="awork: awork fetches the (public, <= 100 MB) URL itself; workers (default) stream it",
+    )
     p.add_argument("--wait", action="store_true", help="show progress until every job ends")
     p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after SECONDS")
     p.add_argument("--json", action="store_true", help="one JSON object per job per line")
     p.set_defaults(func=cmd_enqueue)
+
+    from producers.sync_cli import add_parser as add_sync_parser
+
+    add_sync_parser(sub)
 
     p = sub.add_parser("status", help="show jobs by id")
     p.add_argument("jobs", nargs="+", metavar="JOB")

@@ -42,7 +42,9 @@ from producers.config import (
 from producers.connections import ConnectionRegistry
 from producers.contract import JobState, SpecError
 from producers.job_ids import check_job_id, is_job_id, new_job_id
+from producers.public_source import by_url_checked
 from producers.records import Job, JobStore
+from producers.recurring import flow_canvas
 from producers.spec import JobSpec, ValidSpec, validate
 
 log = logging.getLogger("awork.producer")
@@ -116,8 +118,15 @@ class Uploads:
         description: str | None = None,
         idempotency_key: str | None = None,
         content_type: str | None = None,
+        on_existing: str = "new",
+        new_version_of: str | None = None,
+        via: str = "workers",
     ) -> Job:
-        spec = JobSpec(source, to, workspace, name, description, idempotency_key, content_type)
+        """One job; `on_existing`, `new_version_of` and `via`: see producers.recurring."""
+        spec = JobSpec(
+            source, to, workspace, name, description, idempotency_key, content_type,
+            on_existing, new_version_of, via,
+        )
         return self.enqueue_many([spec])[0]
 
     def enqueue_many(self, specs: Sequence[JobSpec]) -> list[Job]:
@@ -127,6 +136,7 @@ class Uploads:
         """
         known = self._retry(self.known_workspaces)
         valid = [validate(s, known, self.settings.source_url_hosts) for s in specs]
+        valid = [by_url_checked(v, self.settings.sandbox_test_mode) for v in valid]
         existing: dict[int, Job] = {}
         for i, v in enumerate(valid):
             if v.idempotency_key:
@@ -214,6 +224,7 @@ class Uploads:
             "published": "0",
             "created_at": now,
             "updated_at": now,
+            **v.placement.record_fields(),
         }
         return _Prepared(job_id, v, record)
 
@@ -228,7 +239,10 @@ class Uploads:
             with self._app.producer_or_acquire() as producer:
                 for p in prepared:
                     kwargs = step_kwargs(p.job_id, p.spec.workspace, str(p.spec.target), p.spec.file_name)
-                    job_canvas(self._app, p.spec.target.three_steps, kwargs).apply_async(producer=producer)
+                    canvas = flow_canvas(self._app, p.spec.placement.flow, kwargs) or job_canvas(
+                        self._app, p.spec.target.three_steps, kwargs
+                    )
+                    canvas.apply_async(producer=producer)
                     published.append(p)
         except (OperationalError, redis.exceptions.RedisError, OSError) as exc:
             failed = [p for p in prepared if p not in published]

@@ -98,6 +98,9 @@ class SharedSettings:
     block_size: int = DEFAULT_BLOCK_SIZE
     # Permissions of staged copies (AWORK_STAGING_MODE: private 0600/0700, group 0640/0770).
     staging_mode: StagingMode = PRIVATE
+    # AWORK_SANDBOX_TEST_MODE=1: the API is the sandbox, so `via awork` takes loopback sources
+    # (the sandbox fetches from loopback test servers only). Never on against awork.
+    sandbox_test_mode: bool = False
 
     @classmethod
     def from_env(cls) -> SharedSettings:
@@ -122,6 +125,8 @@ class SharedSettings:
             single_put_threshold=env_int("AWORK_SINGLE_PUT_THRESHOLD", DEFAULT_SINGLE_PUT_THRESHOLD),
             block_size=env_int("AWORK_BLOCK_SIZE", DEFAULT_BLOCK_SIZE),
             staging_mode=_staging_mode(),
+            sandbox_test_mode=os.environ.get("AWORK_SANDBOX_TEST_MODE", "").strip().lower()
+            in ("1", "true", "yes", "on"),
         )
 
 

@@ -15,6 +15,10 @@ TASK_GENERATE_UPLOAD_URL = "awork.generate_upload_url"
 TASK_PUT_FILE = "awork.put_file"
 TASK_LINK_FILE = "awork.link_file"
 TASK_MULTIPART_UPLOAD = "awork.multipart_upload"
+# Recurring files (producers.recurring): look up an existing file, add a version, fetch by URL.
+TASK_RESOLVE_EXISTING = "awork.resolve_existing"
+TASK_ADD_VERSION = "awork.add_version"
+TASK_FETCH_BY_URL = "awork.fetch_by_url"
 
 QUEUE_API = "awork.api"
 QUEUE_TRANSFER = "awork.transfer"
@@ -25,6 +29,9 @@ TASK_QUEUES: dict[str, str] = {
     TASK_LINK_FILE: QUEUE_API,
     # One request that carries the bytes: bandwidth-bound, but it also spends a rate token.
     TASK_MULTIPART_UPLOAD: QUEUE_TRANSFER,
+    TASK_RESOLVE_EXISTING: QUEUE_API,
+    TASK_ADD_VERSION: QUEUE_TRANSFER,  # carries the bytes, like the multipart step
+    TASK_FETCH_BY_URL: QUEUE_API,  # awork fetches: no bytes through the workers
 }
 
 

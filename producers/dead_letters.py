@@ -15,6 +15,7 @@ from producers.client import JobNotFound, Uploads
 from producers.contract import JobState
 from producers.job_ids import check_job_id, is_job_id
 from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, STEPS, Job, job_key
+from producers.recurring import first_step
 from producers.redrive import canvas_from, resume_step
 
 log = logging.getLogger("awork.producer")
@@ -107,6 +108,8 @@ def _job_ids(raw: list[bytes]) -> list[str]:
 def _retry_step(record: dict[str, str]) -> str:
     """Link again when the upload was made (a failed link); otherwise start with a fresh URL
     (finishing a job removes its upload URL)."""
+    if first_step(record) is not None:  # a recurring-files flow starts its one step again
+        return resume_step(record)
     if record.get("route") == "multipart":
         return "multipart"
     return "link" if resume_step(record) == "link" else "generate"

@@ -35,6 +35,8 @@ def job_line(job: Job) -> str:
         extra = f"  {err.code or ''} {err.description or ''} (status {err.status}, trace {err.trace_id})"
     elif job.wait_reason:
         extra = f"  waiting: {job.wait_reason}"
+    elif job.outcome:
+        extra = f"  {job.outcome} {job.file_id or ''}".rstrip()
     name = job.file_name if len(job.file_name) <= 28 else job.file_name[:25] + "..."
     return (
         f"{name:<28} [{bar}] {frac * 100:5.1f}% {human_bytes(sent):>10} / {human_bytes(total):<10} "

@@ -6,6 +6,7 @@ not the truth. Field names here are the contract between the two sides.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,7 +25,7 @@ DEAD_KEY = "awork:jobs:dead"  # zset: job id -> finished_at, failed and dead job
 EVENTS_CHANNEL = "awork:job-events"  # pub/sub: a JSON line when a job finishes
 IDEMPOTENCY_TTL_SECONDS = 30 * 24 * 3600
 
-STEPS = ("generate", "put", "link", "multipart")
+STEPS = ("generate", "put", "link", "multipart", "resolve", "version", "byurl")
 
 _CREATE_SCRIPT = (Path(__file__).with_name("create_job.lua")).read_text()
 
@@ -35,6 +36,18 @@ def job_key(job_id: str) -> str:
 
 def idempotency_key(workspace: str, key: str) -> str:
     return f"awork:idem:{workspace}:{key}"
+
+
+def name_lock_key(workspace: str, target: str, file_name: str) -> str:
+    """String: the job id that may look up and create `file_name` on `target` (workers.name_lock)."""
+    digest = hashlib.sha256(file_name.encode()).hexdigest()[:32]
+    return f"awork:namelock:{workspace}:{target}:{digest}"
+
+
+def sync_state_key(workspace: str, target: str, folder: str) -> str:
+    """Hash: relative path -> what `awork-uploads sync` last sent from `folder` (producers.sync)."""
+    digest = hashlib.sha256(folder.encode()).hexdigest()[:32]
+    return f"awork:sync:{workspace}:{target}:{digest}"
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,9 @@ class Job:
     wait_until: float | None
     attempts: dict[str, int]
     created: bool = True  # False when an idempotency key returned an existing job
+    # How a done job ended when it was not a new file: `version` (a new version of file_id),
+    # `skipped` (file_id was there already); None for a new file (producers.recurring).
+    outcome: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -116,6 +132,7 @@ class Job:
             wait_until=num("wait_until"),
             attempts={s: int(record.get(f"attempts_{s}", "0") or 0) for s in STEPS},
             created=created,
+            outcome=text("outcome"),
         )
 
 

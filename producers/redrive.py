@@ -19,6 +19,8 @@ from producers.contract import (
     TASK_PUT_FILE,
     Route,
 )
+from producers.recurring import STEP_TASKS as RECURRING_TASKS
+from producers.recurring import first_step
 
 STEP_TASKS = {
     "generate": TASK_GENERATE_UPLOAD_URL,
@@ -31,6 +33,9 @@ THREE_STEPS = ("generate", "put", "link")
 
 def resume_step(record: dict[str, str]) -> str:
     """The first step whose work the record does not show as done."""
+    recurring = first_step(record)
+    if recurring is not None:
+        return recurring
     if record.get("route") == Route.MULTIPART.value:
         return "multipart"
     upload_id = record.get("upload_id")
@@ -47,6 +52,8 @@ def canvas_from(app: Celery, record: dict[str, str], first: str) -> Signature:
     )
     if first == "multipart":
         return step(app, TASK_MULTIPART_UPLOAD, kwargs)
+    if first in RECURRING_TASKS:
+        return step(app, RECURRING_TASKS[first], kwargs)
     steps = THREE_STEPS[THREE_STEPS.index(first) :]
     sigs = [step(app, STEP_TASKS[s], kwargs) for s in steps]
     return sigs[0] if len(sigs) == 1 else chain(*sigs)

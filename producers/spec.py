@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import mimetypes
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from producers import text_rules
 from producers.contract import SpecError, Target
-from producers.source_url import source_host_refused
+from producers.recurring import Placement, check_placement
+from producers.source_url import SourceUrlRefused, parse_http_url, source_host_refused
 
 # Matched whole (`fullmatch`): `$` would let a trailing newline through.
 _CONTENT_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]*/[\w.+-]+( *;[\x20-\x7e]*)?", re.ASCII)
@@ -46,6 +47,10 @@ class JobSpec:
     description: str | None = None
     idempotency_key: str | None = None
     content_type: str | None = None
+    # Recurring files (producers.recurring): new | version | skip; a file id; workers | awork.
+    on_existing: str = "new"
+    new_version_of: str | None = None
+    via: str = "workers"
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class ValidSpec:
     path: Path | None = None
     url: str | None = None
     data: bytes | None = None
+    placement: Placement = field(default_factory=Placement)
 
 
 def validate(
@@ -75,6 +81,8 @@ def validate(
     if idem is not None and not (isinstance(idem, str) and _IDEM_KEY.fullmatch(idem)):
         raise SpecError("idempotency_key", "1 to 200 printable ASCII characters without spaces")
     description = text_rules.description(spec.description)
+    is_url = isinstance(spec.source, str) and spec.source.lower().startswith(("http://", "https://"))
+    placement = check_placement(spec.on_existing, spec.new_version_of, spec.via, target, is_url)
 
     path: Path | None = None
     url: str | None = None
@@ -91,7 +99,9 @@ def validate(
         size, head = len(data), data[:16]
         default_name = spec.name
     elif isinstance(src, str) and src.lower().startswith(("http://", "https://")):
-        url = _source_url(src, source_url_hosts)
+        # via awork: the workers never fetch it, so their allow-list does not apply; the public
+        # check (producers.public_source) runs at enqueue and in the worker instead
+        url = _checked_url(src) if placement.via == "awork" else _source_url(src, source_url_hosts)
         size = None
         default_name = Path(unquote(urlsplit(url).path)).name
     elif isinstance(src, str | Path):
@@ -129,6 +139,7 @@ def validate(
         path=path,
         url=url,
         data=data,
+        placement=placement,
     )
 
 
@@ -153,6 +164,14 @@ def _content_type(given: str | None, file_name: str) -> str:
         return check_content_type(given)
     guessed, _ = mimetypes.guess_type(file_name)
     return guessed or "application/octet-stream"
+
+
+def _checked_url(url: str) -> str:
+    try:
+        parse_http_url(url)
+    except SourceUrlRefused as exc:
+        raise SpecError("source", str(exc)) from None
+    return url
 
 
 def _source_url(url: str, allowed: tuple[str, ...]) -> str:

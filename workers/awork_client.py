@@ -70,6 +70,12 @@ class AworkClient:
         result = self._request("POST", path, json=body, idempotent=False)
         return result if isinstance(result, dict) else {}
 
+    def add_file_by_url(self, path: str, url: str, name: str, description: str | None) -> dict[str, Any]:
+        """POST .../files/byurl: awork fetches `url` itself (FilePostForm)."""
+        body = {"url": url, "name": name, "description": description}
+        result = self._request("POST", path, json=body, idempotent=False)
+        return result if isinstance(result, dict) else {}
+
     def multipart_upload(
         self, path: str, body: Any, content_type: str, content_length: int | None
     ) -> dict[str, Any]:

@@ -14,6 +14,9 @@ app = Celery(
     include=[
         "workers.kombu_fixes",
         "workers.steps",
+        "workers.resolve",
+        "workers.versions",
+        "workers.by_url",
         "workers.signals",
         "workers.connections.keepalive",
         "workers.shutdown",

@@ -39,3 +39,11 @@ def _timestamp(value: object) -> float | None:
         return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
     except ValueError:
         return None
+
+
+def newest_named(files: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    """The entity's most recently updated file called `name` (awork's fileName or name)."""
+    named = [f for f in files if name in (f.get("fileName"), f.get("name")) and f.get("id")]
+    if not named:
+        return None
+    return max(named, key=lambda f: _timestamp(f.get("updatedOn")) or _timestamp(f.get("createdOn")) or 0.0)

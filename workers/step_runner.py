@@ -47,7 +47,7 @@ UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, 
 # Waits this short are slept in place; longer ones are deferred with a countdown.
 MAX_INLINE_WAIT_SECONDS = 1.0
 # Steps whose first action is an awork API request: they take their token before they start.
-API_STEPS = frozenset({"generate", "link", "multipart"})
+API_STEPS = frozenset({"generate", "link", "multipart", "resolve", "version", "byurl"})
 # At most half the threads of a worker process sleep for one workspace's tokens at a time; that
 # workspace's other steps are deferred, so that a backlog in one workspace cannot hold every
 # thread while others have budget. Their countdown grows with the job's deferrals of this kind

@@ -57,7 +57,7 @@ from producers.broker import celery_config
 from producers.config import env_float
 from producers.contract import QUEUE_API, QUEUE_TRANSFER, JobState
 from producers.job_ids import is_job_id
-from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, job_key
+from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, STEPS, job_key
 from producers.redrive import canvas_from, resume_step
 
 log = logging.getLogger("awork.sweeper")
@@ -279,7 +279,7 @@ class Sweeper:
     def _lock_held(self, job_id: str, record: dict[str, str]) -> bool:
         """Is any step of this job locked (a live worker on it)?"""
         running = record.get("running")
-        steps = [running] if running else ["generate", "put", "link", "multipart"]
+        steps = [running] if running else list(STEPS)
         pipe = self.redis.pipeline(transaction=False)
         for step in steps:
             pipe.exists(f"{job_key(job_id)}:lock:{step}")

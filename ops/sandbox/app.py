@@ -298,10 +298,21 @@ async def image_link(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
     return await _link(ctx, entity, _entity_id(params["entityId"]), image=True)
 
 
-async def _multipart(ctx: Ctx, entity: str, entity_id: str, image: bool) -> web.StreamResponse:
+@dataclass
+class Received:
+    """A multipart body's file part, on disk, plus its plain form fields."""
+
+    sink: DiskSink
+    file_name: str
+    part_type: str | None
+    form: dict[str, str]
+    md5: bytes
+
+
+async def receive_multipart(ctx: Ctx) -> Received:
+    """Stream a multipart/form-data body's `File` part to disk (size cap, injected drops)."""
     sb = ctx.sandbox
     request = ctx.request
-    _require_entity(ctx, entity, entity_id)
     cap = sb.settings.multipart_max_bytes
     too_large = ApiError(
         400, E.REQUEST_BODY_TOO_LARGE,
@@ -351,14 +362,26 @@ async def _multipart(ctx: Ctx, entity: str, entity_id: str, image: bool) -> web.
         if sink is not None:
             await sink.abort()
         raise
-    if image and not _is_image(sink.head):
-        sink.path.unlink()
+    return Received(sink, file_name, part_type, form, md5)
+
+
+def keep_received(ctx: Ctx, got: Received, file_id: str) -> Content:
+    """Move a received part into the files directory; its bytes become stored content."""
+    path = ctx.sandbox.state.new_file_path(file_id)
+    got.sink.path.replace(path)
+    ctx.sandbox.state.counters.bytes_received += got.sink.size
+    return Content((path,), got.sink.size, got.md5)
+
+
+async def _multipart(ctx: Ctx, entity: str, entity_id: str, image: bool) -> web.StreamResponse:
+    _require_entity(ctx, entity, entity_id)
+    got = await receive_multipart(ctx)
+    if image and not _is_image(got.sink.head):
+        got.sink.path.unlink()
         raise E.validation_failed([("file", "The uploaded file is not an image.")])
     file_id = str(uuid.uuid4())
-    path = sb.state.new_file_path(file_id)
-    sink.path.replace(path)
-    sb.state.counters.bytes_received += sink.size
-    display = form.get("name") or file_name
+    content = keep_received(ctx, got, file_id)
+    display = got.form.get("name") or got.file_name
     stored = StoredFile(
         id=file_id,
         workspace=ctx.workspace,
@@ -366,15 +389,15 @@ async def _multipart(ctx: Ctx, entity: str, entity_id: str, image: bool) -> web.
         entity_id=entity_id,
         image=image,
         name=display,
-        file_name=file_name,
-        description=form.get("description"),
-        content=Content((path,), sink.size, md5),
-        mime_type=_guess_mime(file_name, part_type),
+        file_name=got.file_name,
+        description=got.form.get("description"),
+        content=content,
+        mime_type=_guess_mime(got.file_name, got.part_type),
         upload_id=None,
         created_on=now_iso(),
         created_by=ctx.user_id,
     )
-    sb.state.add_file(stored)
+    ctx.sandbox.state.add_file(stored)
     return _json_response(stored.file_info())
 
 
@@ -522,6 +545,9 @@ def build_router() -> ApiRouter:
     r.add("GET", "/files/images/{entityName}/{entityId}", "/files/images/{entityName}/{id}",
           "download", image_get)
     r.add("GET", "/files/{fileId}/download", "/files/{fileId}/download", "download", download)
+    from .recurring import add_recurring_routes
+
+    add_recurring_routes(r, MULTIPART_ENTITIES)
     return r
 
 
@@ -633,6 +659,11 @@ class ApiFrontDoor:
                 counters.faults_injected["drop_after"] += 1
                 _abort(request)
                 raise Dropped("sandbox fault: response dropped after the work was done")
+            if fault_kind == "stall_after":
+                counters.faults_injected["stall_after"] += 1
+                await asyncio.sleep(sb.settings.stall_after_s)
+                _abort(request)
+                raise Dropped("sandbox fault: answer held, then dropped, after the work was done")
             if fault_kind == "500_after":
                 counters.faults_injected["500_after"] += 1
                 raise ApiError(500, E.SERVER_ERROR, "An internal server error occurred.")

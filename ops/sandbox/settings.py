@@ -14,10 +14,13 @@ from typing import Any
 from .ratelimit import Limits
 
 MIB = 1024 * 1024
-FAULT_KINDS: tuple[str, ...] = ("429", "503", "500", "drop", "drop_after", "500_after")
+# "stall_after": the request takes effect, then the answer is held for `stall_after_s` and the
+# connection dropped (a client's read timeout strikes after awork applied the request).
+FAULT_KINDS: tuple[str, ...] = ("429", "503", "500", "drop", "drop_after", "500_after", "stall_after")
 # Route names for faults; "*" applies to every route that does not name a kind itself.
 FAULT_ROUTES: tuple[str, ...] = (
-    "generate", "link", "image_link", "multipart", "list", "download", "blob", "*",
+    "generate", "link", "image_link", "multipart", "list", "download", "blob", "versions", "byurl",
+    "*",
 )
 PERMISSION_LETTERS = "racwdl"
 
@@ -59,6 +62,9 @@ class Settings:
     put_blob_max_bytes: int = 5000 * MIB
     put_block_max_bytes: int = 4000 * MIB
     multipart_max_bytes: int = 1_000_000_000
+    # awork's documented cap for POST .../files/byurl (the bytes it fetches itself).
+    byurl_max_bytes: int = 100_000_000
+    stall_after_s: float = 30.0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -82,6 +88,8 @@ class Settings:
             "put_blob_max_bytes": self.put_blob_max_bytes,
             "put_block_max_bytes": self.put_block_max_bytes,
             "multipart_max_bytes": self.multipart_max_bytes,
+            "byurl_max_bytes": self.byurl_max_bytes,
+            "stall_after_s": self.stall_after_s,
         }
 
     def patched(self, body: Any) -> Settings:
@@ -94,7 +102,7 @@ class Settings:
                 new.seed = _int(key, value, minimum=None)
             elif key == "routes":
                 _patch_routes(new.routes, value)
-            elif key in ("latency_ms", "jitter_ms", "window_kib"):
+            elif key in ("latency_ms", "jitter_ms", "window_kib", "stall_after_s"):
                 setattr(new, key, _number(key, value))
             elif key == "upload_url_lifetime_s":
                 new.upload_url_lifetime_s = _number(key, value)
@@ -114,7 +122,9 @@ class Settings:
                 ):
                     raise ValueError(f"{key}: letters from {PERMISSION_LETTERS!r}")
                 new.upload_url_permissions = "".join(c for c in PERMISSION_LETTERS if c in value)
-            elif key in ("put_blob_max_bytes", "put_block_max_bytes", "multipart_max_bytes"):
+            elif key in (
+                "put_blob_max_bytes", "put_block_max_bytes", "multipart_max_bytes", "byurl_max_bytes"
+            ):
                 setattr(new, key, _int(key, value, minimum=0))
             else:
                 raise ValueError(f"unknown setting {key!r}")

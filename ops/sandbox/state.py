@@ -151,6 +151,32 @@ class Upload:
 
 
 @dataclass
+class Version:
+    """One version of a stored file (awork's FileVersion); the file's first is version 1."""
+
+    id: str
+    number: int
+    content: Content
+    created_on: str
+    created_by: str
+
+    def info(self, file_id: str) -> dict[str, Any]:
+        """awork's FileVersion (every property of the contract's schema, nothing else)."""
+        return {
+            "id": self.id,
+            "fileInfoId": file_id,
+            "version": self.number,
+            "size": self.content.size,
+            "width": None,
+            "height": None,
+            "createdOn": self.created_on,
+            "createdBy": self.created_by,
+            "updatedOn": self.created_on,
+            "updatedBy": self.created_by,
+        }
+
+
+@dataclass
 class StoredFile:
     id: str
     workspace: str
@@ -167,6 +193,22 @@ class StoredFile:
     created_by: str
     content_md5: str | None = None
     version_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    versions: list[Version] = field(default_factory=list)
+    updated_on: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.versions:
+            self.versions = [Version(self.version_id, 1, self.content, self.created_on, self.created_by)]
+        self.updated_on = self.updated_on or self.created_on
+
+    def add_version(self, content: Content, created_by: str) -> Version:
+        """A new version: it becomes the file's content (downloads return the newest)."""
+        version = Version(str(uuid.uuid4()), len(self.versions) + 1, content, now_iso(), created_by)
+        self.versions.append(version)
+        self.content = content
+        self.content_md5 = None
+        self.updated_on = version.created_on
+        return version
 
     @property
     def size(self) -> int:
@@ -192,6 +234,10 @@ class StoredFile:
             "mime_type": self.mime_type,
             "upload_id": self.upload_id,
             "created_on": self.created_on,
+            "versions": [
+                {"id": v.id, "version": v.number, "size": v.content.size, "md5": v.content.md5.hex()}
+                for v in self.versions
+            ],
         }
 
     def file_info(self) -> dict[str, Any]:
@@ -212,22 +258,9 @@ class StoredFile:
                 "mimeType": self.mime_type,
                 "createdOn": self.created_on,
                 "createdBy": self.created_by,
-                "updatedOn": self.created_on,
+                "updatedOn": self.updated_on,
                 "updatedBy": self.created_by,
-                "fileVersions": [
-                    {
-                        "id": self.version_id,
-                        "fileInfoId": self.id,
-                        "version": 1,
-                        "size": self.size,
-                        "width": None,
-                        "height": None,
-                        "createdOn": self.created_on,
-                        "createdBy": self.created_by,
-                        "updatedOn": self.created_on,
-                        "updatedBy": self.created_by,
-                    }
-                ],
+                "fileVersions": [v.info(self.id) for v in self.versions],
                 "isCommentFile": False,
                 "externalProvider": None,
                 "externalFileUrl": None,
@@ -256,6 +289,7 @@ class Counters:
         self.faults_injected: Counter[str] = Counter()
         self.blob_authorization_headers = 0
         self.bytes_received = 0
+        self.byurl_fetches = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -273,10 +307,11 @@ class Counters:
             "blocks": {k: dict(v) for k, v in self.blocks.items()},
             "faults_injected": {
                 k: self.faults_injected.get(k, 0)
-                for k in ("500", "503", "429", "drop", "drop_after", "500_after", "latency")
+                for k in ("500", "503", "429", "drop", "drop_after", "500_after", "stall_after", "latency")
             },
             "blob_authorization_headers": self.blob_authorization_headers,
             "bytes_received": self.bytes_received,
+            "byurl_fetches": self.byurl_fetches,
         }
 
 

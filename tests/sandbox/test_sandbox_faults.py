@@ -47,7 +47,8 @@ def test_fault_responses_are_awork_errors(api: Api) -> None:
             assert r.headers["X-RateLimit-Remaining-Second"] == "0"
         api.sb.set_faults({"routes": {"generate": None}})
     assert api.sb.stats()["faults_injected"] | {} == {
-        "500": 1, "503": 1, "429": 1, "drop": 0, "drop_after": 0, "500_after": 0, "latency": 0}
+        "500": 1, "503": 1, "429": 1, "drop": 0, "drop_after": 0, "500_after": 0, "stall_after": 0,
+        "latency": 0}
     # an injected 429 is not a real one
     assert api.sb.stats()["rate_limited"] == 0
 

@@ -95,5 +95,7 @@ def test_stats_counters(sb: SandboxProcess) -> None:
         "size": len(data), "md5": hashlib.md5(data).hexdigest(),
         "content_md5": linked["content_md5"], "mime_type": "text/plain",
         "upload_id": upload_id, "created_on": linked["created_on"],
+        "versions": [{"id": linked["versions"][0]["id"], "version": 1, "size": len(data),
+                      "md5": hashlib.md5(data).hexdigest()}],
     }
     assert files["m.bin"]["upload_id"] is None and files["m.bin"]["entity"] == "projects"
