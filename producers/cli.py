@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a worker (celery -A workers worker with good defaults)")
     p.add_argument("--pool", default="threads", help="threads (default) fits blocking HTTP")
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--queues", default="awork.api,awork.transfer")
+    p.add_argument("--queues", default="awork.api,awork.transfer,awork.callbacks")
     p.add_argument("--loglevel", default="INFO")
     p.add_argument("--hostname")
     p.add_argument(

@@ -98,6 +98,8 @@ class SharedSettings:
     block_size: int = DEFAULT_BLOCK_SIZE
     # Permissions of staged copies (AWORK_STAGING_MODE: private 0600/0700, group 0640/0770).
     staging_mode: StagingMode = PRIVATE
+    # Hosts a completion callback may be POSTed to (AWORK_CALLBACK_HOSTS, producers.callback_url).
+    callback_hosts: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls) -> SharedSettings:
@@ -122,7 +124,14 @@ class SharedSettings:
             single_put_threshold=env_int("AWORK_SINGLE_PUT_THRESHOLD", DEFAULT_SINGLE_PUT_THRESHOLD),
             block_size=env_int("AWORK_BLOCK_SIZE", DEFAULT_BLOCK_SIZE),
             staging_mode=_staging_mode(),
+            callback_hosts=_callback_hosts(),
         )
+
+
+def _callback_hosts() -> tuple[str, ...]:
+    from producers.callback_url import callback_hosts_from_env
+
+    return callback_hosts_from_env()
 
 
 def _staging_mode() -> StagingMode:

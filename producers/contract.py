@@ -6,6 +6,7 @@ can publish the canvas; workers import these constants, never the other way roun
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from dataclasses import dataclass
@@ -18,6 +19,10 @@ TASK_MULTIPART_UPLOAD = "awork.multipart_upload"
 
 QUEUE_API = "awork.api"
 QUEUE_TRANSFER = "awork.transfer"
+# Completion callbacks (workers.callbacks): a queue of its own, so that delivering (and retrying
+# for up to a day) never stands in front of an upload step.
+QUEUE_CALLBACKS = "awork.callbacks"
+TASK_DELIVER_CALLBACK = "awork.deliver_callback"
 
 TASK_QUEUES: dict[str, str] = {
     TASK_GENERATE_UPLOAD_URL: QUEUE_API,
@@ -25,6 +30,7 @@ TASK_QUEUES: dict[str, str] = {
     TASK_LINK_FILE: QUEUE_API,
     # One request that carries the bytes: bandwidth-bound, but it also spends a rate token.
     TASK_MULTIPART_UPLOAD: QUEUE_TRANSFER,
+    TASK_DELIVER_CALLBACK: QUEUE_CALLBACKS,
 }
 
 
@@ -39,13 +45,14 @@ class JobState(StrEnum):
     DONE = "done"
     FAILED = "failed"  # a permanent error: retrying cannot help
     DEAD = "dead"  # transient errors until the retry budget ran out
+    CANCELED = "canceled"  # its producer canceled it before it was linked (producers.cancel)
 
     @property
     def finished(self) -> bool:
         return self in FINISHED_STATES
 
 
-FINISHED_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.DEAD})
+FINISHED_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.DEAD, JobState.CANCELED})
 
 
 class Route(StrEnum):
@@ -136,6 +143,12 @@ class Target:
 
     @classmethod
     def parse(cls, text: str, field: str = "to") -> Target:
+        if isinstance(text, str):
+            return _parse_target(text, field)  # a batch names the same targets many times
+        return cls._parse(text, field)
+
+    @classmethod
+    def _parse(cls, text: str, field: str) -> Target:
         if not isinstance(text, str) or ":" not in text:
             raise SpecError(field, f"expected KIND:ID (kinds: {', '.join(TARGET_KINDS)}), got {text!r}")
         if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text):
@@ -159,6 +172,11 @@ class Target:
         if kind in MULTIPART_KINDS:
             return cls(kind, MULTIPART_KINDS[kind], _entity_id(rest, field), Route.MULTIPART)
         raise SpecError(field, f"unknown target kind {kind!r} (one of {', '.join(TARGET_KINDS)})")
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_target(text: str, field: str) -> Target:
+    return Target._parse(text, field)
 
 
 def _entity_id(text: str, field: str) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 import redis
 
 from producers.config import env_float
-from producers.records import job_key
+from producers.records import job_key, step_lock_key
 
 log = logging.getLogger("awork.steps")
 
@@ -47,7 +47,7 @@ return 0
 
 
 def lock_key(job_id: str, step: str) -> str:
-    return f"{job_key(job_id)}:lock:{step}"
+    return step_lock_key(job_id, step)
 
 
 class LeaseLost(Exception):
