@@ -186,6 +186,4 @@ def _split(text: str, marks: Mapping[str, str], ids: Sequence[str]) -> list[str 
 
 
 def _join(parts: Sequence[str | tuple[str, str] | int], values: Mapping[str, str], ids: Sequence[str]) -> str:
-    return "".join(
-        p if isinstance(p, str) else ids[p] if isinstance(p, int) else values[p[1]] for p in parts
-    )
+    return "".join(p if isinstance(p, str) else ids[p] if isinstance(p, int) else values[p[1]] for p in parts)

@@ -17,7 +17,7 @@ from producers.contract import QUEUE_API, QUEUE_TRANSFER
 from producers.messages import REPR_MAXSIZE, Templates, kwargs_repr, new_task_ids, publish_rendered
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-NAMES = ["report.pdf", "it's \"quoted\".pdf", "é ü 日本.txt", "back\\slash.txt", "tab\there.txt", "x" * 1100]
+NAMES = ["report.pdf", 'it\'s "quoted".pdf', "é ü 日本.txt", "back\\slash.txt", "tab\there.txt", "x" * 1100]
 
 
 def _decoded(raw: bytes) -> dict[str, Any]:

@@ -223,6 +223,7 @@ def test_publish_and_cleanup_both_failing_says_which_jobs_will_still_run(
     try:
         monkeypatch.setenv("REDIS_URL", server.url)
         monkeypatch.setenv("STAGING_DIR", str(tmp_path / "staging"))
+
         def killed(*_: Any, **__: Any) -> None:
             server.kill()
             raise redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1. Connection refused.")

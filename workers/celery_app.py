@@ -12,6 +12,7 @@ app = Celery(
     include=[
         "workers.kombu_fixes",
         "workers.steps",
+        "workers.callbacks",
         "workers.signals",
         "workers.connections.keepalive",
         "workers.shutdown",

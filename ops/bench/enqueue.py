@@ -76,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             staging = root / "staging"
             staging.mkdir()
-            os.environ.update(
-                REDIS_URL=server.url, STAGING_DIR=str(staging), AWORK_SOURCE_URL_HOSTS=HOST
-            )
+            os.environ.update(REDIS_URL=server.url, STAGING_DIR=str(staging), AWORK_SOURCE_URL_HOSTS=HOST)
             os.environ.pop("AWORK_WORKSPACES_FILE", None)
             client = redis.Redis.from_url(server.url)
             print(f"{'kind':<8}{'batch':>7}{'jobs':>8}{'seconds':>9}{'jobs/s':>9}{'CPU us/job':>12}")
