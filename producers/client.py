@@ -86,6 +86,14 @@ class _Prepared:
 
 
 @dataclass(frozen=True)
+class _BatchInfo:
+    id: str
+    callback_url: str | None
+    owner: str
+    signer: str | None
+
+
+@dataclass(frozen=True)
 class Batch:
     """What `enqueue_batch` returns: the batch id and its jobs, in request order."""
 
@@ -193,7 +201,7 @@ class Uploads:
                 page = self._retry(partial(self.batches.page, earlier, 0, len(specs)))
                 return Batch(earlier, page.jobs if page else [], created=False)
         try:
-            jobs = self._enqueue_valid(valid, signer, (batch_id, callback_url, owner))
+            jobs = self._enqueue_valid(valid, signer, _BatchInfo(batch_id, callback_url, owner, signer))
         except BaseException:
             if idempotency_key is not None:
                 self.batches.release_idempotency_key(scope, idempotency_key)
@@ -227,7 +235,7 @@ class Uploads:
         self,
         valid: list[ValidSpec],
         signer: str | None,
-        batch: tuple[str, str | None, str] | None,
+        batch: _BatchInfo | None,
     ) -> list[Job]:
         existing: dict[int, Job] = {}
         keyed = [(i, v) for i, v in enumerate(valid) if v.idempotency_key]
@@ -240,7 +248,7 @@ class Uploads:
         try:
             for i, v in enumerate(valid):
                 if i not in existing:
-                    prepared[i] = self._prepare(v, signer, batch[0] if batch else None)
+                    prepared[i] = self._prepare(v, signer, batch.id if batch else None)
             created = self._retry(lambda: self._create_records(list(prepared.values()), batch))
         except BaseException:
             for p in prepared.values():
@@ -257,9 +265,9 @@ class Uploads:
                 gone = [p.job_id for p in prepared.values() if p.job_id not in exc.published_ids]
                 gone = [j for j in gone if j not in exc.pending_ids]
                 try:
-                    self.batches.forget_jobs(batch[0], gone)
+                    self.batches.forget_jobs(batch.id, gone)
                 except redis.exceptions.RedisError:
-                    log.warning("batch %s: could not drop %d unpublished job(s)", batch[0], len(gone))
+                    log.warning("batch %s: could not drop %d unpublished job(s)", batch.id, len(gone))
             raise
         out: list[Job] = []
         for i in range(len(valid)):
@@ -362,16 +370,15 @@ class Uploads:
         return _Prepared(job_id, v, record)
 
     def _create_records(
-        self, prepared: list[_Prepared], batch: tuple[str, str | None, str] | None = None
+        self, prepared: list[_Prepared], batch: _BatchInfo | None = None
     ) -> list[tuple[str, bool]]:
         items = [(p.record, p.spec.idempotency_key) for p in prepared]
         if batch is None:
             return self.store.create_many(items)
-        batch_id, callback_url, owner = batch
-        signer = prepared[0].record.get("signer") if prepared else None
-
         def write_batch(pipe: object) -> None:
-            self.batches.write(pipe, batch_id, [p.job_id for p in prepared], callback_url, signer, owner)
+            assert batch is not None
+            ids = [p.job_id for p in prepared]
+            self.batches.write(pipe, batch.id, ids, batch.callback_url, batch.signer, batch.owner)
 
         return self.store.create_many(items, before=write_batch)
 

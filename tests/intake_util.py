@@ -87,9 +87,9 @@ def verify_signature(secret: str, headers: dict[str, str], body: bytes) -> bool:
 class Receiver:
     """A callback receiver on loopback that answers 500 to its first `fail_first` requests."""
 
+    port: int
     fail_first: int = 0
     received: list[tuple[dict[str, str], bytes, int]] = field(default_factory=list)
-    port: int = 0
     _server: http.server.ThreadingHTTPServer | None = None
 
     def __post_init__(self) -> None:
@@ -108,8 +108,7 @@ class Receiver:
             def log_message(self, *args: Any) -> None:
                 return None
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self._server.server_address[1]
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def url(self, path: str = "/hook") -> str:

@@ -36,7 +36,7 @@ from celery import Task
 from celery.exceptions import Ignore
 
 from producers.api_tokens import ApiTokens
-from producers.callback_url import callback_hosts_from_env, callback_refused
+from producers.callback_url import callback_refused
 from producers.config import env_float
 from producers.contract import QUEUE_CALLBACKS, TASK_DELIVER_CALLBACK
 from producers.endings import batch_key
@@ -156,7 +156,7 @@ def _deliver(rt: Runtime, celery_app: Any, event: dict[str, Any], target: dict[s
     url = target.get("callback_url") or ""
     if not url:
         return True, ""
-    refused = callback_refused(url, callback_hosts_from_env())
+    refused = callback_refused(url, rt.settings.shared.callback_hosts)
     if refused:
         return False, f"refused: {refused}"
     where = parse_http_url(url).hostport
