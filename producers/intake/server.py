@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from producers.config import ConfigError
+from producers.config import ConfigError, SharedSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,7 +17,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8780)
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--print-openapi", action="store_true", help="print the OpenAPI document and exit")
     return p
+
+
+def openapi_document() -> dict[str, object]:
+    """The OpenAPI document, without Redis or settings (ops/openapi.json is this, committed)."""
+    from producers.intake.app import create_app
+    from producers.intake.settings import IntakeSettings
+
+    shared = SharedSettings(
+        redis_url="redis://127.0.0.1:6379/0",
+        staging_dir=Path("/staging"),
+        workspaces_file=None,
+        record_ttl_seconds=1,
+        source_url_hosts=(),
+    )
+    return create_app(IntakeSettings(shared=shared, max_body_bytes=1)).openapi()
 
 
 def app_from_env():  # type: ignore[no-untyped-def]
@@ -28,6 +46,9 @@ def app_from_env():  # type: ignore[no-untyped-def]
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.print_openapi:
+        print(json.dumps(openapi_document(), indent=2, sort_keys=True))
+        return 0
     try:
         import uvicorn
     except ImportError:
