@@ -86,6 +86,29 @@ class NewToken:
     info: TokenInfo
 
 
+AUTH_SCRIPT = _AUTH
+
+
+def auth_call(presented: str, now: float | None = None) -> tuple[list[str], list[str]] | None:
+    """KEYS and ARGV of the auth script for a presented token (None: not a token at all), so
+    that a caller can pipeline it with its own read (the intake's GET)."""
+    m = _TOKEN.fullmatch(presented or "")
+    if not m:
+        return None
+    token_id, secret = m.group(1), m.group(2)
+    second = int(time.time() if now is None else now)
+    return [token_key(token_id), rate_key(token_id, second)], [_hash(secret)]
+
+
+def auth_answer(keys: list[str], got: Any) -> Authenticated | None:
+    if not got or int(got[0]) != 1:
+        return None
+    token_id = keys[0].rsplit(":", 1)[1]
+    count, name, workspaces, rate = int(got[1]), _s(got[2]), _s(got[3]), int(_s(got[4]) or 1)
+    info = TokenInfo(token_id, name, tuple(w for w in workspaces.split(",") if w), rate)
+    return Authenticated(info, count > rate, 1)
+
+
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -143,17 +166,11 @@ class ApiTokens:
 
     def authenticate(self, presented: str, now: float | None = None) -> Authenticated | None:
         """The token's info and whether this request is over its rate; None when unknown."""
-        m = _TOKEN.fullmatch(presented or "")
-        if not m:
+        call = auth_call(presented, now)
+        if call is None:
             return None
-        token_id, secret = m.group(1), m.group(2)
-        second = int(time.time() if now is None else now)
-        got = self._auth(keys=[token_key(token_id), rate_key(token_id, second)], args=[_hash(secret)])
-        if not got or int(got[0]) != 1:
-            return None
-        count, name, workspaces, rate = int(got[1]), _s(got[2]), _s(got[3]), int(_s(got[4]) or 1)
-        info = TokenInfo(token_id, name, tuple(w for w in workspaces.split(",") if w), rate)
-        return Authenticated(info, count > rate, 1)
+        keys, args = call
+        return auth_answer(keys, self._auth(keys=keys, args=args))
 
     def listed(self) -> list[TokenInfo]:
         ids = sorted(_s(i) for i in self.redis.smembers(TOKENS_KEY))

@@ -375,6 +375,7 @@ class Uploads:
         items = [(p.record, p.spec.idempotency_key) for p in prepared]
         if batch is None:
             return self.store.create_many(items)
+
         def write_batch(pipe: object) -> None:
             assert batch is not None
             ids = [p.job_id for p in prepared]

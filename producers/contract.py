@@ -90,6 +90,8 @@ MULTIPART_MAX_BYTES = 1_000_000_000
 # with 4000 MiB blocks -- in practice the limit is the staging disk.
 UPLOAD_URL_MAX_BYTES = 50_000 * 4000 * 1024 * 1024
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _ENTITY_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -151,7 +153,7 @@ class Target:
     def _parse(cls, text: str, field: str) -> Target:
         if not isinstance(text, str) or ":" not in text:
             raise SpecError(field, f"expected KIND:ID (kinds: {', '.join(TARGET_KINDS)}), got {text!r}")
-        if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text):
+        if _CONTROL.search(text):
             raise SpecError(field, f"contains a control character: {text!r}")
         kind, _, rest = text.partition(":")
         kind = kind.strip().lower()
@@ -180,6 +182,8 @@ def _parse_target(text: str, field: str) -> Target:
 
 
 def _entity_id(text: str, field: str) -> str:
+    if _CANONICAL_ID.fullmatch(text):
+        return text  # already what str(uuid.UUID(text)) gives
     if not _ENTITY_ID.fullmatch(text):
         raise SpecError(field, f"malformed id {text!r}: awork ids are UUIDs")
     return str(uuid.UUID(text))

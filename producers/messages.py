@@ -101,9 +101,9 @@ class _Template:
         body = body.replace(reply_to, escaped)
         head = head.replace(reply_to, escaped)
         marks["reply_to"] = _MARK.format("reply_to")
-        self._body = _split(body, marks, ids)
+        self._body = _as_format(_split(body, marks, ids))
         head_marks = {k: _MARK.format(k) for k in ("kwargsrepr", "body", "reply_to")}
-        self._head = _split(head, head_marks, ids)
+        self._head = _as_format(_split(head, head_marks, ids))
 
     def render(self, kwargs: Mapping[str, str]) -> str:
         ids = new_task_ids(self.id_count)
@@ -185,5 +185,18 @@ def _split(text: str, marks: Mapping[str, str], ids: Sequence[str]) -> list[str 
     return out
 
 
-def _join(parts: Sequence[str | tuple[str, str] | int], values: Mapping[str, str], ids: Sequence[str]) -> str:
-    return "".join(p if isinstance(p, str) else ids[p] if isinstance(p, int) else values[p[1]] for p in parts)
+def _join(parts: str, values: Mapping[str, str], ids: Sequence[str]) -> str:
+    return parts.format_map({**values, **{f"i{n}": v for n, v in enumerate(ids)}})
+
+
+def _as_format(parts: Sequence[str | tuple[str, str] | int]) -> str:
+    """The split text as one str.format template (literal braces doubled): joined in C."""
+    out = []
+    for p in parts:
+        if isinstance(p, str):
+            out.append(p.replace("{", "{{").replace("}", "}}"))
+        elif isinstance(p, int):
+            out.append(f"{{i{p}}}")
+        else:
+            out.append(f"{{{p[1]}}}")
+    return "".join(out)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +84,12 @@ class Job:
         return self.state in FINISHED_STATES
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
+        """What dataclasses.asdict gives, built directly (asdict deep-copies: 30 us a job)."""
+        out = {name: getattr(self, name) for name in _JOB_FIELDS}
         out["state"] = self.state.value
+        out["attempts"] = dict(self.attempts)
+        if self.error is not None:
+            out["error"] = {name: getattr(self.error, name) for name in _ERROR_FIELDS}
         return out
 
     @classmethod
@@ -266,6 +270,10 @@ class JobStore:
             pipe.zadd(ENDED_KEY, {job_id: now})
         pipe.publish(EVENTS_CHANNEL, json.dumps({"id": job_id, "state": state.value}))
         pipe.execute()
+
+
+_JOB_FIELDS = tuple(f.name for f in fields(Job))
+_ERROR_FIELDS = tuple(f.name for f in fields(JobError))
 
 
 def _now() -> str:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
@@ -22,8 +25,15 @@ log = logging.getLogger("awork.intake")
 VERSION = "1.0.0"
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    await app.state.aredis.aclose()
+
+
 def create_app(settings: IntakeSettings, uploads: Uploads | None = None) -> FastAPI:
     app = FastAPI(
+        lifespan=_lifespan,
         title="awork-uploads intake",
         version=VERSION,
         description="Enqueue files for upload into awork from any language; see README, HTTP API.",
@@ -34,6 +44,10 @@ def create_app(settings: IntakeSettings, uploads: Uploads | None = None) -> Fast
     app.state.settings = settings
     app.state.uploads = up
     app.state.tokens = ApiTokens(up.redis)
+    # the polling path (GET /v1/jobs/{id}) reads without the thread pool
+    app.state.aredis = aioredis.Redis.from_url(
+        settings.shared.redis_url, socket_connect_timeout=3, socket_timeout=10
+    )
     app.add_exception_handler(Problem, problems.on_problem)
     app.add_exception_handler(RequestValidationError, problems.on_validation)
     app.add_exception_handler(HTTPException, problems.on_http)

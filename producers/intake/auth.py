@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from producers.api_tokens import ApiTokens, TokenInfo
+from producers.api_tokens import ApiTokens, Authenticated, TokenInfo
 from producers.intake.problems import Problem
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="awork-uploads"'}
@@ -14,14 +14,27 @@ CHALLENGE = {"WWW-Authenticate": 'Bearer realm="awork-uploads"'}
 
 async def authenticate(request: Request) -> TokenInfo:
     """The request's token, counted against its rate (one Redis round trip)."""
+    return await run_in_threadpool(authenticate_sync, request)
+
+
+def presented_token(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented.strip():
         raise Problem(
             401, "unauthenticated", "authorization: a bearer token is required", "authorization", CHALLENGE
         )
+    return presented.strip()
+
+
+def authenticate_sync(request: Request) -> TokenInfo:
+    """`authenticate` for code already in a worker thread."""
     tokens: ApiTokens = request.app.state.tokens
-    found = await run_in_threadpool(tokens.authenticate, presented.strip())
+    return checked(tokens.authenticate(presented_token(request)))
+
+
+def checked(found: Authenticated | None) -> TokenInfo:
+    """401 for an unknown token, 429 over its rate, else the token."""
     if found is None:
         raise Problem(
             401, "unauthenticated", "authorization: unknown or revoked token", "authorization", CHALLENGE

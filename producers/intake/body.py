@@ -43,8 +43,9 @@ class StagingSink:
         self._md5 = hashlib.md5(usedforsecurity=False)
         self.size = 0
         self.head = b""
-        self._buf = bytearray()
-        self._queue: Queue[bytes | None] = Queue(QUEUE_BUFFERS)
+        self._buf: list[bytes] = []
+        self._buffered = 0
+        self._queue: Queue[list[bytes] | None] = Queue(QUEUE_BUFFERS)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="intake-body-writer", daemon=True)
         self._thread.start()
@@ -57,10 +58,9 @@ class StagingSink:
             if self._error is not None:
                 continue
             try:
-                self._md5.update(block)
-                view = memoryview(block)
-                while view:
-                    view = view[os.write(self._fd, view) :]
+                for chunk in block:
+                    self._md5.update(chunk)
+                _write_all(self._fd, block)
             except BaseException as exc:  # reported by finish()
                 self._error = exc
 
@@ -74,12 +74,13 @@ class StagingSink:
             )
         if len(self.head) < HEAD_BYTES:
             self.head += chunk[: HEAD_BYTES - len(self.head)]
-        self._buf += chunk
-        if len(self._buf) >= BUFFER_BYTES:
-            await self._hand_over(bytes(self._buf))
-            self._buf.clear()
+        self._buf.append(chunk)  # no copy: the chunks go to the writer as they are
+        self._buffered += len(chunk)
+        if self._buffered >= BUFFER_BYTES:
+            await self._hand_over(self._buf)
+            self._buf, self._buffered = [], 0
 
-    async def _hand_over(self, block: bytes) -> None:
+    async def _hand_over(self, block: list[bytes]) -> None:
         if self._queue.full():  # the disk is behind: wait in a thread, not in the event loop
             await run_in_threadpool(self._queue.put, block)
         else:
@@ -87,8 +88,8 @@ class StagingSink:
 
     async def finish(self) -> staging.StreamedBody:
         if self._buf:
-            await self._hand_over(bytes(self._buf))
-            self._buf.clear()
+            await self._hand_over(self._buf)
+            self._buf, self._buffered = [], 0
         await self._close()
         if self._error is not None:
             self.discard()
@@ -114,6 +115,20 @@ class StagingSink:
 
     def discard(self) -> None:
         staging.remove_job_dir(self.staging_dir, self.job_id)
+
+
+def _write_all(fd: int, chunks: list[bytes]) -> None:
+    """writev the chunks (one system call for a buffer's worth), finishing partial writes."""
+    pending = [memoryview(c) for c in chunks if c]
+    while pending:
+        written = os.writev(fd, pending[:1024])
+        while written and pending:
+            if written >= len(pending[0]):
+                written -= len(pending[0])
+                pending.pop(0)
+            else:
+                pending[0] = pending[0][written:]
+                written = 0
 
 
 async def body_to_staging(

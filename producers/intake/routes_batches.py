@@ -15,8 +15,8 @@ from producers.client import Batch, JobNotFound, Uploads
 from producers.contract import SpecError
 from producers.intake.auth import authenticate, require_workspace
 from producers.intake.problems import Problem
-from producers.intake.routes_jobs import _model_problem, check_id, job_out
-from producers.intake.schemas import BatchOut, NewBatch, problem_responses
+from producers.intake.routes_jobs import _model_problem, check_id
+from producers.intake.schemas import BatchCreated, BatchOut, NewBatch, problem_responses
 from producers.safe_open import FileRefused, open_beneath
 from producers.spec import JobSpec
 
@@ -27,9 +27,9 @@ Auth = Annotated[TokenInfo, Depends(authenticate)]
 @router.post(
     "/batches",
     status_code=202,
-    response_model=BatchOut,
+    response_model=BatchCreated,
     responses={
-        200: {"model": BatchOut, "description": "an Idempotency-Key replay: the earlier batch"},
+        200: {"model": BatchCreated, "description": "an Idempotency-Key replay: the earlier batch"},
         **problem_responses(400, 401, 403, 415, 422, 429, 503),
     },
     openapi_extra={
@@ -81,22 +81,10 @@ async def create_batch(request: Request, token: Auth) -> JSONResponse:
     body = {
         "id": batch.id,
         "total": len(batch.jobs),
-        "open": sum(1 for j in batch.jobs if not j.finished),
-        "counts": _counts(batch),
-        "created_at": min((j.created_at for j in batch.jobs), default=0.0),
-        "finished_at": None,
-        "jobs": [job_out(j) for j in batch.jobs],
-        "next_cursor": None,
         "created": batch.created,
+        "job_ids": [j.id for j in batch.jobs],
     }
     return JSONResponse(body, 202 if batch.created else 200, headers={"Location": f"/v1/batches/{batch.id}"})
-
-
-def _counts(batch: Batch) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for j in batch.jobs:
-        out[j.state.value] = out.get(j.state.value, 0) + 1
-    return out
 
 
 def _source(up: Uploads, i: int, url: str | None, staged: str | None) -> str | Path:

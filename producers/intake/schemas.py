@@ -97,6 +97,16 @@ class NewBatch(_Strict):
     callback_url: str | None = Field(None, description="POSTed once, when the batch's last job has ended")
 
 
+class BatchCreated(BaseModel):
+    """The answer to POST /v1/batches: the batch and its job ids in request order (the jobs
+    themselves: GET /v1/batches/{id}, page by page)."""
+
+    id: str
+    total: int
+    created: bool = Field(description="false when the Idempotency-Key returned an earlier batch")
+    job_ids: list[str]
+
+
 class BatchOut(BaseModel):
     id: str
     total: int
