@@ -478,8 +478,8 @@ class Uploads:
             if result.outcome in ("linked", "ended"):
                 raise CancelRefused(job_id, result.outcome, result.previous_state)
             job = self._job(job_id)
-            if result.outcome == "canceled" and job.state is JobState.CANCELED:
-                self._after_cancel(job_id)
+            if result.outcome == "canceled" and result.previous_state != JobState.CANCELED.value:
+                self._after_cancel(job_id)  # canceled by this call (not an earlier one)
             out.append(job)
         return out
 

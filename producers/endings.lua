@@ -1,10 +1,12 @@
 -- What a job's end announces: decided once per ending, the same answer when asked again.
 -- KEYS[1] = job hash, KEYS[2] = ENDED zset, KEYS[3] = batch hash (or "" for none)
 -- ARGV[1] = job id
+-- Only a job still in ENDED is announced: asking again after its messages went out is a no-op.
 -- Returns {job?, batch?}: "job" when the job has a callback_url or on_done, "batch" when this
 -- job was the last of its batch and the batch has a callback_url. The batch's `open` counter
 -- goes down once per job ending (`batch_counted` guards it), whoever asks.
-if redis.call("EXISTS", KEYS[1]) == 0 then
+if redis.call("EXISTS", KEYS[1]) == 0 or not redis.call("ZSCORE", KEYS[2], ARGV[1]) then
+  -- its record expired, or its end was announced already (it left ENDED after its messages)
   redis.call("ZREM", KEYS[2], ARGV[1])
   return {}
 end

@@ -191,3 +191,21 @@ def test_a_node_client_streams_a_file_and_verifies_the_signed_callback(
     result = json.loads(out.strip().splitlines()[-1])
     assert result["verified"] is True and result["type"] == "job.done"
     assert fleet.files_of(entity)[0]["id"] == result["file_id"]
+
+
+def test_on_done_sends_a_task_of_the_producers_own_app(fleet: Fleet, tmp_path: Path) -> None:
+    """Python producers: `on_done` names a Celery task of their app; it gets the job as argument."""
+    import base64
+
+    entity = fleet.entity("tasks")
+    src = random_file(tmp_path / "done.bin", 1000)
+    job = fleet.uploads.enqueue(src, to=f"task:{entity}", on_done="myapp.tasks.uploaded@myapp")
+    (final,) = fleet.wait([job], timeout=60)
+    assert final.state.value == "done", final.error
+    client = fleet.client()
+    wait_until(lambda: client.llen("myapp") == 1, 30, "the on_done task message")
+    envelope = json.loads(client.lrange("myapp", 0, -1)[0])
+    client.close()
+    assert envelope["headers"]["task"] == "myapp.tasks.uploaded"
+    args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
+    assert args[0]["id"] == job.id and args[0]["state"] == "done" and args[0]["file_id"] == final.file_id
