@@ -207,5 +207,5 @@ def test_on_done_sends_a_task_of_the_producers_own_app(fleet: Fleet, tmp_path: P
     envelope = json.loads(client.lrange("myapp", 0, -1)[0])
     client.close()
     assert envelope["headers"]["task"] == "myapp.tasks.uploaded"
-    args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
+    args, _kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
     assert args[0]["id"] == job.id and args[0]["state"] == "done" and args[0]["file_id"] == final.file_id
