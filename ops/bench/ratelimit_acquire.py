@@ -65,10 +65,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, RedisServer(Path(tmp) / "redis") as srv:
         client = redis.Redis.from_url(srv.url)
-        print(
-            f"redis-server {client.info('server')['redis_version']} on {srv.url}, "
-            f"{args.seconds:g} s per measurement"
-        )
+        print(f"redis-server {client.info('server')['redis_version']} on {srv.url}, "
+              f"{args.seconds:g} s per measurement")
 
         n, took = _rate(client.ping, args.seconds)
         ping_us = took / n * 1e6
@@ -79,11 +77,9 @@ def main() -> None:
         client.config_resetstat()
         n, took = _rate(lambda: rl.acquire("bench-granted", granted), args.seconds)
         us = took / n * 1e6
-        print(
-            f"acquire, granted           {n / took:9.0f} calls/s  {us:7.1f} us/call  "
-            f"(+{us - ping_us:.1f} us over PING; server side {_evalsha_usec(client):.1f} us; "
-            f"log grew to {n} entries)"
-        )
+        print(f"acquire, granted           {n / took:9.0f} calls/s  {us:7.1f} us/call  "
+              f"(+{us - ping_us:.1f} us over PING; server side {_evalsha_usec(client):.1f} us; "
+              f"log grew to {n} entries)")
 
         # A full standard-plan minute: 970 entries, every call refused with a computed wait.
         std = WorkspaceLimits.standard()
@@ -93,19 +89,15 @@ def main() -> None:
         client.config_resetstat()
         n, took = _rate(lambda: rl.acquire("bench-refused", std), args.seconds)
         us = took / n * 1e6
-        print(
-            f"acquire, refused (970 log) {n / took:9.0f} calls/s  {us:7.1f} us/call  "
-            f"(+{us - ping_us:.1f} us over PING; server side {_evalsha_usec(client):.1f} us)"
-        )
+        print(f"acquire, refused (970 log) {n / took:9.0f} calls/s  {us:7.1f} us/call  "
+              f"(+{us - ping_us:.1f} us over PING; server side {_evalsha_usec(client):.1f} us)")
 
         paced = RateLimiter(client)
         client.config_resetstat()
         n, took = _rate(lambda: paced.acquire("bench-paced", std), args.seconds)
         us = took / n * 1e6
-        print(
-            f"acquire, standard plan     {n / took:9.0f} calls/s  {us:7.1f} us/call  "
-            f"(mostly refused by pacing; server side {_evalsha_usec(client):.1f} us)"
-        )
+        print(f"acquire, standard plan     {n / took:9.0f} calls/s  {us:7.1f} us/call  "
+              f"(mostly refused by pacing; server side {_evalsha_usec(client):.1f} us)")
 
         if args.procs > 1:
             ctx = multiprocessing.get_context("spawn")
@@ -121,10 +113,8 @@ def main() -> None:
             for p in procs:
                 p.join()
             total = sum(n / took for n, took in results)
-            print(
-                f"acquire, granted, {args.procs} procs {total:9.0f} calls/s in total "
-                f"({total / args.procs:.0f} per process), one workspace"
-            )
+            print(f"acquire, granted, {args.procs} procs {total:9.0f} calls/s in total "
+                  f"({total / args.procs:.0f} per process), one workspace")
         client.close()
 
 

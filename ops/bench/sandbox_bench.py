@@ -48,20 +48,11 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wrk(pid: int, url: str, seconds: int, connections: int, script: Path | None) -> tuple[float, float]:
+def wrk(pid: int, url: str, seconds: int, connections: int,
+        script: Path | None) -> tuple[float, float]:
     """(requests/s as wrk measured it, requests per CPU-second of the sandbox)."""
-    cmd = [
-        "taskset",
-        "-c",
-        "1",
-        "wrk",
-        "-t1",
-        f"-c{connections}",
-        f"-d{seconds}s",
-        "-H",
-        f"Authorization: Bearer {KEY}",
-        url,
-    ]
+    cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
+           "-H", f"Authorization: Bearer {KEY}", url]
     if script is not None:
         cmd[6:6] = ["-s", str(script)]
     cpu0 = _cpu_seconds(pid)
@@ -80,25 +71,15 @@ def wrk(pid: int, url: str, seconds: int, connections: int, script: Path | None)
 def bench_api(seconds: int, connections: int, tmp: Path) -> dict[str, tuple[float, float]]:
     if shutil.which("wrk") is None or shutil.which("taskset") is None:
         raise SystemExit("needs wrk and taskset: apt-get install -y wrk util-linux")
-    extra = [
-        "--rate-limit-per-minute",
-        str(10**9),
-        "--rate-limit-per-second",
-        str(10**9),
-        "--duplicate-on-relink",
-    ]
-    with SandboxProcess(
-        api_keys={KEY: "bench"},
-        extra_args=extra,
-        wrapper=["taskset", "-c", "0"],
-        data_dir=tmp / "sandbox-api",
-    ) as sb:
+    extra = ["--rate-limit-per-minute", str(10**9), "--rate-limit-per-second", str(10**9),
+             "--duplicate-on-relink"]
+    with SandboxProcess(api_keys={KEY: "bench"}, extra_args=extra,
+                        wrapper=["taskset", "-c", "0"], data_dir=tmp / "sandbox-api") as sb:
         task = sb.seed("tasks")
         h = {"Authorization": f"Bearer {KEY}"}
         g = requests.post(f"{sb.api_url}/files/generateuploadurl", headers=h, timeout=10).json()
-        requests.put(
-            g["uploadURL"], data=b"x" * 1000, headers={"x-ms-blob-type": "BlockBlob"}, timeout=10
-        ).raise_for_status()
+        requests.put(g["uploadURL"], data=b"x" * 1000, headers={"x-ms-blob-type": "BlockBlob"},
+                     timeout=10).raise_for_status()
         post = tmp / "post.lua"
         post.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n')
         link = tmp / "link.lua"
@@ -107,51 +88,31 @@ def bench_api(seconds: int, connections: int, tmp: Path) -> dict[str, tuple[floa
             f"wrk.body = '{json.dumps({'uploadId': g['uploadId'], 'fileName': 'b.bin'})}'\n"
         )
         results = {
-            "POST /files/generateuploadurl": wrk(
-                sb.pid, f"{sb.api_url}/files/generateuploadurl", seconds, connections, post
-            ),
-            "GET /tasks/{id}/files": wrk(
-                sb.pid, f"{sb.api_url}/tasks/{task}/files", seconds, connections, None
-            ),
+            "POST /files/generateuploadurl": wrk(sb.pid, f"{sb.api_url}/files/generateuploadurl",
+                                                 seconds, connections, post),
+            "GET /tasks/{id}/files": wrk(sb.pid, f"{sb.api_url}/tasks/{task}/files", seconds,
+                                         connections, None),
         }
         sb.reset()  # forget the uploads of the first run: the link run starts fresh
         g = requests.post(f"{sb.api_url}/files/generateuploadurl", headers=h, timeout=10).json()
-        requests.put(
-            g["uploadURL"], data=b"x" * 1000, headers={"x-ms-blob-type": "BlockBlob"}, timeout=10
-        ).raise_for_status()
+        requests.put(g["uploadURL"], data=b"x" * 1000, headers={"x-ms-blob-type": "BlockBlob"},
+                     timeout=10).raise_for_status()
         link.write_text(
             'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
             f"wrk.body = '{json.dumps({'uploadId': g['uploadId'], 'fileName': 'b.bin'})}'\n"
         )
         results["POST /tasks/{id}/files/byuploadid"] = wrk(
-            sb.pid, f"{sb.api_url}/tasks/{task}/files/byuploadid", seconds, connections, link
-        )
+            sb.pid, f"{sb.api_url}/tasks/{task}/files/byuploadid", seconds, connections, link)
     return results
 
 
 def curl_put(url: str, path: Path) -> float:
     t = time.monotonic()
     out = subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-X",
-            "PUT",
-            url,
-            "-H",
-            "x-ms-blob-type: BlockBlob",
-            "-H",
-            "Content-Type: application/octet-stream",
-            "-T",
-            str(path),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT", url,
+         "-H", "x-ms-blob-type: BlockBlob", "-H", "Content-Type: application/octet-stream",
+         "-T", str(path)],
+        check=True, capture_output=True, text=True,
     ).stdout
     seconds = time.monotonic() - t
     if out != "201":
@@ -168,21 +129,18 @@ def bench_put(mib: int, rounds: int, tmp: Path) -> dict[str, list[float]]:
     block = os.urandom(MiB)
     with open(data, "wb") as f:
         for i in range(mib):
-            f.write(block[i % 7 :] + block[: i % 7])  # every MiB different
+            f.write(block[i % 7:] + block[: i % 7])  # every MiB different
     times: dict[str, list[float]] = {"sandbox": [], "azurite": []}
-    with (
-        SandboxProcess(api_keys={KEY: "bench"}, data_dir=tmp / "sandbox-put") as sb,
-        Azurite(tmp / "azurite") as az,
-    ):
+    with SandboxProcess(api_keys={KEY: "bench"}, data_dir=tmp / "sandbox-put") as sb, \
+            Azurite(tmp / "azurite") as az:
         az.create_container("bench")
         h = {"Authorization": f"Bearer {KEY}"}
         for i in range(rounds):
             for name in ("sandbox", "azurite") if i % 2 == 0 else ("azurite", "sandbox"):
                 if name == "sandbox":
                     sb.reset()  # drop the previous round's blob from disk
-                    url = requests.post(
-                        f"{sb.api_url}/files/generateuploadurl", headers=h, timeout=10
-                    ).json()["uploadURL"]
+                    url = requests.post(f"{sb.api_url}/files/generateuploadurl", headers=h,
+                                        timeout=10).json()["uploadURL"]
                 else:
                     url = az.blob_sas_url("bench", f"round-{i}")
                 times[name].append(curl_put(url, data))
@@ -200,16 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-put", action="store_true")
     args = p.parse_args(argv)
     print(f"machine: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M')}")
-    with tempfile.TemporaryDirectory(
-        prefix="sandbox-bench-", dir=REPO / "var" if (REPO / "var").is_dir() else None
-    ) as d:
+    with tempfile.TemporaryDirectory(prefix="sandbox-bench-", dir=REPO / "var"
+                                     if (REPO / "var").is_dir() else None) as d:
         tmp = Path(d)
         if not args.skip_api:
             api = bench_api(args.seconds, args.connections, tmp)
-            print(
-                f"\n| request (sandbox on core 0; wrk -t1 -c{args.connections} "
-                f"-d{args.seconds}s on core 1) | requests/s (wrk) | requests per CPU-second |"
-            )
+            print(f"\n| request (sandbox on core 0; wrk -t1 -c{args.connections} "
+                  f"-d{args.seconds}s on core 1) | requests/s (wrk) | requests per CPU-second |")
             print("|---|---:|---:|")
             for name, (rps, per_cpu) in api.items():
                 print(f"| {name} | {rps:,.0f} | {per_cpu:,.0f} |")
@@ -219,10 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             print("|---|---|---:|---:|")
             for name, ts in times.items():
                 med = statistics.median(ts)
-                print(
-                    f"| {name} | {', '.join(f'{t:.2f}' for t in ts)} | {med:.2f} | "
-                    f"{args.put_mib / med:,.0f} |"
-                )
+                print(f"| {name} | {', '.join(f'{t:.2f}' for t in ts)} | {med:.2f} | "
+                      f"{args.put_mib / med:,.0f} |")
     return 0
 
 
