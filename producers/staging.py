@@ -227,5 +227,5 @@ def _write_new(path: Path, data: bytes, mode: StagingMode) -> None:
 
 def _safe_name(file_name: str) -> str:
     # The awork file name may contain anything; on disk we need a plain base name.
-    name = Path(file_name).name.replace(os.sep, "_")
+    name = Path(file_name).name.replace(os.sep, "_").replace("\0", "_")
     return name if name not in ("", ".", "..") else "file"

@@ -330,3 +330,17 @@ def test_batches_of_urls_and_staged_files(http: httpx.Client, env: dict[str, str
 def test_health_and_readiness(intake: Intake, env: dict[str, str]) -> None:
     assert httpx.get(f"{intake.url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{intake.url}/readyz").json() == {"status": "ready"}
+
+
+def test_a_name_with_a_nul_is_refused_before_the_body_is_read(
+    http: httpx.Client, env: dict[str, str]
+) -> None:
+    """Found by the schemathesis test: a NUL in `name` reached the staged file's open (a 500)."""
+    resp = http.post(
+        "/v1/jobs",
+        params={"to": _task(), "name": "a\x00b.txt"},
+        headers={"Content-Type": "application/octet-stream"},
+        content=b"abc",
+    )
+    _problem(resp, 422, "name")
+    assert list(Path(env["STAGING_DIR"]).iterdir()) == []

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from producers import staging
+from producers import staging, text_rules
 from producers.api_tokens import AUTH_SCRIPT, TokenInfo, auth_answer, auth_call
 from producers.cancel import CancelRefused
 from producers.client import JobNotFound, Uploads
@@ -178,10 +178,16 @@ async def create_job(request: Request, token: Auth) -> JSONResponse:
 
 
 def _precheck(token: TokenInfo, fields: dict[str, Any]) -> None:
-    """What can be refused before a body is read: a missing target, a workspace outside the token."""
+    """What can be refused before a body is read: a missing target, a workspace outside the
+    token, a file name the job contract refuses."""
     if not fields.get("to"):
         raise Problem(422, "invalid-field", "to: required (KIND:ID)", "to")
     require_workspace(token, fields.get("workspace") or "default")
+    if fields.get("name") is not None:
+        try:
+            text_rules.file_name(fields["name"])
+        except SpecError as exc:
+            raise Problem.from_spec(exc) from None
 
 
 def _enqueued_anyway(exc: BaseException, job_id: str) -> bool:
