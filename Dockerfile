@@ -8,7 +8,7 @@ COPY producers ./producers
 COPY workers ./workers
 COPY ops ./ops
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check .
+    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check ".[api]"
 
 FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \
@@ -23,7 +23,7 @@ RUN groupadd --system --gid 10001 app \
     && chown app:app /staging /data
 USER app
 WORKDIR /home/app
-# 9808: worker metrics (WORKER_METRICS_PORT); 5555: Flower; 8765/8766: the sandbox.
-EXPOSE 9808 5555 8765 8766
+# 9808: worker metrics (WORKER_METRICS_PORT); 5555: Flower; 8765/8766: the sandbox; 8780: the HTTP API.
+EXPOSE 9808 5555 8765 8766 8780
 ENTRYPOINT ["awork-uploads"]
 CMD ["worker"]

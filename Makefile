@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,embedded,sync]'
+	$(BIN)/pip install --quiet -e '.[dev,embedded,sync,api]'
 	touch $(STAMP)
 
 # Azurite (the Azure Storage emulator) for the blob tests; skipped only where npm is missing.

@@ -190,7 +190,7 @@ def worker_argv(concurrency: int, hostname: str, loglevel: str = "INFO") -> list
     return [
         sys.executable, "-m", "celery", "-A", "workers", "worker",
         "--pool=threads", f"--concurrency={concurrency}",
-        "--queues=awork.api,awork.transfer", f"--hostname={hostname}",
+        "--queues=awork.api,awork.transfer,awork.callbacks", f"--hostname={hostname}",
         f"--loglevel={loglevel}", "--without-mingle", "--without-gossip",
     ]  # fmt: skip
 

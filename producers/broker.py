@@ -12,7 +12,7 @@ from typing import Any
 
 from kombu import Exchange, Queue
 
-from producers.contract import QUEUE_API, QUEUE_TRANSFER, TASK_QUEUES
+from producers.contract import QUEUE_API, QUEUE_CALLBACKS, QUEUE_TRANSFER, TASK_QUEUES
 
 # Above every step's worst case and every countdown: a message unacked for longer is
 # redelivered to another worker. A 5000 MiB single PUT at 5 MB/s is ~17 min; countdowns
@@ -101,6 +101,7 @@ def celery_config(redis_url: str) -> dict[str, Any]:
         "task_queues": [
             Queue(QUEUE_API, Exchange(QUEUE_API), routing_key=QUEUE_API),
             Queue(QUEUE_TRANSFER, Exchange(QUEUE_TRANSFER), routing_key=QUEUE_TRANSFER),
+            Queue(QUEUE_CALLBACKS, Exchange(QUEUE_CALLBACKS), routing_key=QUEUE_CALLBACKS),
         ],
         "task_routes": {name: {"queue": queue} for name, queue in TASK_QUEUES.items()},
         "task_send_sent_event": True,

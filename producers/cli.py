@@ -29,6 +29,11 @@ OPS_COMMANDS: dict[str, tuple[str, str]] = {
         "workers.connections.cli",
         "customer workspaces: add, list, show, test, remove, rekey, oauth-url, oauth-complete",
     ),
+    "api-tokens": (
+        "workers.api_tokens_cli",
+        "tokens of client applications of the HTTP API: create, list, revoke",
+    ),
+    "api": ("producers.intake.server", "run the HTTP intake (needs the `api` extra)"),
 }
 
 
@@ -46,6 +51,8 @@ def job_json(job: Job) -> str:
             "file_id": job.file_id,
             "created": job.created,
             "outcome": job.outcome,
+            "batch_id": job.batch_id,
+            "cancel_requested": job.cancel_requested,
             "wait_reason": job.wait_reason,
             "wait_until": job.wait_until,
             "error": None
@@ -152,6 +159,22 @@ def cmd_dead(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel jobs: at once when no step runs, else at the running step's next block or fence."""
+    from producers.cancel import CancelRefused
+    from producers.client import Uploads
+
+    with Uploads.from_env() as up:
+        failed = False
+        for job_id in args.jobs:
+            try:
+                _print_jobs(up.cancel([job_id]), args.json)
+            except CancelRefused as exc:
+                print(f"awork-uploads: error: {exc}", file=sys.stderr)
+                failed = True
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """Exec `celery -A workers worker` with defaults that fit this workload."""
     argv = [
@@ -238,11 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("jobs", help="list recent jobs")
     p.add_argument(
         "--state",
-        help="queued, requesting_url, uploading, linking, waiting_for_connection, done, failed, dead",
+        help="queued, requesting_url, uploading, linking, waiting_for_connection, "
+        "done, failed, dead, canceled",
     )
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("cancel", help="cancel jobs (a linked job cannot be canceled)")
+    p.add_argument("jobs", nargs="+", metavar="JOB")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("dead", help="dead letters: list, retry, purge failed and dead jobs")
     p.add_argument("action", choices=["list", "retry", "purge"])
@@ -255,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a worker (celery -A workers worker with good defaults)")
     p.add_argument("--pool", default="threads", help="threads (default) fits blocking HTTP")
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--queues", default="awork.api,awork.transfer")
+    p.add_argument("--queues", default="awork.api,awork.transfer,awork.callbacks")
     p.add_argument("--loglevel", default="INFO")
     p.add_argument("--hostname")
     p.add_argument(

@@ -101,6 +101,8 @@ class SharedSettings:
     # AWORK_SANDBOX_TEST_MODE=1: the API is the sandbox, so `via awork` takes loopback sources
     # (the sandbox fetches from loopback test servers only). Never on against awork.
     sandbox_test_mode: bool = False
+    # Hosts a completion callback may be POSTed to (AWORK_CALLBACK_HOSTS, producers.callback_url).
+    callback_hosts: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls) -> SharedSettings:
@@ -127,7 +129,14 @@ class SharedSettings:
             staging_mode=_staging_mode(),
             sandbox_test_mode=os.environ.get("AWORK_SANDBOX_TEST_MODE", "").strip().lower()
             in ("1", "true", "yes", "on"),
+            callback_hosts=_callback_hosts(),
         )
+
+
+def _callback_hosts() -> tuple[str, ...]:
+    from producers.callback_url import callback_hosts_from_env
+
+    return callback_hosts_from_env()
 
 
 def _staging_mode() -> StagingMode:

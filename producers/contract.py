@@ -6,6 +6,7 @@ can publish the canvas; workers import these constants, never the other way roun
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ TASK_FETCH_BY_URL = "awork.fetch_by_url"
 
 QUEUE_API = "awork.api"
 QUEUE_TRANSFER = "awork.transfer"
+# Completion callbacks (workers.callbacks): a queue of its own, so that delivering (and retrying
+# for up to a day) never stands in front of an upload step.
+QUEUE_CALLBACKS = "awork.callbacks"
+TASK_DELIVER_CALLBACK = "awork.deliver_callback"
 
 TASK_QUEUES: dict[str, str] = {
     TASK_GENERATE_UPLOAD_URL: QUEUE_API,
@@ -32,6 +37,7 @@ TASK_QUEUES: dict[str, str] = {
     TASK_RESOLVE_EXISTING: QUEUE_API,
     TASK_ADD_VERSION: QUEUE_TRANSFER,  # carries the bytes, like the multipart step
     TASK_FETCH_BY_URL: QUEUE_API,  # awork fetches: no bytes through the workers
+    TASK_DELIVER_CALLBACK: QUEUE_CALLBACKS,
 }
 
 
@@ -46,13 +52,14 @@ class JobState(StrEnum):
     DONE = "done"
     FAILED = "failed"  # a permanent error: retrying cannot help
     DEAD = "dead"  # transient errors until the retry budget ran out
+    CANCELED = "canceled"  # its producer canceled it before it was linked (producers.cancel)
 
     @property
     def finished(self) -> bool:
         return self in FINISHED_STATES
 
 
-FINISHED_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.DEAD})
+FINISHED_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.DEAD, JobState.CANCELED})
 
 
 class Route(StrEnum):
@@ -90,6 +97,8 @@ MULTIPART_MAX_BYTES = 1_000_000_000
 # with 4000 MiB blocks -- in practice the limit is the staging disk.
 UPLOAD_URL_MAX_BYTES = 50_000 * 4000 * 1024 * 1024
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _ENTITY_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -143,9 +152,15 @@ class Target:
 
     @classmethod
     def parse(cls, text: str, field: str = "to") -> Target:
+        if isinstance(text, str):
+            return _parse_target(text, field)  # a batch names the same targets many times
+        return cls._parse(text, field)
+
+    @classmethod
+    def _parse(cls, text: str, field: str) -> Target:
         if not isinstance(text, str) or ":" not in text:
             raise SpecError(field, f"expected KIND:ID (kinds: {', '.join(TARGET_KINDS)}), got {text!r}")
-        if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text):
+        if _CONTROL.search(text):
             raise SpecError(field, f"contains a control character: {text!r}")
         kind, _, rest = text.partition(":")
         kind = kind.strip().lower()
@@ -168,7 +183,14 @@ class Target:
         raise SpecError(field, f"unknown target kind {kind!r} (one of {', '.join(TARGET_KINDS)})")
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse_target(text: str, field: str) -> Target:
+    return Target._parse(text, field)
+
+
 def _entity_id(text: str, field: str) -> str:
+    if _CANONICAL_ID.fullmatch(text):
+        return text  # already what str(uuid.UUID(text)) gives
     if not _ENTITY_ID.fullmatch(text):
         raise SpecError(field, f"malformed id {text!r}: awork ids are UUIDs")
     return str(uuid.UUID(text))

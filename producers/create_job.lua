@@ -1,25 +1,34 @@
--- Create a job record atomically, honouring an idempotency key.
--- KEYS[1] = job hash, KEYS[2] = idempotency key (or "" for none), KEYS[3] = index zset,
--- KEYS[4] = active zset (jobs not yet finished)
--- ARGV[1] = job id, ARGV[2] = created_at (score), ARGV[3] = idempotency key ttl (s),
--- ARGV[4..] = field, value pairs
--- Returns {job_id, created (1|0)}: an existing job id when the key was already used.
-if KEYS[2] ~= "" then
-  local existing = redis.call("GET", KEYS[2])
-  if existing then
-    if redis.call("EXISTS", "awork:job:" .. existing) == 1 then
-      return {existing, 0}
+-- Create job records atomically, honouring idempotency keys: several jobs per call, so that a
+-- batch costs a few script calls rather than one per job.
+-- KEYS[1] = index zset, KEYS[2] = active zset (jobs not yet finished)
+-- ARGV[1] = idempotency key ttl (s), then per job:
+--   job id, created_at (score), idempotency key name (or "" for none), N, then N field/value items
+-- Returns {job_id, created (1|0), ...} per job: an existing job id when its key was already used.
+local out = {}
+local i = 2
+while i <= #ARGV do
+  local job_id, created_at, idem, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local first, last = i + 4, i + 3 + n
+  i = last + 1
+  local existing = false
+  if idem ~= "" then
+    existing = redis.call("GET", idem)
+    if existing and redis.call("EXISTS", "awork:job:" .. existing) == 0 then
+      existing = false
     end
   end
+  if existing then
+    out[#out + 1] = existing
+    out[#out + 1] = 0
+  else
+    redis.call("HSET", "awork:job:" .. job_id, unpack(ARGV, first, last))
+    if idem ~= "" then
+      redis.call("SET", idem, job_id, "EX", tonumber(ARGV[1]))
+    end
+    redis.call("ZADD", KEYS[1], tonumber(created_at), job_id)
+    redis.call("ZADD", KEYS[2], tonumber(created_at), job_id)
+    out[#out + 1] = job_id
+    out[#out + 1] = 1
+  end
 end
-local fields = {}
-for i = 4, #ARGV do
-  fields[#fields + 1] = ARGV[i]
-end
-redis.call("HSET", KEYS[1], unpack(fields))
-if KEYS[2] ~= "" then
-  redis.call("SET", KEYS[2], ARGV[1], "EX", tonumber(ARGV[3]))
-end
-redis.call("ZADD", KEYS[3], tonumber(ARGV[2]), ARGV[1])
-redis.call("ZADD", KEYS[4], tonumber(ARGV[2]), ARGV[1])
-return {ARGV[1], 1}
+return out

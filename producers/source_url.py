@@ -13,6 +13,7 @@ scheme's default port only (80 for http, 443 for https).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -21,6 +22,17 @@ from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+# `\s` matches what str.isspace() calls whitespace (Unicode too); plus C0 controls and DEL.
+_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
+# The common case, read without the two parsers: a lowercase scheme, a host name of letters,
+# digits, dots and dashes (no userinfo, no IP literal brackets, no percent signs), an optional
+# port, and a path / query / fragment of unreserved and sub-delimiter characters without `@`
+# or a backslash. Both parsers agree on every such URL; anything else takes the full check.
+_PLAIN_URL = re.compile(
+    r"(https?)://([a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?)(?::([1-9][0-9]{0,4}))?"
+    r"(?:[/?#][A-Za-z0-9._~!$&'()*+,;=:%/?#-]*)?",
+    re.ASCII,
+)
 
 
 @dataclass(frozen=True)
@@ -48,9 +60,14 @@ def parse_http_url(url: str) -> SourceAddress:
     """
     if not isinstance(url, str) or not url:
         raise SourceUrlRefused("expected an http(s) URL")
+    plain = _PLAIN_URL.fullmatch(url)
+    if plain and (not plain.group(3) or int(plain.group(3)) <= 65535):
+        # nothing in it two parsers could read differently
+        scheme, host, port = plain.group(1), plain.group(2), plain.group(3)
+        return SourceAddress(scheme, host, int(port) if port else DEFAULT_PORTS[scheme])
     if "\\" in url:
         raise SourceUrlRefused("backslashes are refused in URLs (parsers disagree on them)")
-    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+    if _SPACE_OR_CONTROL.search(url):
         raise SourceUrlRefused("whitespace and control characters are refused in URLs")
     try:
         std = urlsplit(url)

@@ -9,14 +9,18 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from producers import text_rules
+from producers.callback_url import check_callback_url
 from producers.contract import SpecError, Target
 from producers.recurring import Placement, check_placement
 from producers.source_url import SourceUrlRefused, parse_http_url, source_host_refused
+from producers.staging import StreamedBody
 
 # Matched whole (`fullmatch`): `$` would let a trailing newline through.
 _CONTENT_TYPE = re.compile(r"[A-Za-z0-9][\w.+-]*/[\w.+-]+( *;[\x20-\x7e]*)?", re.ASCII)
 _WORKSPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _IDEM_KEY = re.compile(r"[\x21-\x7e]{1,200}")
+# A Celery task name of the producer's own app, optionally `@queue` (default queue `celery`).
+_ON_DONE = re.compile(r"[A-Za-z_][\w.:-]{0,199}(@[A-Za-z0-9_.-]{1,100})?", re.ASCII)
 
 IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\x89PNG\r\n\x1a\n", "image/png"),
@@ -38,9 +42,13 @@ def sniff_image(head: bytes) -> str | None:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What a producer asks for. `source` is a local path, raw bytes, or an http(s) URL."""
+    """What a producer asks for. `source` is a local path, raw bytes, or an http(s) URL.
 
-    source: str | Path | bytes
+    When the job ends: `callback_url` gets a signed POST (producers.callback_url; needs a
+    signer, see Uploads.enqueue_many), `on_done` names a Celery task of the producer's own app
+    (`name` or `name@queue`) that is sent the job as its argument."""
+
+    source: str | Path | bytes | StreamedBody
     to: str
     workspace: str = "default"
     name: str | None = None
@@ -51,6 +59,8 @@ class JobSpec:
     on_existing: str = "new"
     new_version_of: str | None = None
     via: str = "workers"
+    callback_url: str | None = None
+    on_done: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,29 +78,42 @@ class ValidSpec:
     url: str | None = None
     data: bytes | None = None
     placement: Placement = field(default_factory=Placement)
+    streamed: StreamedBody | None = None
+    callback_url: str | None = None
+    on_done: str | None = None
 
 
 def validate(
     spec: JobSpec,
     known_workspaces: set[str] | None,
     source_url_hosts: tuple[str, ...],
+    callback_hosts: tuple[str, ...] = (),
 ) -> ValidSpec:
     target = Target.parse(spec.to, "to")
     workspace = _workspace(spec.workspace, known_workspaces)
     idem = spec.idempotency_key
-    if idem is not None and not (isinstance(idem, str) and _IDEM_KEY.fullmatch(idem)):
-        raise SpecError("idempotency_key", "1 to 200 printable ASCII characters without spaces")
+    if idem is not None:
+        check_idempotency_key(idem)
     description = text_rules.description(spec.description)
     is_url = isinstance(spec.source, str) and spec.source.lower().startswith(("http://", "https://"))
     placement = check_placement(spec.on_existing, spec.new_version_of, spec.via, target, is_url)
+    callback_url = check_callback_url(spec.callback_url, callback_hosts)
+    on_done = spec.on_done
+    if on_done is not None and not (isinstance(on_done, str) and _ON_DONE.fullmatch(on_done)):
+        raise SpecError("on_done", "expected a Celery task name, optionally @queue")
 
     path: Path | None = None
+    streamed: StreamedBody | None = None
     url: str | None = None
     data: bytes | None = None
     size: int | None
     head: bytes | None = None
     src = spec.source
-    if isinstance(src, bytes | bytearray):
+    if isinstance(src, StreamedBody):
+        streamed = src
+        size, head = src.size, src.head
+        default_name = spec.name or src.path.name
+    elif isinstance(src, bytes | bytearray):
         data = bytes(src)
         if not data:
             raise SpecError("source", "no bytes given (awork does not take empty files)")
@@ -140,7 +163,16 @@ def validate(
         url=url,
         data=data,
         placement=placement,
+        streamed=streamed,
+        callback_url=callback_url,
+        on_done=on_done,
     )
+
+
+def check_idempotency_key(idem: object, field: str = "idempotency_key") -> str:
+    if not (isinstance(idem, str) and _IDEM_KEY.fullmatch(idem)):
+        raise SpecError(field, "1 to 200 printable ASCII characters without spaces")
+    return idem
 
 
 def _workspace(name: str, known: set[str] | None) -> str:

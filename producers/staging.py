@@ -138,6 +138,32 @@ def _copy(
     return Staged(dest, True, md5, size)
 
 
+@dataclass(frozen=True)
+class StreamedBody:
+    """Bytes already written into a job's staging folder as they arrived (the HTTP intake's
+    request body, producers.intake.body): the job gets this id, owns the folder and trusts this
+    MD5, computed on the way in. `head`: the first bytes, for the image check."""
+
+    job_id: str
+    path: Path
+    md5_b64: str
+    size: int
+    head: bytes
+
+
+def create_job_file(
+    staging_dir: Path, job_id: str, file_name: str, mode: StagingMode = PRIVATE
+) -> tuple[Path, int]:
+    """A new, empty staged file for the job (its folder made fresh): (path, open descriptor)."""
+    _ensure_root(staging_dir, mode)
+    dest = _make_job_dir(staging_dir, job_id, mode) / _safe_name(file_name)
+    try:
+        return dest, _create(dest, mode)
+    except BaseException:
+        remove_job_dir(staging_dir, job_id)
+        raise
+
+
 def stage_bytes(
     data: bytes, staging_dir: Path, job_id: str, file_name: str, mode: StagingMode = PRIVATE
 ) -> Staged:
@@ -201,5 +227,5 @@ def _write_new(path: Path, data: bytes, mode: StagingMode) -> None:
 
 def _safe_name(file_name: str) -> str:
     # The awork file name may contain anything; on disk we need a plain base name.
-    name = Path(file_name).name.replace(os.sep, "_")
+    name = Path(file_name).name.replace(os.sep, "_").replace("\0", "_")
     return name if name not in ("", ".", "..") else "file"

@@ -43,10 +43,12 @@ def file_name(name: str, field: str = "name") -> str:
     name = unicodedata.normalize("NFC", name).strip()
     if not name:
         raise SpecError(field, "the file name is empty")
-    for char in name:
-        if unicodedata.category(char) in NAME_REFUSED_CATEGORIES:
+    # printable ASCII holds none of the refused categories: only the separators are looked for
+    plain = name.isascii() and name.isprintable()
+    for char in "/\\" if plain else name:
+        if not plain and unicodedata.category(char) in NAME_REFUSED_CATEGORIES:
             raise SpecError(field, f"the file name contains {_describe(char)}, which is not allowed")
-        if char in "/\\":
+        if char in "/\\" and char in name:
             raise SpecError(field, f"{name!r} contains a path separator")
     if name in (".", ".."):
         raise SpecError(field, f"{name!r} is not a file name")

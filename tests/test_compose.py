@@ -167,12 +167,12 @@ def test_redis_is_a_durable_password_protected_broker() -> None:
 def test_worker_is_scalable_serves_both_queues_and_shuts_down_softly() -> None:
     from producers.broker import celery_config
     from producers.cli import build_parser
-    from producers.contract import QUEUE_API, QUEUE_TRANSFER
+    from producers.contract import QUEUE_API, QUEUE_CALLBACKS, QUEUE_TRANSFER
 
     worker = service("worker")
     args = build_parser().parse_args(command("worker"))
     assert args.command == "worker"
-    assert set(args.queues.split(",")) == {QUEUE_API, QUEUE_TRANSFER}
+    assert set(args.queues.split(",")) == {QUEUE_API, QUEUE_TRANSFER, QUEUE_CALLBACKS}
     assert "ports" not in worker, "fixed host ports stop --scale"
     assert worker["stop_signal"] == "SIGTERM"
     env = environment("worker")
@@ -201,6 +201,20 @@ def test_flower_requires_auth_and_keeps_state_on_a_volume() -> None:
     assert any(db.startswith(target + "/") and source == "flower-data" for target, source in mounts.items())
     for port in service("flower").get("ports", []):
         assert str(port).startswith("127.0.0.1:"), "Flower is published on the host's loopback only"
+
+
+def test_api_is_published_on_loopback_with_a_readiness_check() -> None:
+    from producers.intake.server import build_parser
+
+    api = service("api")
+    assert command("api")[0] == "api"
+    args = build_parser().parse_args(command("api")[1:])
+    assert args.host == "0.0.0.0" and args.port == 8780
+    assert [str(p) for p in api["ports"]] == ["127.0.0.1:8780:8780"]
+    assert "/readyz" in str(api["healthcheck"]["test"])
+    env = environment("api")
+    assert volume_mounts("api")[env["STAGING_DIR"]] == "staging"
+    assert not any("KEY" in name for name in env), "the intake holds no API key and no secrets key"
 
 
 def test_sandbox_listens_on_all_interfaces_for_a_local_trial() -> None:
@@ -344,7 +358,9 @@ def test_dockerfile_installs_the_project_as_a_non_root_user() -> None:
     build_copies = " ".join(rest for kw, rest in instructions[:final] if kw == "COPY")
     for needed in ("pyproject.toml", "README.md", "producers", "workers", "ops"):
         assert needed in build_copies, f"the build stage does not copy {needed}"
-    assert any(kw == "RUN" and re.search(r"pip install\b.*\s\.(\s|$)", rest) for kw, rest in instructions)
+    installs = re.compile(r"pip install\b.*\s\"?\.(\[api\])?\"?(\s|$)")
+    assert any(kw == "RUN" and installs.search(rest) for kw, rest in instructions)
+    assert any(kw == "RUN" and ".[api]" in rest for kw, rest in instructions), "the image serves the HTTP API"
     users = [(i, rest) for i, (kw, rest) in enumerate(instructions) if kw == "USER"]
     assert users, "no USER: the image would run as root"
     last_user_at, user = users[-1]

@@ -169,12 +169,14 @@ class _Publish:
 def test_a_failed_publish_leaves_no_record_and_no_staged_file(
     producer_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Celery's own publish (the path of brokers other than Redis): message by message."""
     from producers.spec import JobSpec
 
     staging = Path(producer_env["STAGING_DIR"])
     monkeypatch.setattr(client_module, "job_canvas", _Publish(ok=1))
     srcs = [random_file(tmp_path / f"{i}.bin", 100) for i in range(3)]
     with Uploads.from_env() as up, pytest.raises(PublishFailed) as info:
+        up._templates = None
         up.enqueue_many([JobSpec(s, f"task:{uuid.uuid4()}") for s in srcs])
     err = info.value
     assert len(err.published_ids) == 1 and err.pending_ids == []
@@ -188,6 +190,32 @@ def test_a_failed_publish_leaves_no_record_and_no_staged_file(
     client.close()
 
 
+def test_a_failed_prebuilt_publish_enqueues_none_of_the_batch(
+    producer_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pre-built messages go out in one MULTI/EXEC: a batch is enqueued whole or not at all."""
+    from producers.spec import JobSpec
+
+    staging = Path(producer_env["STAGING_DIR"])
+    client = redis.Redis.from_url(producer_env["REDIS_URL"], decode_responses=True)
+    calls: list[int] = []
+
+    def failing(conn: redis.Redis, messages: Any, keys: Any = ()) -> None:
+        calls.append(len(messages))
+        raise redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1. Connection refused.")
+
+    monkeypatch.setattr(client_module, "publish_rendered", failing)
+    srcs = [random_file(tmp_path / f"{i}.bin", 100) for i in range(3)]
+    with Uploads.from_env() as up, pytest.raises(PublishFailed) as info:
+        up._app.conf.task_publish_retry_policy = {"max_retries": 1, "interval_start": 0.01}
+        up.enqueue_many([JobSpec(s, f"task:{uuid.uuid4()}") for s in srcs])
+    assert info.value.published_ids == [] and info.value.pending_ids == []
+    assert calls == [3, 3]  # the whole batch, tried again once (the retry policy)
+    assert client.keys("awork:job:*") == [] and client.llen("awork.api") == 0
+    assert list(staging.iterdir()) == []
+    client.close()
+
+
 def test_publish_and_cleanup_both_failing_says_which_jobs_will_still_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -195,7 +223,12 @@ def test_publish_and_cleanup_both_failing_says_which_jobs_will_still_run(
     try:
         monkeypatch.setenv("REDIS_URL", server.url)
         monkeypatch.setenv("STAGING_DIR", str(tmp_path / "staging"))
-        monkeypatch.setattr(client_module, "job_canvas", _Publish(before_failing=server.kill))
+
+        def killed(*_: Any, **__: Any) -> None:
+            server.kill()
+            raise redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1. Connection refused.")
+
+        monkeypatch.setattr(client_module, "publish_rendered", killed)
         src = random_file(tmp_path / "a.bin", 100)
         up = Uploads(SharedSettings.from_env(), redis_retry_seconds=1.0)
         with up, pytest.raises(PublishFailed) as info:

@@ -861,6 +861,7 @@ class BlobUploader:
                 else:
                     staged = staged_block_md5s[index]
                 total += len(data)
+                tracker.fence()  # a lapsed lock or a canceled job stops at its next block
                 bid = block_id(index)
                 ids.append(bid)
                 pending.add(

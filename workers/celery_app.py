@@ -17,6 +17,7 @@ app = Celery(
         "workers.resolve",
         "workers.versions",
         "workers.by_url",
+        "workers.callbacks",
         "workers.signals",
         "workers.connections.keepalive",
         "workers.shutdown",

@@ -8,7 +8,7 @@ from producers.contract import JobState
 from producers.records import name_lock_key
 from workers import metrics
 from workers.name_lock import NameLocks
-from workers.step_runner import StepContext, cleanup_staging
+from workers.step_runner import StepContext, announce_end, cleanup_staging
 
 
 def name_key(record: dict[str, str]) -> str:
@@ -22,10 +22,11 @@ def finish(ctx: StepContext, file_id: str, outcome: str, size: int | None, **mor
     fields: dict[str, object] = {"file_id": file_id, "outcome": outcome, "size_verified": verified, **more}
     if expected and outcome != "skipped":
         fields["bytes_sent"] = expected
-    ctx.rt.store.finish(ctx.job_id, JobState.DONE, **fields)
+    ctx.rt.store.finish(ctx.job_id, JobState.DONE, notify=ctx.record.get("notify") == "1", **fields)
     metrics.job_finished(JobState.DONE.value, ctx.workspace)
     cleanup_staging(ctx)
     release_name(ctx)
+    announce_end(ctx.task, ctx.rt, ctx.job_id, ctx.record)
     return {"file_id": file_id, "outcome": outcome}
 
 

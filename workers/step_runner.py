@@ -25,6 +25,7 @@ from kombu.exceptions import OperationalError
 from producers import staging
 from producers.broker import MAX_COUNTDOWN_SECONDS
 from producers.contract import JobState
+from producers.endings import announce
 from producers.job_ids import is_job_id
 from workers import metrics
 from workers.connections.tokens import NeedsReconnect
@@ -34,7 +35,7 @@ from workers.logging_setup import step_outcome
 from workers.parking import connection_usable, park
 from workers.ratelimit import suggested_countdown
 from workers.runtime import Runtime, runtime
-from workers.step_lock import LeaseLost
+from workers.step_lock import CancelRequested, LeaseLost
 
 log = logging.getLogger("awork.steps")
 
@@ -202,6 +203,8 @@ def run_step(
         if JobState(record.get("state", "queued")).finished:
             log.info("step=%s job=%s outcome=skipped reason=job-finished", step, job_id)
             raise Ignore()
+        if token is not None and record.get("cancel_requested") == "1":
+            end_canceled(task, rt, job_id, record, step)
         if already_done(record):
             log.info("step=%s job=%s outcome=skipped reason=already-done", step, job_id)
             return {"job_id": job_id, "step": step, "skipped": True}
@@ -297,6 +300,9 @@ def _handle_failure(ctx: StepContext, attempt: int, exc: Exception) -> NoReturn:
         raise _renew_url(ctx, attempt, exc)
     if isinstance(exc, NeedsReconnect):
         raise park(ctx)
+    if isinstance(exc, CancelRequested):
+        _log(ctx, attempt, "canceled", None)
+        end_canceled(task, rt, job_id, ctx.record, ctx.step)
     if isinstance(exc, LeaseLost):
         # Frozen past the lock: another copy may own the step now. Look again later (that run
         # takes the lock afresh and finds the work done, or does it).
@@ -426,9 +432,33 @@ def _end(ctx: StepContext, state: JobState, err: AworkError) -> None:
     (or the sweeper, once the record has expired) removes them.
     """
     _record_error(ctx, err)
-    ctx.rt.store.finish(ctx.job_id, state)
+    ctx.rt.store.finish(ctx.job_id, state, notify=ctx.record.get("notify") == "1")
+    announce_end(ctx.task, ctx.rt, ctx.job_id, ctx.record)
     metrics.job_finished(state.value, ctx.workspace)
     raise JobEnded(scrub(f"{state.value}: {err.code or ''} {err.message}".strip()))
+
+
+def announce_end(task: Task, rt: Runtime, job_id: str, record: dict[str, str]) -> None:
+    """After a job's end: its callbacks go to `awork.callbacks` (producers.endings). Best
+    effort here: what fails stays in ENDED_KEY and the sweeper announces it."""
+    if record.get("notify") != "1":
+        return
+    try:
+        announce(rt.redis, task.app, [job_id])
+    except Exception:
+        log.warning("job=%s: could not announce its end now; the sweeper will", job_id, exc_info=True)
+
+
+def end_canceled(task: Task, rt: Runtime, job_id: str, record: dict[str, str], step: str) -> NoReturn:
+    """The job's producer canceled it: end it `canceled`, remove its staged copy, announce it,
+    and stop the chain without an awork request (Ignore: a cancel is no failure)."""
+    rt.store.finish(job_id, JobState.CANCELED, notify=record.get("notify") == "1")
+    if record.get("staged_owned") == "1":
+        staging.remove_job_dir(rt.settings.shared.staging_dir, job_id)
+    announce_end(task, rt, job_id, record)
+    metrics.job_finished(JobState.CANCELED.value, record.get("workspace", ""))
+    log.info("step=%s job=%s outcome=canceled", step, job_id)
+    raise Ignore()
 
 
 def cleanup_staging(ctx: StepContext) -> None:

@@ -32,7 +32,7 @@ from workers.file_match import find_linked_file
 from workers.multipart import multipart_body
 from workers.record_checks import check_record
 from workers.sources import ByteSource, FileSource
-from workers.step_runner import JobEnded, StepContext, cleanup_staging, run_step
+from workers.step_runner import JobEnded, StepContext, announce_end, cleanup_staging, run_step
 from workers.url_source import DEFAULT_MAX_SOURCE_BYTES, open_url_source
 
 # awork's code for "this uploadId is linked already" (a second link of the same upload).
@@ -241,9 +241,10 @@ def _done(ctx: StepContext, info: dict[str, Any], evidence: str = "") -> dict[st
         done_fields["done_evidence"] = evidence
     if expected:
         done_fields["bytes_sent"] = expected
-    ctx.rt.store.finish(ctx.job_id, JobState.DONE, **done_fields)
+    ctx.rt.store.finish(ctx.job_id, JobState.DONE, notify=ctx.record.get("notify") == "1", **done_fields)
     metrics.job_finished(JobState.DONE.value, ctx.workspace)
     cleanup_staging(ctx)
+    announce_end(ctx.task, ctx.rt, ctx.job_id, ctx.record)
     RedisBlockJournal(ctx.rt.redis, ctx.job_id).reset()  # its block acks are of no more use
     return {"file_id": file_id}
 

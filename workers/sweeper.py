@@ -56,6 +56,7 @@ from producers.block_digests import SUFFIX as SIDECAR_SUFFIX
 from producers.broker import celery_config
 from producers.config import env_float
 from producers.contract import QUEUE_API, QUEUE_TRANSFER, JobState
+from producers.endings import announce_stale
 from producers.job_ids import is_job_id
 from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, STEPS, job_key
 from producers.redrive import canvas_from, resume_step
@@ -95,6 +96,7 @@ class SweepResult:
     republished: int = 0
     pruned: int = 0
     forgotten: int = 0  # unacknowledged messages of finished jobs dropped
+    announced: int = 0  # callbacks of ended jobs that a dead process had not announced
 
 
 def _f(record: dict[str, str], name: str) -> float:
@@ -112,7 +114,7 @@ def stalled_reason(
     `oldest_message`: when the oldest message of this job that sits unacknowledged in a
     worker's hands was delivered (None: no such message).
     """
-    if record.get("state") in ("done", "failed", "dead"):
+    if record.get("state") in ("done", "failed", "dead", "canceled"):
         return None
     if now - _f(record, "redriven_at") < REDRIVE_COOLDOWN_SECONDS:
         return None
@@ -228,6 +230,7 @@ class Sweeper:
                     result.redriven += 1
         result.forgotten = self.forget_finished({j: m for j, m in held.items() if j not in seen}, now)
         result.pruned = self.prune_indexes()
+        result.announced = announce_stale(self.redis, self.app, now)
         return result
 
     def forget_finished(self, held: dict[str, list[tuple[str, float]]], now: float) -> int:
@@ -241,7 +244,7 @@ class Sweeper:
         pipe = self.redis.pipeline(transaction=False)
         for job_id in jobs:
             pipe.hget(job_key(job_id), "state")
-        finished = {"done", "failed", "dead"}
+        finished = {"done", "failed", "dead", "canceled"}
         tags = [
             tag
             for job_id, state in zip(jobs, pipe.execute(), strict=True)
@@ -385,7 +388,7 @@ class Sweeper:
                 if self._lease():
                     passes += 1
                     res = self.sweep_once()
-                    if res.redriven or res.republished or res.pruned or res.forgotten:
+                    if res.redriven or res.republished or res.pruned or res.forgotten or res.announced:
                         log.info("sweeper: %s", res)
                     if self.staging_dir is not None and passes % ORPHAN_EVERY_PASSES == 0:
                         remove_orphan_staging(self.redis, self.staging_dir)
@@ -428,7 +431,7 @@ def remove_orphan_staging(client: redis.Redis, root: Path, min_age: float = ORPH
         for job_id in chunk:
             pipe.hget(job_key(job_id), "state")
         for job_id, state in zip(chunk, pipe.execute(), strict=True):
-            if state is None or _s(state) == JobState.DONE.value:
+            if state is None or _s(state) in (JobState.DONE.value, JobState.CANCELED.value):
                 staging.remove_job_dir(root, job_id)
                 removed += 1
     return removed

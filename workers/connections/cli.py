@@ -161,6 +161,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
         store.finish(
             job_id,
             JobState.FAILED,
+            notify=True,  # its callbacks, if any, are announced by the sweeper
             error_code=REMOVED_CODE,
             error_description=f"connection {args.name!r} was removed while the job was active",
         )

@@ -1,0 +1,34 @@
+"""The intake's settings, read once at start and passed down."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from producers.config import ConfigError, SharedSettings, env_int
+
+# The workers' default (workers/url_source.py): the intake reads the same variable itself.
+DEFAULT_MAX_SOURCE_BYTES = 5 * 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class IntakeSettings:
+    shared: SharedSettings
+    # AWORK_MAX_SOURCE_BYTES: the largest request body (or multipart file) accepted.
+    max_body_bytes: int
+    # Jobs per page of GET /v1/jobs and GET /v1/batches/{id} when `limit` is not given.
+    page_size: int = 100
+
+    @classmethod
+    def from_env(cls) -> IntakeSettings:
+        shared = SharedSettings.from_env()
+        cap = env_int("AWORK_MAX_SOURCE_BYTES", DEFAULT_MAX_SOURCE_BYTES)
+        if cap <= 0:
+            raise ConfigError(f"AWORK_MAX_SOURCE_BYTES: expected a positive number of bytes, got {cap}")
+        return cls(shared=shared, max_body_bytes=cap)
+
+
+def env_snapshot() -> dict[str, str]:
+    """For logs at start: the intake's variables that are not secrets."""
+    names = ("STAGING_DIR", "AWORK_MAX_SOURCE_BYTES", "AWORK_SOURCE_URL_HOSTS", "AWORK_CALLBACK_HOSTS")
+    return {n: os.environ.get(n, "") for n in names}
