@@ -15,6 +15,7 @@ from producers.contract import (
     TASK_PUT_FILE,
     TASK_QUEUES,
 )
+from producers.priority import BROKER_PRIORITY, DEFAULT_PRIORITY, Priority
 
 
 def publisher_app(redis_url: str) -> Celery:
@@ -24,22 +25,31 @@ def publisher_app(redis_url: str) -> Celery:
     return app
 
 
-def step(app: Celery, name: str, kwargs: dict[str, Any]) -> Signature:
+def message_options(name: str, priority: Priority = DEFAULT_PRIORITY) -> dict[str, Any]:
+    """The one place that says where a step's message goes and how it is ranked there: its
+    queue (by task name) and the kombu priority of the job's priority. Fairness across
+    workspaces is not decided here but where work is taken (workers/fair_share.py)."""
+    return {"queue": TASK_QUEUES[name], "priority": BROKER_PRIORITY[priority]}
+
+
+def step(app: Celery, name: str, kwargs: dict[str, Any], priority: Priority = DEFAULT_PRIORITY) -> Signature:
     """An immutable signature: a step never receives the previous step's return value."""
-    return app.signature(name, kwargs=kwargs, immutable=True, queue=TASK_QUEUES[name])
+    return app.signature(name, kwargs=kwargs, immutable=True, **message_options(name, priority))
 
 
-def job_canvas(app: Celery, three_steps: bool, kwargs: dict[str, Any]) -> Signature:
+def job_canvas(
+    app: Celery, three_steps: bool, kwargs: dict[str, Any], priority: Priority = DEFAULT_PRIORITY
+) -> Signature:
     """generate_upload_url -> put_file -> link_file, or the one multipart step.
 
     kwargs are what Flower shows: the job id and non-secret fields (workspace, target, file name).
     """
     if not three_steps:
-        return step(app, TASK_MULTIPART_UPLOAD, kwargs)
+        return step(app, TASK_MULTIPART_UPLOAD, kwargs, priority)
     return chain(
-        step(app, TASK_GENERATE_UPLOAD_URL, kwargs),
-        step(app, TASK_PUT_FILE, kwargs),
-        step(app, TASK_LINK_FILE, kwargs),
+        step(app, TASK_GENERATE_UPLOAD_URL, kwargs, priority),
+        step(app, TASK_PUT_FILE, kwargs, priority),
+        step(app, TASK_LINK_FILE, kwargs, priority),
     )
 
 

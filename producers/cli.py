@@ -45,6 +45,7 @@ def job_json(job: Job) -> str:
             "bytes_sent": job.bytes_sent,
             "file_id": job.file_id,
             "created": job.created,
+            "priority": job.priority,
             "wait_reason": job.wait_reason,
             "wait_until": job.wait_until,
             "error": None
@@ -85,6 +86,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             description=args.description,
             idempotency_key=args.idempotency_key,
             content_type=args.content_type,
+            priority=args.priority,
         )
         for p in args.paths
     ]
@@ -202,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--description")
     p.add_argument("--idempotency-key", help="the same key returns the same job (one PATH only)")
     p.add_argument("--content-type")
+    p.add_argument(
+        "--priority",
+        default="normal",
+        help="high, normal (default) or bulk: order among this workspace's jobs, never above its share",
+    )
     p.add_argument("--wait", action="store_true", help="show progress until every job ends")
     p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after SECONDS")
     p.add_argument("--json", action="store_true", help="one JSON object per job per line")

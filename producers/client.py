@@ -116,8 +116,10 @@ class Uploads:
         description: str | None = None,
         idempotency_key: str | None = None,
         content_type: str | None = None,
+        priority: str = "normal",
     ) -> Job:
-        spec = JobSpec(source, to, workspace, name, description, idempotency_key, content_type)
+        """`priority`: high, normal or bulk, among the jobs of the same workspace."""
+        spec = JobSpec(source, to, workspace, name, description, idempotency_key, content_type, priority)
         return self.enqueue_many([spec])[0]
 
     def enqueue_many(self, specs: Sequence[JobSpec]) -> list[Job]:
@@ -210,6 +212,7 @@ class Uploads:
             "staged_owned": "1" if owned else "0",
             "source_md5": md5 or "",
             "idempotency_key": v.idempotency_key or "",
+            "priority": v.priority.value,
             "bytes_sent": "0",
             "published": "0",
             "created_at": now,
@@ -228,7 +231,8 @@ class Uploads:
             with self._app.producer_or_acquire() as producer:
                 for p in prepared:
                     kwargs = step_kwargs(p.job_id, p.spec.workspace, str(p.spec.target), p.spec.file_name)
-                    job_canvas(self._app, p.spec.target.three_steps, kwargs).apply_async(producer=producer)
+                    canvas = job_canvas(self._app, p.spec.target.three_steps, kwargs, p.spec.priority)
+                    canvas.apply_async(producer=producer)
                     published.append(p)
         except (OperationalError, redis.exceptions.RedisError, OSError) as exc:
             failed = [p for p in prepared if p not in published]

@@ -66,6 +66,7 @@ class Job:
     wait_reason: str | None
     wait_until: float | None
     attempts: dict[str, int]
+    priority: str = "normal"
     created: bool = True  # False when an idempotency key returned an existing job
 
     @property
@@ -115,6 +116,7 @@ class Job:
             wait_reason=text("wait_reason"),
             wait_until=num("wait_until"),
             attempts={s: int(record.get(f"attempts_{s}", "0") or 0) for s in STEPS},
+            priority=record.get("priority") or "normal",
             created=created,
         )
 

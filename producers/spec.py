@@ -10,6 +10,7 @@ from urllib.parse import unquote, urlsplit
 
 from producers import text_rules
 from producers.contract import SpecError, Target
+from producers.priority import DEFAULT_PRIORITY, Priority, check_priority
 from producers.source_url import source_host_refused
 
 # Matched whole (`fullmatch`): `$` would let a trailing newline through.
@@ -46,6 +47,7 @@ class JobSpec:
     description: str | None = None
     idempotency_key: str | None = None
     content_type: str | None = None
+    priority: str = DEFAULT_PRIORITY.value  # high | normal | bulk, within the workspace
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class ValidSpec:
     path: Path | None = None
     url: str | None = None
     data: bytes | None = None
+    priority: Priority = DEFAULT_PRIORITY
 
 
 def validate(
@@ -75,6 +78,7 @@ def validate(
     if idem is not None and not (isinstance(idem, str) and _IDEM_KEY.fullmatch(idem)):
         raise SpecError("idempotency_key", "1 to 200 printable ASCII characters without spaces")
     description = text_rules.description(spec.description)
+    priority = check_priority(spec.priority)
 
     path: Path | None = None
     url: str | None = None
@@ -129,6 +133,7 @@ def validate(
         path=path,
         url=url,
         data=data,
+        priority=priority,
     )
 
 
