@@ -9,13 +9,14 @@ from celery.canvas import Signature
 
 from producers.broker import celery_config
 from producers.contract import (
+    QUEUE_TRANSFER,
     TASK_GENERATE_UPLOAD_URL,
     TASK_LINK_FILE,
     TASK_MULTIPART_UPLOAD,
     TASK_PUT_FILE,
     TASK_QUEUES,
 )
-from producers.priority import BROKER_PRIORITY, DEFAULT_PRIORITY, Priority
+from producers.priority import BROKER_PRIORITY, DEFAULT_PRIORITY, TRANSFER_PRIORITY_OFFSET, Priority
 
 
 def publisher_app(redis_url: str) -> Celery:
@@ -27,9 +28,15 @@ def publisher_app(redis_url: str) -> Celery:
 
 def message_options(name: str, priority: Priority = DEFAULT_PRIORITY) -> dict[str, Any]:
     """The one place that says where a step's message goes and how it is ranked there: its
-    queue (by task name) and the kombu priority of the job's priority. Fairness across
-    workspaces is not decided here but where work is taken (workers/fair_share.py)."""
-    return {"queue": TASK_QUEUES[name], "priority": BROKER_PRIORITY[priority]}
+    queue (by task name) and a kombu priority from the job's priority, one step lower for a
+    transfer. Kombu's Redis transport asks for every queue's priority-0 list first, then
+    every queue's priority-3 list, and so on: a worker thread that comes free takes a short
+    API step before a long transfer of the same job priority, so API steps (another
+    workspace's generate, a link) never wait behind a fleet busy with transfers. Fairness
+    across workspaces is decided where work is taken (workers/fair_share.py), not here."""
+    queue = TASK_QUEUES[name]
+    level = BROKER_PRIORITY[priority] + (TRANSFER_PRIORITY_OFFSET if queue == QUEUE_TRANSFER else 0)
+    return {"queue": queue, "priority": level}
 
 
 def step(app: Celery, name: str, kwargs: dict[str, Any], priority: Priority = DEFAULT_PRIORITY) -> Signature:

@@ -28,6 +28,9 @@ DEFAULT_PRIORITY = Priority.NORMAL
 
 # kombu's Redis transport: 0 is read first (the plain list), then 3, 6, 9 (its priority_steps).
 BROKER_PRIORITY: dict[Priority, int] = {Priority.HIGH: 0, Priority.NORMAL: 3, Priority.BULK: 6}
+# Transfer steps sit one priority step below API steps of the same job priority
+# (producers/canvas.message_options says why).
+TRANSFER_PRIORITY_OFFSET = 3
 
 
 def check_priority(value: object, field: str = "priority") -> Priority:

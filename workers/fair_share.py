@@ -122,6 +122,23 @@ class WorkspaceShare:
     capacity: int
 
 
+MAX_SHARE = 100.0
+
+
+def check_share(value: object, where: str) -> float:
+    """A workspace's weight (`share`): a number with 0 < share <= MAX_SHARE; default 1."""
+    if value is None or value == "":
+        return 1.0
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_SHARE:
+        raise ConfigError(f"{where}: expected a number with 0 < share <= {MAX_SHARE:g}, got {value!r}")
+    return float(value)
+
+
 def cost_of(size: int | None) -> float:
     """A transfer's charge against its workspace's virtual time: MiB, at least 1/16."""
     return max(size or MIB, MIB // 16) / MIB

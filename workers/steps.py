@@ -23,7 +23,7 @@ from producers.contract import (
 )
 from producers.job_ids import is_job_id
 from producers.safe_open import FileRefused, open_beneath
-from workers import metrics
+from workers import fair_gate, metrics
 from workers.blob import plain_session, url_expiry
 from workers.block_journal import RedisBlockJournal
 from workers.celery_app import app
@@ -81,6 +81,7 @@ def _generate(ctx: StepContext) -> dict[str, Any]:
         uploaded_upload_id="",
         bytes_sent=0,
     )
+    fair_gate.expect(ctx)  # the put's message follows: the fleet's shares count it from now
     return {"upload_id": upload_id}
 
 
