@@ -50,6 +50,7 @@ from producers.records import Job
 from producers.spec import JobSpec
 
 LATENCY_MS = 20
+LOGLEVEL = os.environ.get("BENCH_LOGLEVEL", "WARNING")  # the workers' log level (logs/ of the run)
 FAIR_SHARE = "on"  # --fair off: the workers' AWORK_FAIR_SHARE, for a comparison
 
 
@@ -104,7 +105,7 @@ class Bench:
             host = f"bench{n}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
             log = self.root / "logs" / f"worker-{n}.log"
             self.children.append(
-                Child(f"worker-{n}", worker_argv(self.concurrency, host, os.environ.get("BENCH_LOGLEVEL", "WARNING")), env, log).start()
+                Child(f"worker-{n}", worker_argv(self.concurrency, host, LOGLEVEL), env, log).start()
             )
         deadline = time.monotonic() + 60
         while ping_workers(env) < self.workers:
@@ -201,9 +202,6 @@ def case_backlog(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "a_jobs_not_done_when_b_done": a_left,
             "a_started_seconds_before_b": round(b_enqueued - a_started, 2),
             "a_window_seconds": round(window, 2),
-            "a_first_done_seconds_before_b": round(
-                b_enqueued - min((_f(r, "finished_at") for r in a_records if r.get("finished_at")), default=0), 2
-            ),
             "a_bytes_per_s_before_b": round(before / window),
             "a_bytes_per_s_while_b": round(during / window),
             "a_throughput_change": round(during / before - 1, 3) if before else None,
