@@ -151,3 +151,48 @@ def test_a_redelivered_waiting_job_keeps_its_place(fair: FairShare) -> None:
 def _leases(fair: FairShare, ws: str) -> list[str]:
     raw = fair.redis.zrange(f"awork:fair:lease:{ws}", 0, -1)
     return [r.decode() for r in raw]  # type: ignore[union-attr]
+
+
+def test_drain_takes_every_waiting_job_when_the_fair_share_is_off(fair: FairShare) -> None:
+    for i in range(4):
+        assert admit(fair, "a", f"a{i}")
+    for job in ("x", "y"):
+        assert not admit(fair, "a", job)
+    assert admit(fair, "b", "b0") and admit(fair, "b", "b1")
+    assert not admit(fair, "b", "z")
+    assert sorted(fair.drain()) == [("a", "x"), ("a", "y"), ("b", "z")]
+    assert fair.drain() == []
+
+
+def test_the_sweeper_leaves_a_job_waiting_for_a_slot_alone(redis_url: str) -> None:
+    from producers.records import ACTIVE_KEY, job_key
+    from workers.fair_gate import WAIT_REASON
+    from workers.sweeper import IDLE_SECONDS, Sweeper
+
+    client = redis.Redis.from_url(redis_url)
+    job = "0" * 31 + "1"
+    old = NOW - 10 * IDLE_SECONDS
+    record = {
+        "id": job,
+        "state": "requesting_url",
+        "workspace": "a",
+        "target": "task:3f0c1d2e-0000-4000-8000-000000000000",
+        "file_name": "f.bin",
+        "published": "1",
+        "upload_id": "u1",
+        "upload_url": "http://127.0.0.1:1/u1",
+        "wait_reason": WAIT_REASON,
+        "created_at": repr(old),
+        "updated_at": repr(old),
+    }
+    client.hset(job_key(job), mapping=record)
+    client.zadd(ACTIVE_KEY, {job: old})
+    client.zadd("awork:fair:wait:a", {job: old})
+    sweeper = Sweeper(client, redis_url)
+    try:
+        assert sweeper.sweep_once(now=NOW).redriven == 0  # it waits for its turn on purpose
+        client.zrem("awork:fair:wait:a", job)  # off the list and no message anywhere: lost
+        assert sweeper.sweep_once(now=NOW).redriven == 1
+    finally:
+        sweeper.app.close()
+        client.close()

@@ -20,7 +20,7 @@ from celery.exceptions import Ignore
 from celery.signals import worker_init, worker_shutdown
 from prometheus_client import Counter
 
-from producers.contract import FINISHED_STATES, JobState
+from producers.contract import FINISHED_STATES, QUEUE_TRANSFER, JobState
 from producers.priority import record_priority
 from producers.records import JobStore
 from producers.redrive import canvas_from, resume_step
@@ -142,10 +142,17 @@ _registration: dict[str, Any] = {}
 
 @worker_init.connect(weak=False, dispatch_uid="awork-fair-share-register")
 def _register(sender: Any = None, **_: Any) -> None:
-    """Announce this worker's threads as transfer slots, renewed while it runs."""
+    """Announce this worker's threads as transfer slots, renewed while it runs (a worker that
+    does not consume `awork.transfer`, e.g. `--queues awork.api`, has none)."""
     host = getattr(sender, "hostname", None)
     slots = getattr(sender, "concurrency", None)
     if not isinstance(host, str) or not isinstance(slots, int) or slots <= 0:
+        return
+    try:
+        consumed = set(sender.app.amqp.queues.consume_from)
+    except Exception:
+        consumed = {QUEUE_TRANSFER}
+    if QUEUE_TRANSFER not in consumed:
         return
     from workers.runtime import runtime
 

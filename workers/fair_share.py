@@ -198,6 +198,19 @@ class FairShare:
         """This worker's transfer slots (0: it leaves)."""
         self._call("register", host, slots, REGISTRATION_TTL_SECONDS, now=now)
 
+    def drain(self, limit: int = 500) -> list[tuple[str, str]]:
+        """Take up to `limit` jobs off the waiting lists, whatever the shares: with the fair
+        share turned off, nothing else would ever dispatch them."""
+        out: list[tuple[str, str]] = []
+        prefix = f"{PREFIX}wait:"
+        for key in self.redis.scan_iter(match=f"{prefix}*", count=100):
+            name = _s(key)
+            popped: list[tuple[bytes, float]] = self.redis.zpopmin(name, limit - len(out))  # type: ignore[assignment]
+            out += [(name[len(prefix) :], _s(job)) for job, _ in popped]
+            if len(out) >= limit:
+                break
+        return out
+
     def is_waiting(self, workspace: str, job_id: str) -> bool:
         return self.redis.zscore(waiting_key(workspace), job_id) is not None
 

@@ -272,10 +272,12 @@ class Sweeper:
         return self.redis.zscore(waiting_key(record.get("workspace", "")), record["id"]) is not None
 
     def dispatch_slots(self) -> int:
-        """Fill free transfer slots from the fair-share waiting lists; returns jobs published."""
-        if not self.fair.settings.enabled:
-            return 0
-        return fair_gate.publish(self.app, JobStore(self.redis), self.fair, self.fair.dispatch())
+        """Fill free transfer slots from the fair-share waiting lists; returns jobs published.
+        With the fair share off (AWORK_FAIR_SHARE=off), every job still waiting is published."""
+        fair = self.fair
+        return fair_gate.publish(
+            self.app, JobStore(self.redis), fair, fair.dispatch() if fair.settings.enabled else fair.drain()
+        )
 
     def queued_job_ids(self) -> set[str]:
         """Job ids of every message waiting in the step queues (every priority's list)."""

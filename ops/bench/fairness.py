@@ -72,7 +72,7 @@ class Bench:
     def start(self) -> Bench:
         self.redis = RedisServer(self.root / "redis").start()
         keys = {f"key-{n}-{secrets.token_hex(6)}": n for n in self.workspaces}
-        window = max(1, int(self.kib_per_s * LATENCY_MS / 1000))
+        window = self.kib_per_s * LATENCY_MS / 1000
         self.sandbox = SandboxProcess(
             api_keys=keys,
             admin_token="admin-" + secrets.token_hex(6),
@@ -164,7 +164,16 @@ def _bytes_done_between(records: Sequence[dict[str, str]], start: float, end: fl
 
 
 def case_backlog(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    bench = Bench(root, {"a": 1, "b": 1}, args.workers, args.concurrency, args.kib_per_s).start()
+    per_min = args.a_per_minute
+    bench = Bench(
+        root,
+        {"a": 1, "b": 1},
+        args.workers,
+        args.concurrency,
+        args.kib_per_s,
+        sandbox_args=["--workspace-rate-limit", f"a={per_min}/50"],
+        extra_toml={"a": f"per_minute = {per_min}\n"},
+    ).start()
     try:
         idle_small = bench.enqueue("b", 3, args.small_kib, "idle")
         t0 = time.time()
@@ -173,26 +182,29 @@ def case_backlog(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         slot_seconds = args.big_kib / args.kib_per_s
         a_jobs = bench.enqueue("a", args.backlog, args.big_kib, "a")
         a_started = time.time()
-        time.sleep(args.lead)  # a's transfers fill the fleet, its backlog waits
+        # a's transfer throughput (bytes sent, from the records' progress) alone, in a window
+        # after its start-up, then in as long a window from the moment b enqueues
+        window = max(1.0, args.lead - 2 * slot_seconds)
+        time.sleep(args.lead - window)
+        s0, t0 = _bytes_sent(bench, a_jobs), time.time()
+        time.sleep(window)
+        s1, t1 = _bytes_sent(bench, a_jobs), time.time()
         b_jobs = bench.enqueue("b", 3, args.small_kib, "b")
         b_enqueued = time.time()
         b_records = bench.wait(b_jobs, args.backlog * slot_seconds + 120)
         b_done = max(_f(r, "finished_at") for r in b_records)
         b_seconds = b_done - b_enqueued
-        # a's throughput while b came and went, against the same length of window just before
-        # b came (after a's start-up: two slot turnovers)
-        window = max(1.0, args.lead - 2 * slot_seconds)
         a_left = sum(1 for r in bench.records(a_jobs) if r.get("state") != "done")
-        time.sleep(max(0.0, b_enqueued + window - time.time()) + 0.5)
-        a_records = bench.records(a_jobs)
-        before = _bytes_done_between(a_records, b_enqueued - window, b_enqueued)
-        during = _bytes_done_between(a_records, b_enqueued, b_enqueued + window)
+        time.sleep(max(0.0, t1 + window - time.time()))
+        s2, t2 = _bytes_sent(bench, a_jobs), time.time()
+        before, during = (s1 - s0) / (t1 - t0), (s2 - s1) / (t2 - t1)
         return {
             "case": "backlog",
             "workers": args.workers,
             "concurrency": args.concurrency,
             "kib_per_s_per_put": args.kib_per_s,
             "a_backlog": args.backlog,
+            "a_per_minute": per_min,
             "a_file_kib": args.big_kib,
             "b_file_kib": args.small_kib,
             "b_idle_fleet_seconds": round(idle_seconds, 2),
@@ -202,12 +214,16 @@ def case_backlog(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "a_jobs_not_done_when_b_done": a_left,
             "a_started_seconds_before_b": round(b_enqueued - a_started, 2),
             "a_window_seconds": round(window, 2),
-            "a_bytes_per_s_before_b": round(before / window),
-            "a_bytes_per_s_while_b": round(during / window),
+            "a_bytes_per_s_before_b": round(before),
+            "a_bytes_per_s_while_b": round(during),
             "a_throughput_change": round(during / before - 1, 3) if before else None,
         }
     finally:
         bench.stop()
+
+
+def _bytes_sent(bench: Bench, jobs: Sequence[Job]) -> int:
+    return sum(int(r.get("bytes_sent") or 0) for r in bench.records(jobs))
 
 
 def case_many(args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -297,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--kib-per-s", type=int, default=1024, help="pace of one PUT stream")
     p.add_argument("--backlog", type=int, default=200, help="a's transfers in the backlog case")
+    p.add_argument("--a-per-minute", type=int, default=1000, help="a's awork limit in the backlog case")
     p.add_argument("--big-kib", type=int, default=2048)
     p.add_argument("--small-kib", type=int, default=64)
     p.add_argument("--lead", type=float, default=10.0, help="seconds between a's enqueue and b's")
