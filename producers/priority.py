@@ -31,6 +31,12 @@ BROKER_PRIORITY: dict[Priority, int] = {Priority.HIGH: 0, Priority.NORMAL: 3, Pr
 # Transfer steps sit one priority step below API steps of the same job priority
 # (producers/canvas.message_options says why).
 TRANSFER_PRIORITY_OFFSET = 3
+# A deferred API step (a rate wait, an error retry, a lock recheck: its message carries a
+# countdown) is re-published at the lowest level. Held until due, it needs no early fetch, and
+# at its job's level a workspace deferring hundreds of steps a second (a backlog at its rate
+# limit) would keep every worker fetching those first, leaving threads idle while transfers
+# wait in the queue.
+RETRY_PRIORITY = 9
 
 
 def check_priority(value: object, field: str = "priority") -> Priority:
