@@ -162,7 +162,9 @@ if mode == "admit" then
     end
     redis.call("ZADD", lk, now + LEASE_TTL, job)
     charge(me, cost)
-    return {1}
+    me.inflight = me.inflight + 1
+    -- the transfer a free slot was kept for has come: the others may have their turn now
+    return {1, unpack(dispatch(st, C, total + 1))}
   end
   -- wait for a slot in rank order (a job already waiting keeps its place)
   redis.call("ZADD", P .. "wait:" .. ws, "NX", tonumber(ARGV[12]), job)
