@@ -119,7 +119,9 @@ class Uploads:
         priority: str = "normal",
     ) -> Job:
         """`priority`: high, normal or bulk, among the jobs of the same workspace."""
-        spec = JobSpec(source, to, workspace, name, description, idempotency_key, content_type, priority)
+        spec = JobSpec(
+            source, to, workspace, name, description, idempotency_key, content_type, priority=priority
+        )
         return self.enqueue_many([spec])[0]
 
     def enqueue_many(self, specs: Sequence[JobSpec]) -> list[Job]:
