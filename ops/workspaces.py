@@ -13,7 +13,12 @@ Per workspace:
   used        grants in the last 60 s / 1 s (the fleet's own requests plus outside usage);
   outside     of those, requests by other clients of the workspace learned from awork's
               x-ratelimit-remaining-* headers;
-  pause       until when the whole workspace is stopped after a 429, and why.
+  pause       until when the whole workspace is stopped after a 429, and why;
+  waiting     transfers waiting for a slot in the fleet, plus those on their way (a generate
+              step just finished): `waiting_for_slot` and `expected` in --json;
+  in flight   transfers running or dispatched into a slot;
+  share       the slots its fair share allows now, of the fleet's transfer slots, and its
+              weight (workers/fair_share.py): `share_slots`, `capacity`, `weight` in --json.
 """
 
 from __future__ import annotations
@@ -42,13 +47,15 @@ def collect(
 ) -> list[dict[str, Any]]:
     """One row per workspace: its snapshot plus derived fields (`paused`, `pause_seconds_left`)."""
     from producers.client import WORKSPACES_KEY
+    from workers.fair_share import FairShare, check_share
     from workers.limits_config import limits_for_workspace
     from workers.ratelimit import RateLimiter
 
+    fair = {s.workspace: s for s in FairShare(client, lease_seconds=60).snapshot()}
     wanted = list(names)
     if not wanted:
         announced = {m.decode() if isinstance(m, bytes) else str(m) for m in client.smembers(WORKSPACES_KEY)}
-        wanted = sorted(set(tables) | announced)
+        wanted = sorted(set(tables) | announced | set(fair))
     limiter = RateLimiter(client)
     rows: list[dict[str, Any]] = []
     for name in wanted:
@@ -59,6 +66,13 @@ def collect(
         snap["paused"] = until is not None and left > 0
         snap["pause_seconds_left"] = round(left, 3)
         snap["configured"] = name in tables
+        share = fair.get(name)
+        snap["waiting_for_slot"] = share.waiting if share else 0
+        snap["expected"] = share.expected if share else 0
+        snap["in_flight"] = share.in_flight if share else 0
+        snap["share_slots"] = share.slots if share else None
+        snap["capacity"] = share.capacity if share else None
+        snap["weight"] = share.weight if share else check_share(tables.get(name, {}).get("share"), name)
         rows.append(snap)
     return rows
 
@@ -71,10 +85,17 @@ def _limit_text(per_minute: int | None, per_second: int | None) -> str:
     return f"{m}/min {s}/s"
 
 
+def _share_text(r: dict[str, Any]) -> str:
+    weight = f"x{r['weight']:g}"
+    if r["share_slots"] is None:
+        return f"- ({weight})"
+    return f"{r['share_slots']}/{r['capacity']} slots ({weight})"
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     header = (
         *("WORKSPACE", "LIMIT", "MARGIN", "EFFECTIVE", "LEARNED"),
-        *("USED 60s/1s", "OUTSIDE 60s/1s", "PAUSE"),
+        *("USED 60s/1s", "OUTSIDE 60s/1s", "PAUSE", "WAITING", "IN FLIGHT", "SHARE"),
     )
     lines = [header]
     for r in rows:
@@ -93,6 +114,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                 f"{r['used_last_minute']}/{r['used_last_second']}",
                 f"{r['outside_last_minute']}/{r['outside_last_second']}",
                 pause,
+                str(r["waiting_for_slot"] + r["expected"]),
+                str(r["in_flight"]),
+                _share_text(r),
             )
         )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]

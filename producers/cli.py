@@ -53,6 +53,7 @@ def job_json(job: Job) -> str:
             "outcome": job.outcome,
             "batch_id": job.batch_id,
             "cancel_requested": job.cancel_requested,
+            "priority": job.priority,
             "wait_reason": job.wait_reason,
             "wait_until": job.wait_until,
             "error": None
@@ -98,6 +99,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             on_existing=args.on_existing,
             new_version_of=args.new_version_of,
             via=args.via,
+            priority=args.priority,
         )
         for p in args.paths
     ]
@@ -243,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["workers", "awork"],
         default="workers",
         help="awork: awork fetches the (public, <= 100 MB) URL itself; workers (default) stream it",
+    )
+    p.add_argument(
+        "--priority",
+        default="normal",
+        help="high, normal (default) or bulk: order among this workspace's jobs, never above its share",
     )
     p.add_argument("--wait", action="store_true", help="show progress until every job ends")
     p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after SECONDS")

@@ -147,13 +147,15 @@ class Uploads:
         callback_url: str | None = None,
         on_done: str | None = None,
         signer: str | None = None,
+        priority: str = "normal",
     ) -> Job:
         """One job; `on_existing`, `new_version_of` and `via`: see producers.recurring;
-        `callback_url`, `on_done` and `signer`: see enqueue_many and producers.endings."""
+        `callback_url`, `on_done` and `signer`: see enqueue_many and producers.endings;
+        `priority`: high, normal or bulk, among the jobs of the same workspace."""
         spec = JobSpec(
             source, to, workspace, name, description, idempotency_key, content_type,
             on_existing=on_existing, new_version_of=new_version_of, via=via,
-            callback_url=callback_url, on_done=on_done,
+            callback_url=callback_url, on_done=on_done, priority=priority,
         )
         return self.enqueue_many([spec], signer=signer)[0]
 
@@ -362,6 +364,7 @@ class Uploads:
             "staged_owned": "1" if owned else "0",
             "source_md5": md5 or "",
             "idempotency_key": v.idempotency_key or "",
+            "priority": v.priority.value,
             "bytes_sent": "0",
             "published": "0",
             "created_at": now,
@@ -406,9 +409,9 @@ class Uploads:
                 with self._app.producer_or_acquire() as producer:
                     for p in flows:
                         kwargs = step_kwargs(p.job_id, p.spec.workspace, str(p.spec.target), p.spec.file_name)
-                        canvas = flow_canvas(self._app, p.spec.placement.flow, kwargs) or job_canvas(
-                            self._app, p.spec.target.three_steps, kwargs
-                        )
+                        canvas = flow_canvas(
+                            self._app, p.spec.placement.flow, kwargs, p.spec.priority
+                        ) or job_canvas(self._app, p.spec.target.three_steps, kwargs, p.spec.priority)
                         canvas.apply_async(producer=producer)
                         published.append(p)
             if rendered:
@@ -417,7 +420,7 @@ class Uploads:
                 messages: list[Rendered] = []
                 for p in rendered:
                     kwargs = step_kwargs(p.job_id, p.spec.workspace, str(p.spec.target), p.spec.file_name)
-                    messages.append(templates.render(p.spec.target.three_steps, kwargs))
+                    messages.append(templates.render(p.spec.target.three_steps, kwargs, p.spec.priority))
                 keys = [job_key(p.job_id) for p in rendered]
                 self._retry_publish(lambda: publish_rendered(self.redis, messages, keys))
                 # (marked published in the same transaction as the messages)

@@ -25,6 +25,7 @@ import base64
 import json
 import os
 import re
+from bisect import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,8 +33,11 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.utils.saferepr import saferepr
+from kombu.transport.redis import PRIORITY_STEPS
+from kombu.transport.redis import Channel as RedisChannel
 
 from producers.canvas import job_canvas
+from producers.priority import DEFAULT_PRIORITY, Priority
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _FIELDS = ("job_id", "workspace", "target", "file_name")
@@ -84,9 +88,9 @@ class Rendered:
 class _Template:
     """One canvas shape's message, split at the parts that change per job."""
 
-    def __init__(self, app: Celery, three_steps: bool) -> None:
+    def __init__(self, app: Celery, three_steps: bool, priority: Priority) -> None:
         marks = {f: _MARK.format(f) for f in _FIELDS}
-        envelope, queue = _celery_message(app, three_steps, marks)
+        envelope, queue = _celery_message(app, three_steps, marks, priority)
         self.queue = queue
         body = base64.b64decode(envelope.pop("body")).decode()
         reply_to = envelope["properties"].get("reply_to", "")
@@ -124,12 +128,15 @@ class Templates:
 
     def __init__(self, app: Celery) -> None:
         self.app = app
-        self._shapes: dict[bool, _Template] = {}
+        self._shapes: dict[tuple[bool, Priority], _Template] = {}
 
-    def render(self, three_steps: bool, kwargs: Mapping[str, str]) -> Rendered:
-        template = self._shapes.get(three_steps)
+    def render(
+        self, three_steps: bool, kwargs: Mapping[str, str], priority: Priority = DEFAULT_PRIORITY
+    ) -> Rendered:
+        shape = (three_steps, priority)
+        template = self._shapes.get(shape)
         if template is None:
-            template = self._shapes[three_steps] = _Template(self.app, three_steps)
+            template = self._shapes[shape] = _Template(self.app, three_steps, priority)
         return Rendered(template.queue, template.render(kwargs))
 
 
@@ -150,21 +157,35 @@ def publish_rendered(
     pipe.execute()
 
 
-def _celery_message(app: Celery, three_steps: bool, marks: Mapping[str, str]) -> tuple[dict[str, Any], str]:
-    """What Celery publishes for this shape, read back from an in-memory kombu transport."""
+def _celery_message(
+    app: Celery, three_steps: bool, marks: Mapping[str, str], priority: Priority
+) -> tuple[dict[str, Any], str]:
+    """What Celery publishes for this shape, read back from an in-memory kombu transport, and
+    the Redis list kombu's Redis transport would push it to (one list per priority step)."""
     memory = Celery("awork-message-template", set_as_current=False)
     memory.conf.update({k: v for k, v in app.conf.items() if k.startswith(("task_", "accept_"))})
     memory.conf.update(broker_url="memory://", task_send_sent_event=False)
     try:
-        sig = job_canvas(memory, three_steps, dict(marks))
-        queue = sig.tasks[0].options["queue"] if three_steps else sig.options["queue"]
+        sig = job_canvas(memory, three_steps, dict(marks), priority)
+        first = sig.tasks[0] if three_steps else sig
+        queue = first.options["queue"]
         with memory.connection_for_write() as conn:
             with memory.producer_or_acquire() as producer:
                 sig.apply_async(producer=producer)
             message = conn.default_channel._get(queue)
     finally:
         memory.close()
-    return message, queue
+    return message, redis_list_key(queue, int(first.options.get("priority") or 0))
+
+
+PRIORITY_SEP: str = RedisChannel.sep
+
+
+def redis_list_key(queue: str, priority: int) -> str:
+    """The list kombu's Redis transport pushes a message of this priority to (Channel._q_for_pri
+    with the default priority_steps and separator)."""
+    level = PRIORITY_STEPS[bisect(PRIORITY_STEPS, max(0, min(9, priority))) - 1]
+    return f"{queue}{PRIORITY_SEP}{level}" if level else queue
 
 
 def _split(text: str, marks: Mapping[str, str], ids: Sequence[str]) -> list[str | tuple[str, str] | int]:

@@ -88,6 +88,7 @@ class Job:
     wait_reason: str | None
     wait_until: float | None
     attempts: dict[str, int]
+    priority: str = "normal"
     created: bool = True  # False when an idempotency key returned an existing job
     # How a done job ended when it was not a new file: `version` (a new version of file_id),
     # `skipped` (file_id was there already); None for a new file (producers.recurring).
@@ -146,6 +147,7 @@ class Job:
             wait_reason=text("wait_reason"),
             wait_until=num("wait_until"),
             attempts={s: int(record.get(f"attempts_{s}", "0") or 0) for s in STEPS},
+            priority=record.get("priority") or "normal",
             created=created,
             outcome=text("outcome"),
             batch_id=text("batch_id"),

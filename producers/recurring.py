@@ -33,6 +33,7 @@ from producers.contract import (
     SpecError,
     Target,
 )
+from producers.priority import DEFAULT_PRIORITY, Priority
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -122,9 +123,11 @@ def first_step(record: dict[str, str]) -> str | None:
     return found[0] if found else None
 
 
-def flow_canvas(app: Celery, flow: str, kwargs: dict[str, Any]) -> Signature | None:
+def flow_canvas(
+    app: Celery, flow: str, kwargs: dict[str, Any], priority: Priority = DEFAULT_PRIORITY
+) -> Signature | None:
     """The one task a recurring flow starts with, or None (the default canvas)."""
     from producers.canvas import step
 
     found = FLOW_STEPS.get(flow)
-    return step(app, found[1], kwargs) if found else None
+    return step(app, found[1], kwargs, priority) if found else None

@@ -19,6 +19,7 @@ from producers.contract import (
     TASK_PUT_FILE,
     Route,
 )
+from producers.priority import record_priority
 from producers.recurring import STEP_TASKS as RECURRING_TASKS
 from producers.recurring import first_step
 
@@ -50,10 +51,11 @@ def canvas_from(app: Celery, record: dict[str, str], first: str) -> Signature:
     kwargs: dict[str, Any] = step_kwargs(
         record["id"], record["workspace"], record["target"], record["file_name"]
     )
+    priority = record_priority(record)
     if first == "multipart":
-        return step(app, TASK_MULTIPART_UPLOAD, kwargs)
+        return step(app, TASK_MULTIPART_UPLOAD, kwargs, priority)
     if first in RECURRING_TASKS:
-        return step(app, RECURRING_TASKS[first], kwargs)
+        return step(app, RECURRING_TASKS[first], kwargs, priority)
     steps = THREE_STEPS[THREE_STEPS.index(first) :]
-    sigs = [step(app, STEP_TASKS[s], kwargs) for s in steps]
+    sigs = [step(app, STEP_TASKS[s], kwargs, priority) for s in steps]
     return sigs[0] if len(sigs) == 1 else chain(*sigs)

@@ -11,6 +11,7 @@ from urllib.parse import unquote, urlsplit
 from producers import text_rules
 from producers.callback_url import check_callback_url
 from producers.contract import SpecError, Target
+from producers.priority import DEFAULT_PRIORITY, Priority, check_priority
 from producers.recurring import Placement, check_placement
 from producers.source_url import SourceUrlRefused, parse_http_url, source_host_refused
 from producers.staging import StreamedBody
@@ -61,6 +62,7 @@ class JobSpec:
     via: str = "workers"
     callback_url: str | None = None
     on_done: str | None = None
+    priority: str = DEFAULT_PRIORITY.value  # high | normal | bulk, within the workspace
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class ValidSpec:
     streamed: StreamedBody | None = None
     callback_url: str | None = None
     on_done: str | None = None
+    priority: Priority = DEFAULT_PRIORITY
 
 
 def validate(
@@ -101,6 +104,7 @@ def validate(
     on_done = spec.on_done
     if on_done is not None and not (isinstance(on_done, str) and _ON_DONE.fullmatch(on_done)):
         raise SpecError("on_done", "expected a Celery task name, optionally @queue")
+    priority = check_priority(spec.priority)
 
     path: Path | None = None
     streamed: StreamedBody | None = None
@@ -166,6 +170,7 @@ def validate(
         streamed=streamed,
         callback_url=callback_url,
         on_done=on_done,
+        priority=priority,
     )
 
 

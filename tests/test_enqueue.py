@@ -16,17 +16,22 @@ from producers.client import RedisUnavailable, Uploads
 from producers.config import SharedSettings
 from producers.contract import SpecError
 from producers.spec import JobSpec
+from workers.metrics import BrokerLayout
 
 ID = str(uuid.uuid4())
 
 
 def _messages(url: str, queue: str) -> list[dict]:
+    """Every message waiting in `queue`, in all of kombu's priority lists."""
     client = redis.Redis.from_url(url)
     out = []
-    for raw in client.lrange(queue, 0, -1):
-        envelope = json.loads(raw)
-        body = json.loads(base64.b64decode(envelope["body"]))
-        out.append({"headers": envelope["headers"], "body": body})
+    for key in BrokerLayout().list_keys(queue):
+        for raw in client.lrange(key, 0, -1):
+            envelope = json.loads(raw)
+            body = json.loads(base64.b64decode(envelope["body"]))
+            out.append(
+                {"headers": envelope["headers"], "body": body, "priority": envelope["properties"]["priority"]}
+            )
     return out
 
 
@@ -65,6 +70,30 @@ def test_enqueue_writes_record_stages_and_publishes_the_canvas(
     chained = [s["task"] for s in embed["chain"]]
     assert chained == ["awork.link_file", "awork.put_file"]  # Celery stores the rest reversed
     assert all(s["immutable"] for s in embed["chain"])
+
+
+def test_priority_is_recorded_and_ranks_every_step_of_the_job(
+    up: Uploads, producer_env: dict[str, str], tmp_path: Path
+) -> None:
+    src = tmp_path / "p.txt"
+    src.write_text("p")
+    jobs = {p: up.enqueue(src, to=f"task:{ID}", priority=p) for p in ("bulk", "normal", "high")}
+    assert {p: up.status(j.id).priority for p, j in jobs.items()} == {
+        "bulk": "bulk",
+        "normal": "normal",
+        "high": "high",
+    }
+    msgs = {m["body"][1]["job_id"]: m for m in _messages(producer_env["REDIS_URL"], "awork.api")}
+    # kombu's Redis transport reads priority 0 first: high before normal before bulk
+    got = {p: msgs[j.id]["priority"] for p, j in jobs.items()}
+    assert got["high"] < got["normal"] < got["bulk"]
+    # the put that follows sits one step below every API step of the same job priority
+    for p, j in jobs.items():
+        (put,) = [s for s in msgs[j.id]["body"][2]["chain"] if s["task"] == "awork.put_file"]
+        assert put["options"]["priority"] == got[p] + 3
+        assert put["options"]["queue"] == "awork.transfer"
+    with pytest.raises(SpecError, match=r"^priority: expected one of high, normal, bulk, got 'urgent'"):
+        up.enqueue(src, to=f"task:{ID}", priority="urgent")
 
 
 def test_multipart_targets_publish_one_step(

@@ -36,6 +36,7 @@ from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, job_key
 from producers.redrive import canvas_from
 from tests.fleet import FAST, Fleet, holder_of, wait_until
 from workers import sweeper as sweeper_module
+from workers.metrics import BrokerLayout
 from workers.sweeper import (
     MAYBE_LOST,
     Sweeper,
@@ -102,7 +103,7 @@ def test_job_ids_are_read_from_queued_and_unacked_messages(
     src = random_file(tmp_path / "a.bin", 100)
     with Uploads.from_env() as up:
         job = up.enqueue(src, to=f"task:{uuid.uuid4()}")
-        (raw,) = up.redis.lrange("awork.api", 0, -1)
+        (raw,) = [m for k in BrokerLayout().list_keys("awork.api") for m in up.redis.lrange(k, 0, -1)]
     assert payload_job_id(raw) == job.id
     entry = json.dumps([json.loads(raw), "awork.api", "awork.api"])
     assert message_job_id(entry) == job.id
@@ -326,7 +327,12 @@ def test_a_step_killed_with_its_worker_resumes_on_another_within_two_minutes(
     canvas_from(fleet.uploads._app, record, "put").apply_async()
     client = fleet.client()
     wait_until(
-        lambda: client.llen("awork.transfer") == 0 and job.id not in unacked_jobs(fleet), 20, "late copy run"
+        lambda: (
+            sum(client.llen(k) for k in BrokerLayout().list_keys("awork.transfer")) == 0
+            and job.id not in unacked_jobs(fleet)
+        ),
+        20,
+        "late copy run",
     )
     client.close()
     time.sleep(0.5)

@@ -17,7 +17,8 @@ Every name starts with ``awork_uploads_``. What the step runner reports:
 Read from Redis at scrape time (``QueueDepthCollector``): ``awork_uploads_queue_depth{queue}``
 (messages waiting, kombu's priority sub-queues included), ``awork_uploads_unacked_messages``
 (delivered but not acknowledged: running steps and countdown retries held by workers),
-``awork_uploads_dead_letters`` and ``awork_uploads_broker_up``. Every worker reports the same
+``awork_uploads_dead_letters`` and ``awork_uploads_broker_up``; the fair share's gauges per
+workspace (workers/fair_metrics.py). Every worker reports the same
 broker-wide values: aggregate them with ``max``, not ``sum``.
 
 Of the worker itself, read at scrape time: ``awork_uploads_consumer_loop_tick_age_seconds``
@@ -371,6 +372,9 @@ def register_queue_collector(
             return existing[1]
         collector = QueueDepthCollector(redis_url, layout)
         registry.register(collector)
+        from workers.fair_metrics import FairShareCollector  # imports this module: not at the top
+
+        registry.register(FairShareCollector(redis_url))
         _collectors[id(registry)] = (registry, collector)
         return collector
 

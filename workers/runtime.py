@@ -21,10 +21,11 @@ from workers.blob import BlobUploader, RedisFallbackStore
 from workers.connections.settings import ConnectionSettings
 from workers.connections.store import ConnectionStore
 from workers.connections.tokens import Connections, UnknownConnection
+from workers.fair_share import FairSettings, FairShare
 from workers.limits_config import WorkspaceLimits
 from workers.ratelimit import RateLimiter
 from workers.settings import Secret, WorkerSettings, transfer_policy_from_env
-from workers.step_lock import StepLocks
+from workers.step_lock import LOCK_TTL_SECONDS, StepLocks
 
 log = logging.getLogger("awork.runtime")
 # "off" runs without the shared limiter: for the comparison in ops/bench/ratelimit_fleet.py only.
@@ -56,6 +57,18 @@ class Runtime:
     @cached_property
     def locks(self) -> StepLocks:
         return StepLocks(self.redis)
+
+    @cached_property
+    def fair(self) -> FairShare:
+        """The fleet's transfer slots shared across workspaces (AWORK_FAIR_SHARE)."""
+        return FairShare(self.redis, LOCK_TTL_SECONDS, FairSettings.from_env())
+
+    def share(self, workspace: str) -> float:
+        """The workspace's weight: `share` in its table, else in its registered connection."""
+        if self.is_static(workspace):
+            return self.settings.workspace(workspace).share
+        conn = self.connections.get(workspace) if self.connections is not None else None
+        return conn.share if conn is not None else 1.0
 
     @cached_property
     def limiter(self) -> RateLimiter:

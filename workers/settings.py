@@ -51,6 +51,7 @@ class Workspace:
     api_key: Secret = field(repr=False)
     limits: WorkspaceLimits
     api_url: str
+    share: float = 1.0  # its weight in the fleet's transfer slots (workers/fair_share.py)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class WorkerSettings:
 
     @classmethod
     def from_env(cls) -> WorkerSettings:
+        from workers.fair_share import check_share
         from workers.limits_config import limits_for_workspace
 
         shared = SharedSettings.from_env()
@@ -92,7 +94,8 @@ class WorkerSettings:
                 limits = limits_for_workspace(name, table)
                 ws_url = str(table.get("api_url") or api_url)
                 check_api_url(f"AWORK_WORKSPACES_FILE: workspaces.{name}.api_url", ws_url, allow_insecure)
-                workspaces[name] = Workspace(name, key, limits, ws_url.rstrip("/"))
+                share = check_share(table.get("share"), f"AWORK_WORKSPACES_FILE: workspaces.{name}.share")
+                workspaces[name] = Workspace(name, key, limits, ws_url.rstrip("/"), share)
         env_key = os.environ.get("AWORK_API_KEY", "").strip()
         if env_key and DEFAULT_WORKSPACE not in workspaces:
             workspaces[DEFAULT_WORKSPACE] = Workspace(

@@ -27,7 +27,7 @@ from producers.broker import MAX_COUNTDOWN_SECONDS
 from producers.contract import JobState
 from producers.endings import announce
 from producers.job_ids import is_job_id
-from workers import metrics
+from workers import fair_gate, metrics
 from workers.connections.tokens import NeedsReconnect
 from workers.error_text import scrub
 from workers.errors import AworkError, PermanentError, RateLimited, TransientError, UploadUrlExpired
@@ -223,6 +223,7 @@ def run_step(
     finally:
         if token is not None:
             rt.locks.release(job_id, step, token)
+            fair_gate.release(task.app, rt.store, rt.fair, token)
 
 
 def _requeue(step: str, job_id: str, exc: BaseException) -> Reject:
@@ -259,6 +260,8 @@ def _run_locked(
         crashes = rt.store.incr(job_id, f"crashes_{step}")
         if crashes > rt.settings.retry.max_crashes:
             _end(ctx, JobState.DEAD, AworkError(f"{step} lost its worker {crashes} times", code="poison"))
+    if step in fair_gate.TRANSFER_STEPS:
+        fair_gate.admit(ctx, lock_token)  # its slot in the fleet, or Ignore: it waits for one
     if step in API_STEPS:
         if not connection_usable(ctx):
             raise park(ctx)

@@ -14,16 +14,19 @@ from celery import Task
 
 from producers.block_digests import BlockDigests, sidecar_path
 from producers.contract import (
+    QUEUE_API,
     TASK_GENERATE_UPLOAD_URL,
     TASK_LINK_FILE,
     TASK_MULTIPART_UPLOAD,
     TASK_PUT_FILE,
+    TASK_QUEUES,
     JobState,
     Target,
 )
 from producers.job_ids import is_job_id
+from producers.priority import RETRY_PRIORITY
 from producers.safe_open import FileRefused, open_beneath
-from workers import metrics
+from workers import fair_gate, metrics
 from workers.blob import plain_session, url_expiry
 from workers.block_journal import RedisBlockJournal
 from workers.celery_app import app
@@ -62,6 +65,13 @@ class StepTask(Task):
     ignore_result = True
     throws = (JobEnded,)
 
+    def retry(self, *args: Any, **options: Any) -> Any:
+        """A deferred API step goes back to the queue at RETRY_PRIORITY (producers.priority
+        says why); a transfer keeps its own."""
+        if TASK_QUEUES.get(self.name) == QUEUE_API:
+            options.setdefault("priority", RETRY_PRIORITY)
+        return super().retry(*args, **options)
+
 
 def _target(record: dict[str, str]) -> Target:
     return Target.parse(record["target"])
@@ -81,6 +91,7 @@ def _generate(ctx: StepContext) -> dict[str, Any]:
         uploaded_upload_id="",
         bytes_sent=0,
     )
+    fair_gate.expect(ctx)  # the put's message follows: the fleet's shares count it from now
     return {"upload_id": upload_id}
 
 

@@ -14,6 +14,8 @@ time (a Redis lease) looks at the unfinished jobs:
   message for a thread);
 - a record still `published=0` after UNPUBLISHED_SECONDS: its producer died between record and
   message;
+- (a job waiting in its workspace's fair-share list for a transfer slot has no message on
+  purpose: it is left alone while it is listed there; workers/fair_share.py)
 - a job with no activity for IDLE_SECONDS, no step locked, no countdown pending, no message in
   a worker's hands and none in the queues (the queues are read only when such a job exists):
   its message was lost some other way (a worker that died between taking a message from the
@@ -24,6 +26,9 @@ the visibility timeout would, only sooner), so it is not delivered a second time
 When there is no such message (an unpublished record; an entry lost with a Redis restart) the
 job is published again from the step its record says is next. Either way every step checks the
 record first, so a copy that turns up later finds the work done and never doubles an upload.
+
+Each pass also fills free transfer slots from the fair-share waiting lists (a wake-up lost with
+a worker, or slots a new worker brought).
 
 It also keeps Redis from growing: ids of expired records leave the job index and the dead
 letters (PRUNE_BATCH a pass), unacknowledged messages of jobs that have ended are dropped, and
@@ -58,8 +63,12 @@ from producers.config import env_float
 from producers.contract import QUEUE_API, QUEUE_TRANSFER, JobState
 from producers.endings import announce_stale
 from producers.job_ids import is_job_id
-from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, STEPS, job_key
+from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, STEPS, JobStore, job_key
 from producers.redrive import canvas_from, resume_step
+from workers import fair_gate
+from workers.fair_share import FairSettings, FairShare, waiting_key
+from workers.metrics import BrokerLayout
+from workers.step_lock import LOCK_TTL_SECONDS
 
 log = logging.getLogger("awork.sweeper")
 
@@ -178,6 +187,7 @@ class Sweeper:
         self._stop = threading.Event()
         self._prune_offsets: dict[str, int] = {}
         self._conn: Any = None
+        self.fair = FairShare(client, LOCK_TTL_SECONDS, FairSettings.from_env())
 
     # -- one pass ----------------------------------------------------------------------------
     def sweep_once(self, now: float | None = None) -> SweepResult:
@@ -207,6 +217,8 @@ class Sweeper:
                     # written by hand into Redis: never re-driven, never a path
                     log.warning("sweeper: dropped malformed job id %r from the active list", job_id[:80])
                     self.redis.zrem(ACTIVE_KEY, job_id)
+                    continue
+                if record.get("wait_reason") == fair_gate.WAIT_REASON and self._waiting_for_slot(record):
                     continue
                 messages = held.get(job_id, [])
                 oldest = min((t for _, t in messages), default=None)
@@ -259,10 +271,22 @@ class Sweeper:
             pipe.execute()
         return len(tags)
 
+    def _waiting_for_slot(self, record: dict[str, str]) -> bool:
+        return self.redis.zscore(waiting_key(record.get("workspace", "")), record["id"]) is not None
+
+    def dispatch_slots(self) -> int:
+        """Fill free transfer slots from the fair-share waiting lists; returns jobs published.
+        With the fair share off (AWORK_FAIR_SHARE=off), every job still waiting is published."""
+        fair = self.fair
+        return fair_gate.publish(
+            self.app, JobStore(self.redis), fair, fair.dispatch() if fair.settings.enabled else fair.drain()
+        )
+
     def queued_job_ids(self) -> set[str]:
-        """Job ids of every message waiting in the step queues."""
+        """Job ids of every message waiting in the step queues (every priority's list)."""
         out: set[str] = set()
-        for queue in (QUEUE_API, QUEUE_TRANSFER):
+        layout = BrokerLayout()
+        for queue in [key for q in (QUEUE_API, QUEUE_TRANSFER) for key in layout.list_keys(q)]:
             start = 0
             while True:
                 raws: list[bytes] = self.redis.lrange(queue, start, start + BATCH - 1)  # type: ignore[assignment]
@@ -388,6 +412,8 @@ class Sweeper:
                 if self._lease():
                     passes += 1
                     res = self.sweep_once()
+                    if self.dispatch_slots():
+                        log.info("sweeper: jobs dispatched into free transfer slots")
                     if res.redriven or res.republished or res.pruned or res.forgotten or res.announced:
                         log.info("sweeper: %s", res)
                     if self.staging_dir is not None and passes % ORPHAN_EVERY_PASSES == 0:

@@ -48,7 +48,7 @@ def _store(client: redis.Redis) -> ConnectionStore:
 def _limits(args: argparse.Namespace) -> dict[str, object] | None:
     table = {
         k: getattr(args, k)
-        for k in ("plan", "per_minute", "per_second", "margin")
+        for k in ("plan", "per_minute", "per_second", "margin", "share")
         if getattr(args, k, None) is not None
     }
     return table or None
@@ -211,6 +211,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-minute", type=int)
     p.add_argument("--per-second", type=int)
     p.add_argument("--margin", type=float)
+    p.add_argument("--share", type=float, help="weight in the fleet's transfer slots (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,10 +30,11 @@ from producers.connections import (
     connection_key,
 )
 from workers.connections.crypto import SecretBox
+from workers.fair_share import check_share
 from workers.limits_config import WorkspaceLimits, limits_from_table
 from workers.settings import Secret
 
-PLAN_FIELDS = ("plan", "per_minute", "per_second", "margin")
+PLAN_FIELDS = ("plan", "per_minute", "per_second", "margin", "share")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Connection:
     access_expires_at: float = 0.0
     access_lifetime: float = 0.0
     api_url: str | None = None
+    share: float = 1.0  # its weight in the fleet's transfer slots (workers/fair_share.py)
 
     def bearer(self) -> Secret | None:
         return self.api_key if self.kind is Kind.API_KEY else self.access_token
@@ -69,6 +71,8 @@ def plan_fields(limits: Mapping[str, object]) -> dict[str, str]:
     """Plan settings for the hash, checked the same way as the TOML file's."""
     table = {k: v for k, v in limits.items() if v is not None and k in PLAN_FIELDS}
     limits_from_table(table, "connection")  # raises ConfigError naming the field
+    if "share" in table:
+        check_share(table["share"], "connection.share")
     return {k: str(v) for k, v in table.items()}
 
 
@@ -274,6 +278,7 @@ class ConnectionStore:
             access_expires_at=float(secret.get("expires_at") or 0),
             access_lifetime=float(secret.get("lifetime") or 0),
             api_url=h.get("api_url") or None,
+            share=check_share(h.get("share"), f"connection {name}.share"),
         )
 
 
