@@ -71,7 +71,8 @@ def test_url_job_is_enqueued_with_location(http: httpx.Client, intake: Intake) -
     got = http.get(resp.headers["location"])
     assert got.status_code == 200 and got.json()["id"] == job["id"]
     client = redis.Redis.from_url(intake.uploads.settings.redis_url, decode_responses=True)
-    assert client.hget(job_key(job["id"]), "published") == "1" and client.llen("awork.api") == 1
+    queued = sum(client.llen(k) for k in client.scan_iter("awork.api*"))  # every priority list
+    assert client.hget(job_key(job["id"]), "published") == "1" and queued == 1
     client.close()
 
 
@@ -344,3 +345,45 @@ def test_a_name_with_a_nul_is_refused_before_the_body_is_read(
     )
     _problem(resp, 422, "name")
     assert list(Path(env["STAGING_DIR"]).iterdir()) == []
+
+
+def test_priority_and_recurring_options_reach_the_record(http: httpx.Client, intake: Intake) -> None:
+    """The HTTP API carries the same job options as the Python API and the CLI: priority
+    (JSON, query parameter or header) and on_existing / new_version_of; bad values name the field."""
+    client = redis.Redis.from_url(intake.uploads.settings.redis_url, decode_responses=True)
+    resp = http.post(
+        "/v1/jobs",
+        json={
+            "to": _task(),
+            "source_url": f"https://{HOST}/a/export.csv",
+            "priority": "bulk",
+            "on_existing": "version",
+        },
+    )
+    assert resp.status_code == 202, resp.text
+    job = resp.json()
+    assert job["priority"] == "bulk"
+    record = client.hgetall(job_key(job["id"]))
+    assert record["priority"] == "bulk" and record["on_existing"] == "version"
+    assert record["flow"] == "resolve"  # looks for a file of that name first
+
+    resp = http.post(
+        "/v1/jobs",
+        params={"to": _task(), "name": "v.bin", "new_version_of": "9a1b2c3d-0000-4000-8000-000000000001"},
+        headers={"Content-Type": "application/octet-stream", "X-Awork-Priority": "high"},
+        content=b"version bytes",
+    )
+    assert resp.status_code == 202, resp.text
+    record = client.hgetall(job_key(resp.json()["id"]))
+    assert record["priority"] == "high" and record["flow"] == "version"
+
+    bad = http.post("/v1/jobs", json={"to": _task(), "source_url": f"https://{HOST}/a/x", "priority": "urgent"})
+    _problem(bad, 400, "priority")  # the JSON body's schema says which values
+    bad = http.post(
+        "/v1/jobs",
+        params={"to": _task(), "name": "x.bin", "priority": "urgent"},
+        headers={"Content-Type": "application/octet-stream"},
+        content=b"x",
+    )
+    _problem(bad, 422, "priority")
+    client.close()

@@ -64,6 +64,10 @@ async def create_batch(request: Request, token: Auth) -> JSONResponse:
                 description=j.description,
                 content_type=j.content_type,
                 callback_url=j.callback_url,
+                priority=j.priority,
+                on_existing=j.on_existing,
+                new_version_of=j.new_version_of,
+                via=j.via,
             )
         )
     idem = request.headers.get("idempotency-key")

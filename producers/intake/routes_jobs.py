@@ -33,7 +33,18 @@ from producers.spec import JobSpec
 router = APIRouter(prefix="/v1")
 Auth = Annotated[TokenInfo, Depends(authenticate)]
 # Fields of an octet-stream upload: query parameters, or headers X-Awork-<Field>.
-BODY_FIELDS = ("to", "workspace", "name", "description", "content_type", "callback_url")
+BODY_FIELDS = (
+    "to",
+    "workspace",
+    "name",
+    "description",
+    "content_type",
+    "callback_url",
+    "priority",
+    "on_existing",
+    "new_version_of",
+    "via",
+)
 NEW_JOB_BODY: dict[str, Any] = {
     "required": True,
     "content": {
@@ -163,6 +174,10 @@ async def create_job(request: Request, token: Auth) -> JSONResponse:
             idempotency_key=idem,
             content_type=fields.get("content_type"),
             callback_url=fields.get("callback_url"),
+            priority=fields.get("priority") or "normal",
+            on_existing=fields.get("on_existing") or "new",
+            new_version_of=fields.get("new_version_of"),
+            via=fields.get("via") or "workers",
         )
         (job,) = await run_in_threadpool(_uploads(request).enqueue_many, [spec], signer=token.id)
     except BaseException as exc:

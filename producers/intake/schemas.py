@@ -53,6 +53,10 @@ class JobOut(BaseModel):
     created: bool = Field(description="false when the Idempotency-Key returned an earlier job")
     batch_id: str | None = None
     cancel_requested: bool = False
+    priority: str = "normal"
+    outcome: str | None = Field(
+        None, description="a done job that made no new file: `version` (of file_id) or `skipped`"
+    )
 
 
 class JobList(BaseModel):
@@ -64,7 +68,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class NewJob(_Strict):
+class _JobOptions(_Strict):
+    """How a job lands (producers.recurring) and where it queues among its workspace's jobs."""
+
+    priority: Literal["high", "normal", "bulk"] = Field(
+        "normal", description="order among this workspace's jobs; never more than its share"
+    )
+    on_existing: Literal["new", "version", "skip"] = Field(
+        "new", description="a file of that name is there: add another, a new version of it, or skip"
+    )
+    new_version_of: str | None = Field(None, description="a new version of this awork file id")
+    via: Literal["workers", "awork"] = Field(
+        "workers", description="awork: awork fetches the (public, <= 100 MB) source URL itself"
+    )
+
+
+class NewJob(_JobOptions):
     """A job whose bytes are at an http(s) URL on the allow-list (AWORK_SOURCE_URL_HOSTS)."""
 
     to: str = Field(description="KIND:ID, e.g. task:<uuid>, image:projects/<uuid>, company:<uuid>")
@@ -78,7 +97,7 @@ class NewJob(_Strict):
     )
 
 
-class BatchJob(_Strict):
+class BatchJob(_JobOptions):
     """One job of a batch: a source URL, or a path relative to STAGING_DIR of a file already there."""
 
     to: str
