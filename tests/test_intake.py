@@ -377,7 +377,8 @@ def test_priority_and_recurring_options_reach_the_record(http: httpx.Client, int
     record = client.hgetall(job_key(resp.json()["id"]))
     assert record["priority"] == "high" and record["flow"] == "version"
 
-    bad = http.post("/v1/jobs", json={"to": _task(), "source_url": f"https://{HOST}/a/x", "priority": "urgent"})
+    spec = {"to": _task(), "source_url": f"https://{HOST}/a/x", "priority": "urgent"}
+    bad = http.post("/v1/jobs", json=spec)
     _problem(bad, 400, "priority")  # the JSON body's schema says which values
     bad = http.post(
         "/v1/jobs",
