@@ -22,6 +22,7 @@ from producers.cli import main as cli_main
 from producers.connections import ConnectionRegistry
 from producers.spec import JobSpec
 from tests.fleet import SECOND_KEY, Fleet, wait_until
+from tests.redis_scan import redis_contents
 from workers.connections.crypto import SecretBox
 from workers.connections.oauth import OAuthClient, begin_authorization, complete_authorization
 from workers.connections.store import ConnectionStore
@@ -168,7 +169,7 @@ def _run_refresh_revoke_reconnect(
     issued = fleet.sandbox.admin("GET", "/oauth/issued")["tokens"]
     assert len(issued) >= 6
     needles = [t.encode() for t in issued] + [CLIENT_SECRET.encode(), SECRETS_KEY.encode()]
-    haystacks = {"redis": _redis_dump(fleet)}
+    haystacks = {"redis": "\n".join(text for _, text in redis_contents(fleet.client())).encode()}
     tasks = flower.wait_for_tasks(lambda ts: len(ts) >= 300, timeout=30)
     haystacks["flower /api/tasks"] = json.dumps(tasks).encode()
     for tid in list(tasks)[:: max(1, len(tasks) // 40)]:
@@ -177,22 +178,3 @@ def _run_refresh_revoke_reconnect(
         haystacks[log.name] = log.read_bytes()
     leaks = [(where, n[:6]) for where, hay in haystacks.items() for n in needles if n in hay]
     assert not leaks
-
-
-def _redis_dump(fleet: Fleet) -> bytes:
-    client = fleet.client()
-    out = []
-    for k in client.scan_iter(count=1000):
-        out.append(k)
-        t = client.type(k)
-        if t == "hash":
-            out += [f + v for f, v in client.hgetall(k).items()]
-        elif t == "string":
-            out.append(client.get(k) or "")
-        elif t == "list":
-            out += client.lrange(k, 0, -1)
-        elif t == "set":
-            out += list(client.smembers(k))
-        elif t == "zset":
-            out += [m for m, _ in client.zrange(k, 0, -1, withscores=True)]
-    return "\n".join(out).encode()

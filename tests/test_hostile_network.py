@@ -431,28 +431,6 @@ def test_log_redaction_keeps_ordinary_text() -> None:
 LEAK = re.compile(r"sig=|sig%3D|TOPSECRET", re.IGNORECASE)
 
 
-def _scan_redis(client: redis.Redis, allowed: dict[bytes, set[bytes]]) -> list[tuple[str, str]]:
-    """Every key and value; `allowed` names hash fields (key -> fields) left out of the scan."""
-    out = []
-    for key in client.scan_iter(count=1000):
-        kind = client.type(key).decode()
-        value: Any
-        if kind == "string":
-            value = client.get(key)
-        elif kind == "hash":
-            value = {f: v for f, v in client.hgetall(key).items() if f not in allowed.get(key, set())}
-        elif kind == "list":
-            value = client.lrange(key, 0, -1)
-        elif kind == "set":
-            value = client.smembers(key)
-        elif kind == "zset":
-            value = client.zrange(key, 0, -1)
-        else:
-            value = b""
-        out.append((key.decode(errors="replace"), f"{key!r} {value!r}"))
-    return out
-
-
 @pytest.mark.slow
 def test_failure_paths_leak_no_url_to_redis_logs_cli_or_flower(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -468,6 +446,7 @@ def test_failure_paths_leak_no_url_to_redis_logs_cli_or_flower(
     from producers.records import JobStore, job_key
     from producers.redrive import canvas_from
     from tests.fleet import API_KEY, SECOND_KEY, Fleet
+    from tests.redis_scan import redis_contents
 
     blob_port, refused_upload, refused_source = free_port(), _closed_port(), _closed_port()
     fleet = Fleet(
@@ -549,7 +528,7 @@ def test_failure_paths_leak_no_url_to_redis_logs_cli_or_flower(
         # (the worker fetches it from there; `dead retry` needs it).
         client = redis.Redis.from_url(fleet.env["REDIS_URL"])
         assert b"sig=" in (client.hget(job_key(signed.id), "source") or b"")
-        haystacks += _scan_redis(client, {job_key(signed.id).encode(): {b"source"}})
+        haystacks += redis_contents(client, {job_key(signed.id).encode(): {b"source"}})
         for where, text in haystacks:
             assert API_KEY not in text and SECOND_KEY not in text, f"API key in {where}"
             found = LEAK.search(text)

@@ -20,6 +20,7 @@ from producers.canvas import publisher_app
 from producers.records import JobStore
 from producers.redrive import canvas_from
 from tests.fleet import API_KEY, SECOND_KEY, Fleet
+from tests.redis_scan import redis_contents
 
 pytestmark = pytest.mark.slow
 
@@ -190,21 +191,7 @@ def test_no_secret_in_redis_logs_or_flower(fleet: Fleet, tmp_path: Path) -> None
         for path in (fleet.root / "logs").glob("*.log"):
             haystacks.append((path.name, path.read_text(errors="replace")))
         client = redis.Redis.from_url(fleet.env["REDIS_URL"])
-        for key in client.scan_iter(count=1000):
-            kind = client.type(key).decode()
-            if kind == "string":
-                value = client.get(key)
-            elif kind == "hash":
-                value = client.hgetall(key)
-            elif kind == "list":
-                value = client.lrange(key, 0, -1)
-            elif kind == "set":
-                value = client.smembers(key)
-            elif kind == "zset":
-                value = client.zrange(key, 0, -1)
-            else:
-                value = b""
-            haystacks.append((key.decode(errors="replace"), f"{key!r} {value!r}"))
+        haystacks += redis_contents(client)
         for where, text in haystacks:
             assert API_KEY not in text and SECOND_KEY not in text, f"API key in {where}"
             assert not SAS_SIGNATURE.search(text), f"upload URL in {where}: {SAS_SIGNATURE.search(text)}"

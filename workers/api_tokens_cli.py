@@ -16,11 +16,9 @@ from collections.abc import Sequence
 import redis
 
 from producers.api_tokens import DEFAULT_RATE_PER_SECOND, ApiTokens
-from producers.config import ConfigError, SharedSettings
-from producers.contract import SpecError
+from producers.config import SharedSettings
+from workers.command_run import EXIT_FAILED, EXIT_OK, run_command
 from workers.connections.crypto import SecretBox
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _tokens() -> ApiTokens:
@@ -87,15 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        return int(args.func(args))
-    except (SpecError, ConfigError) as exc:
-        print(f"awork-uploads: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except redis.RedisError as exc:
-        print(f"awork-uploads: error: Redis: {type(exc).__name__}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_command(build_parser().parse_args(list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from producers.config import DEFAULT_API_URL, ConfigError, SharedSettings
 from producers.connections import ConnectionInfo, ConnectionRegistry, check_name
 from producers.contract import JobState, SpecError
 from producers.records import ACTIVE_KEY, JobStore
+from workers.command_run import EXIT_FAILED, EXIT_OK, run_command
 from workers.connections.crypto import SecretBox
 from workers.connections.oauth import OAuthClient, begin_authorization, complete_authorization
 from workers.connections.store import ConnectionStore, remove_connection
@@ -27,7 +28,6 @@ from workers.connections.tokens import Connections
 from workers.errors import AworkError
 from workers.secret_files import read_secret_file
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 REMOVED_CODE = "connection-removed"
 
 
@@ -267,18 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        return int(args.func(args))
-    except (SpecError, ConfigError) as exc:
-        print(f"awork-uploads: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except AworkError as exc:
-        print(f"awork-uploads: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except redis.RedisError as exc:
-        print(f"awork-uploads: error: Redis: {type(exc).__name__}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_command(build_parser().parse_args(list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":
