@@ -192,6 +192,38 @@ class Fleet:
     def wait(self, jobs: Iterable[Job], timeout: float = 60) -> list[Job]:
         return self.uploads.wait_many([j.id for j in jobs], timeout=timeout)
 
+    def plant_job(self, **fields: str) -> dict[str, str]:
+        """A job record as a hostile client with Redis access could write it (`fields` override
+        a plain file job on a new task), and its canvas published: what the workers then do."""
+        from producers.canvas import publisher_app
+        from producers.records import JobStore
+        from producers.redrive import canvas_from
+
+        now = repr(time.time())
+        record = {
+            "id": uuid.uuid4().hex,
+            "state": "queued",
+            "workspace": "default",
+            "target": f"task:{self.entity('tasks')}",
+            "route": "byuploadid",
+            "file_name": "planted.txt",
+            "content_type": "text/plain",
+            "source_kind": "file",
+            "source": "",
+            "staged_owned": "0",
+            "published": "1",
+            "created_at": now,
+            "updated_at": now,
+            **fields,
+        }
+        JobStore(redis.Redis.from_url(self.env["REDIS_URL"])).create(record, None)
+        app = publisher_app(self.env["REDIS_URL"])
+        try:
+            canvas_from(app, record, "generate").apply_async()
+        finally:
+            app.close()
+        return record
+
     def record(self, job_id: str) -> dict[str, str]:
         return self.uploads.store.get(job_id) or {}
 

@@ -22,13 +22,10 @@ from celery import Celery
 
 from producers import staging
 from producers.broker import celery_config
-from producers.canvas import publisher_app
 from producers.cli import main as cli_main
 from producers.config import ConfigError, SharedSettings
 from producers.contract import SpecError
 from producers.job_ids import new_job_id
-from producers.records import JobStore
-from producers.redrive import canvas_from
 from producers.safe_open import open_beneath
 from producers.spec import JobSpec, validate
 from producers.staging_mode import GROUP
@@ -435,26 +432,7 @@ def test_crafted_record_with_a_path_as_id_deletes_nothing(fleet: Fleet, tmp_path
     staged = Path(fleet.env["STAGING_DIR"]) / "planted.txt"
     staged.write_text("hello")
     crafted = str(victim)
-    now = repr(time.time())
-    record = {
-        "id": crafted,
-        "state": "queued",
-        "workspace": "default",
-        "target": f"task:{fleet.entity('tasks')}",
-        "route": "byuploadid",
-        "file_name": "planted.txt",
-        "content_type": "text/plain",
-        "source_kind": "file",
-        "source": str(staged),
-        "staged_owned": "1",
-        "published": "1",
-        "created_at": now,
-        "updated_at": now,
-    }
-    JobStore(redis.Redis.from_url(fleet.env["REDIS_URL"])).create(record, None)
-    app = publisher_app(fleet.env["REDIS_URL"])
-    canvas_from(app, record, "generate").apply_async()
-    app.close()
+    fleet.plant_job(id=crafted, source=str(staged), staged_owned="1")
 
     def dropped() -> bool:
         logs = "".join(p.read_text(errors="replace") for p in (fleet.root / "logs").glob("*.log"))
@@ -496,26 +474,7 @@ def test_crafted_record_with_a_spoofing_name_is_not_sent(fleet: Fleet) -> None:
     staged = Path(fleet.env["STAGING_DIR"]) / "spoof.txt"
     staged.write_text("hello")
     job_id = new_job_id()
-    now = repr(time.time())
-    record = {
-        "id": job_id,
-        "state": "queued",
-        "workspace": "default",
-        "target": f"task:{entity}",
-        "route": "byuploadid",
-        "file_name": "invoice\u202efdp.exe",
-        "content_type": "text/plain",
-        "source_kind": "file",
-        "source": str(staged),
-        "staged_owned": "0",
-        "published": "1",
-        "created_at": now,
-        "updated_at": now,
-    }
-    JobStore(redis.Redis.from_url(fleet.env["REDIS_URL"])).create(record, None)
-    app = publisher_app(fleet.env["REDIS_URL"])
-    canvas_from(app, record, "generate").apply_async()
-    app.close()
+    fleet.plant_job(id=job_id, target=f"task:{entity}", file_name="invoice\u202efdp.exe", source=str(staged))
     (final,) = fleet.uploads.wait_many([job_id], timeout=60)
     assert final.state.value == "failed" and final.error is not None
     assert final.error.code == "record-invalid" and "file_name" in (final.error.description or "")

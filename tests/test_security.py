@@ -16,9 +16,6 @@ from kombu import Connection, Exchange, Producer
 from ops.demo_files import png_file, random_file
 from ops.flower import FlowerProcess
 from ops.redis_server import free_port
-from producers.canvas import publisher_app
-from producers.records import JobStore
-from producers.redrive import canvas_from
 from tests.fleet import API_KEY, SECOND_KEY, Fleet
 from tests.redis_scan import redis_contents
 
@@ -53,29 +50,7 @@ def _wait_state(fleet: Fleet, job_id: str, timeout: float = 30) -> dict[str, str
 
 def _crafted_job(fleet: Fleet, source: str) -> str:
     """A record as a hostile client with Redis access could write it, then its canvas."""
-    job_id = uuid.uuid4().hex
-    entity = fleet.entity("tasks")
-    now = repr(time.time())
-    record = {
-        "id": job_id,
-        "state": "queued",
-        "workspace": "default",
-        "target": f"task:{entity}",
-        "route": "byuploadid",
-        "file_name": "loot.txt",
-        "content_type": "text/plain",
-        "source_kind": "file",
-        "source": source,
-        "staged_owned": "0",
-        "published": "1",
-        "created_at": now,
-        "updated_at": now,
-    }
-    JobStore(redis.Redis.from_url(fleet.env["REDIS_URL"])).create(record, None)
-    app = publisher_app(fleet.env["REDIS_URL"])
-    canvas_from(app, record, "generate").apply_async()
-    app.close()
-    return job_id
+    return fleet.plant_job(file_name="loot.txt", source=source)["id"]
 
 
 def test_worker_reads_only_inside_staging(fleet: Fleet, tmp_path: Path) -> None:
