@@ -252,6 +252,12 @@ def _done(ctx: StepContext, info: dict[str, Any], evidence: str = "") -> dict[st
         done_fields["done_evidence"] = evidence
     if expected:
         done_fields["bytes_sent"] = expected
+    if ctx.step == "link":
+        # Linked: the bytes are of no more use, and a redelivered link reconciles without them.
+        # Removed before the job is marked done, so a worker killed in between leaves no done job
+        # with staged bytes behind. (A multipart job keeps them until it is done: a redelivered
+        # multipart step that cannot find its file sends the bytes again.)
+        cleanup_staging(ctx)
     ctx.rt.store.finish(ctx.job_id, JobState.DONE, notify=ctx.record.get("notify") == "1", **done_fields)
     metrics.job_finished(JobState.DONE.value, ctx.workspace)
     cleanup_staging(ctx)
