@@ -20,9 +20,9 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import BodyPartReader, web
 
@@ -61,6 +61,7 @@ LIST_ENTITIES = {k: v for k, v in MULTIPART_ENTITIES.items() if k != "companies"
 IMAGE_ENTITY_NAMES = frozenset(
     {"companies", "contactpersons", "projects", "projecttemplates", "users", "workspaces"}
 )
+_T = TypeVar("_T")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 
 
@@ -443,25 +444,36 @@ def _int_param(request: web.BaseRequest, name: str, default: int, lo: int, hi: i
     return value
 
 
+def page_params(request: web.BaseRequest) -> tuple[int, int]:
+    """(page, pageSize) of a list route, checked before the entity is looked up (as awork)."""
+    return _int_param(request, "page", 1, 1, 1_000_000), _int_param(request, "pageSize", 10, 1, 1000)
+
+
+def paged_response(
+    items: Sequence[_T], page: tuple[int, int], render: Callable[[_T], Any]
+) -> web.Response:
+    """One page of `items`, rendered, with awork's aw-page/aw-pagesize/aw-items/aw-totalitems."""
+    number, size = page
+    chosen = [render(item) for item in items[(number - 1) * size : number * size]]
+    return _json_response(
+        chosen,
+        headers={
+            "aw-page": str(number),
+            "aw-pagesize": str(size),
+            "aw-items": str(len(chosen)),
+            "aw-totalitems": str(len(items)),
+        },
+    )
+
+
 def list_handler(entity: str, param: str) -> Handler:
     async def handler(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
         entity_id = _entity_id(params[param])
-        page = _int_param(ctx.request, "page", 1, 1, 1_000_000)
-        page_size = _int_param(ctx.request, "pageSize", 10, 1, 1000)
+        page = page_params(ctx.request)
         _require_entity(ctx, entity, entity_id)
-        state = ctx.sandbox.state
-        ids = state.files_by_entity.get((entity, entity_id), [])
-        chosen = ids[(page - 1) * page_size : page * page_size]
-        items = [state.files[i].file_info() for i in chosen]
-        return _json_response(
-            items,
-            headers={
-                "aw-page": str(page),
-                "aw-pagesize": str(page_size),
-                "aw-items": str(len(items)),
-                "aw-totalitems": str(len(ids)),
-            },
-        )
+        files = ctx.sandbox.state.files
+        ids = ctx.sandbox.state.files_by_entity.get((entity, entity_id), [])
+        return paged_response(ids, page, lambda i: files[i].file_info())
 
     return handler
 
