@@ -624,21 +624,15 @@ class ApiFrontDoor:
         if route is None and sub_path.lower().rstrip("/") in (AUTHORIZE_PATH, TOKEN_PATH):
             return await oauth_endpoint(sb, request, sub_path.lower().rstrip("/"), headers)
         try:
-            auth = request.headers.get("Authorization", "")
-            scheme, _, token = auth.partition(" ")
-            workspace = workspace_for_key(self._keys, token.strip()) if scheme.lower() == "bearer" else None
-            user_id = sb.user_ids.get(token.strip(), "")
-            if workspace is None and scheme.lower() == "bearer":
-                found = sb.oauth.access(token.strip())
-                if found is not None:
-                    workspace, user_id = found
-            if workspace is None:
+            caller = self._caller(request.headers.get("Authorization", ""))
+            if caller is None:
                 counters.unauthorized += 1
                 headers["WWW-Authenticate"] = "Bearer"
                 raise ApiError(
                     401, E.UNAUTHORIZED,
                     "The request is not authorized: missing or unknown bearer token.",
                 )
+            workspace, user_id = caller
             counters.requests_by_workspace[workspace] += 1
             decision = sb.limiter.hit(workspace, time.time())
             headers.update(decision.headers)
@@ -700,6 +694,18 @@ class ApiFrontDoor:
         counters.statuses[status] += 1
         counters.statuses_by_route[stat][status] += 1
         return response
+
+    def _caller(self, authorization: str) -> tuple[str, str] | None:
+        """(workspace, user id) of a bearer API key (compared in constant time) or of a live
+        OAuth access token; None for anything else."""
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        token = token.strip()
+        workspace = workspace_for_key(self._keys, token)
+        if workspace is not None:
+            return workspace, self.sandbox.user_ids[token]
+        return self.sandbox.oauth.access(token)
 
     def _before(self, request: web.BaseRequest, workspace: str, fault: Fault,
                 headers: dict[str, str]) -> None:
