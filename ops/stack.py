@@ -136,23 +136,8 @@ class Stack:
 
     # -- use ---------------------------------------------------------------------------------
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Until every worker has announced itself in Redis (or raise)."""
-        import redis
-
-        client = redis.Redis.from_url(self.env["REDIS_URL"])
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                dead = [w.name for w in self.workers if not w.alive()]
-                if dead:
-                    raise RuntimeError(f"{', '.join(dead)} exited; see {self.config.data_dir}/logs/")
-                replies = ping_workers(self.env)
-                if replies >= len(self.workers):
-                    return
-                time.sleep(0.5)
-        finally:
-            client.close()
-        raise TimeoutError(f"workers not ready after {timeout:.0f}s; see {self.config.data_dir}/logs/")
+        """Until every worker answers ping (or raise)."""
+        wait_for_workers(self.env, self.workers, timeout, self.config.data_dir / "logs")
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -209,6 +194,21 @@ def ping_workers(env: dict[str, str]) -> int:
         return 0
     finally:
         app.close()
+
+
+def wait_for_workers(env: dict[str, str], workers: Sequence[Child], timeout: float, logs: Path) -> None:
+    """Until every one of `workers` answers ping; RuntimeError as soon as one has exited,
+    TimeoutError after `timeout` seconds (both name the log directory)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        dead = [w.name for w in workers if not w.alive()]
+        if dead:
+            raise RuntimeError(f"{', '.join(dead)} exited; see {logs}/")
+        if ping_workers(env) >= len(workers):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"workers not ready after {timeout:.0f}s; see {logs}/")
+        time.sleep(0.5)
 
 
 def _port_free(port: int) -> bool:

@@ -43,7 +43,7 @@ import redis
 from ops.processes import Child, stop_all
 from ops.redis_server import RedisServer
 from ops.sandbox.launcher import SandboxProcess
-from ops.stack import ping_workers, worker_argv
+from ops.stack import wait_for_workers, worker_argv
 from producers.client import Uploads
 from producers.config import SharedSettings
 from producers.records import Job
@@ -107,11 +107,7 @@ class Bench:
             self.children.append(
                 Child(f"worker-{n}", worker_argv(self.concurrency, host, LOGLEVEL), env, log).start()
             )
-        deadline = time.monotonic() + 60
-        while ping_workers(env) < self.workers:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"workers did not start (logs in {self.root / 'logs'})")
-            time.sleep(0.3)
+        wait_for_workers(env, self.children, 60, self.root / "logs")
         saved = dict(os.environ)
         os.environ.update({k: env[k] for k in ("REDIS_URL", "STAGING_DIR", "AWORK_WORKSPACES_FILE")})
         try:

@@ -49,7 +49,7 @@ from typing import Any
 from ops.processes import Child, stop_all
 from ops.redis_server import RedisServer
 from ops.sandbox.launcher import SandboxProcess
-from ops.stack import ping_workers, worker_argv
+from ops.stack import wait_for_workers, worker_argv
 from producers.config import SharedSettings
 from producers.contract import TASK_GENERATE_UPLOAD_URL, TASK_LINK_FILE
 
@@ -138,11 +138,7 @@ class BenchFleet:
             argv = worker_argv(self.args.concurrency, f"bench{n + 1}-{uuid.uuid4().hex[:6]}@%h", "WARNING")
             log = self.root / "logs" / f"worker-{n + 1}.log"
             self.workers.append(Child(f"worker-{n + 1}", argv, env, log).start())
-        deadline = time.monotonic() + 90
-        while ping_workers(env) < len(self.workers):
-            if time.monotonic() > deadline or not all(w.alive() for w in self.workers):
-                raise RuntimeError(f"workers not ready; logs in {self.root / 'logs'}")
-            time.sleep(0.5)
+        wait_for_workers(env, self.workers, 90, self.root / "logs")
         return self
 
     def stop(self) -> None:

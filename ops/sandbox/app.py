@@ -20,9 +20,9 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import BodyPartReader, web
 
@@ -61,6 +61,7 @@ LIST_ENTITIES = {k: v for k, v in MULTIPART_ENTITIES.items() if k != "companies"
 IMAGE_ENTITY_NAMES = frozenset(
     {"companies", "contactpersons", "projects", "projecttemplates", "users", "workspaces"}
 )
+_T = TypeVar("_T")
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 
 
@@ -443,25 +444,36 @@ def _int_param(request: web.BaseRequest, name: str, default: int, lo: int, hi: i
     return value
 
 
+def page_params(request: web.BaseRequest) -> tuple[int, int]:
+    """(page, pageSize) of a list route, checked before the entity is looked up (as awork)."""
+    return _int_param(request, "page", 1, 1, 1_000_000), _int_param(request, "pageSize", 10, 1, 1000)
+
+
+def paged_response(
+    items: Sequence[_T], page: tuple[int, int], render: Callable[[_T], Any]
+) -> web.Response:
+    """One page of `items`, rendered, with awork's aw-page/aw-pagesize/aw-items/aw-totalitems."""
+    number, size = page
+    chosen = [render(item) for item in items[(number - 1) * size : number * size]]
+    return _json_response(
+        chosen,
+        headers={
+            "aw-page": str(number),
+            "aw-pagesize": str(size),
+            "aw-items": str(len(chosen)),
+            "aw-totalitems": str(len(items)),
+        },
+    )
+
+
 def list_handler(entity: str, param: str) -> Handler:
     async def handler(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
         entity_id = _entity_id(params[param])
-        page = _int_param(ctx.request, "page", 1, 1, 1_000_000)
-        page_size = _int_param(ctx.request, "pageSize", 10, 1, 1000)
+        page = page_params(ctx.request)
         _require_entity(ctx, entity, entity_id)
-        state = ctx.sandbox.state
-        ids = state.files_by_entity.get((entity, entity_id), [])
-        chosen = ids[(page - 1) * page_size : page * page_size]
-        items = [state.files[i].file_info() for i in chosen]
-        return _json_response(
-            items,
-            headers={
-                "aw-page": str(page),
-                "aw-pagesize": str(page_size),
-                "aw-items": str(len(items)),
-                "aw-totalitems": str(len(ids)),
-            },
-        )
+        files = ctx.sandbox.state.files
+        ids = ctx.sandbox.state.files_by_entity.get((entity, entity_id), [])
+        return paged_response(ids, page, lambda i: files[i].file_info())
 
     return handler
 
@@ -612,21 +624,15 @@ class ApiFrontDoor:
         if route is None and sub_path.lower().rstrip("/") in (AUTHORIZE_PATH, TOKEN_PATH):
             return await oauth_endpoint(sb, request, sub_path.lower().rstrip("/"), headers)
         try:
-            auth = request.headers.get("Authorization", "")
-            scheme, _, token = auth.partition(" ")
-            workspace = workspace_for_key(self._keys, token.strip()) if scheme.lower() == "bearer" else None
-            user_id = sb.user_ids.get(token.strip(), "")
-            if workspace is None and scheme.lower() == "bearer":
-                found = sb.oauth.access(token.strip())
-                if found is not None:
-                    workspace, user_id = found
-            if workspace is None:
+            caller = self._caller(request.headers.get("Authorization", ""))
+            if caller is None:
                 counters.unauthorized += 1
                 headers["WWW-Authenticate"] = "Bearer"
                 raise ApiError(
                     401, E.UNAUTHORIZED,
                     "The request is not authorized: missing or unknown bearer token.",
                 )
+            workspace, user_id = caller
             counters.requests_by_workspace[workspace] += 1
             decision = sb.limiter.hit(workspace, time.time())
             headers.update(decision.headers)
@@ -688,6 +694,18 @@ class ApiFrontDoor:
         counters.statuses[status] += 1
         counters.statuses_by_route[stat][status] += 1
         return response
+
+    def _caller(self, authorization: str) -> tuple[str, str] | None:
+        """(workspace, user id) of a bearer API key (compared in constant time) or of a live
+        OAuth access token; None for anything else."""
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        token = token.strip()
+        workspace = workspace_for_key(self._keys, token)
+        if workspace is not None:
+            return workspace, self.sandbox.user_ids[token]
+        return self.sandbox.oauth.access(token)
 
     def _before(self, request: web.BaseRequest, workspace: str, fault: Fault,
                 headers: dict[str, str]) -> None:

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from .auth import same_secret
+
 AUTHORIZE_PATH = "/accounts/authorize"
 TOKEN_PATH = "/accounts/token"
 CODE_LIFETIME_S = 60.0
@@ -150,7 +152,8 @@ class OAuthServer:
             cid, _, secret = base64.b64decode(raw.strip()).decode().partition(":")
         except ValueError:
             raise OAuthError(401, "invalid_client", "malformed Basic credentials") from None
-        if self.clients.get(cid) != secret or not secrets.compare_digest(self.clients.get(cid, ""), secret):
+        expected = self.clients.get(cid)  # the id is not a secret; the secret is compared below
+        if expected is None or not same_secret(secret, expected):
             raise OAuthError(401, "invalid_client", "unknown client or wrong secret")
         return cid
 

@@ -67,23 +67,13 @@ def _add_version(entity: str, param: str) -> Any:
 
 def _list_versions(entity: str, param: str) -> Any:
     async def handler(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
-        from .app import _entity_id, _file_of, _int_param, _json_response, _require_entity
+        from .app import _entity_id, _file_of, _require_entity, page_params, paged_response
 
         entity_id = _entity_id(params[param])
-        page = _int_param(ctx.request, "page", 1, 1, 1_000_000)
-        page_size = _int_param(ctx.request, "pageSize", 10, 1, 1000)
+        page = page_params(ctx.request)
         _require_entity(ctx, entity, entity_id)
         stored = _file_of(ctx, params["fileId"], entity, entity_id)
-        chosen = stored.versions[(page - 1) * page_size : page * page_size]
-        return _json_response(
-            [v.info(stored.id) for v in chosen],
-            headers={
-                "aw-page": str(page),
-                "aw-pagesize": str(page_size),
-                "aw-items": str(len(chosen)),
-                "aw-totalitems": str(len(stored.versions)),
-            },
-        )
+        return paged_response(stored.versions, page, lambda v: v.info(stored.id))
 
     return handler
 

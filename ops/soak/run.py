@@ -57,7 +57,7 @@ import redis
 from ops.processes import Child, stop_all
 from ops.redis_server import RedisServer
 from ops.sandbox.launcher import SandboxProcess
-from ops.stack import ping_workers, worker_argv
+from ops.stack import wait_for_workers, worker_argv
 from producers.client import PublishFailed, RedisUnavailable, Uploads
 from producers.config import SharedSettings
 from producers.spec import JobSpec
@@ -208,11 +208,7 @@ class Soak:
         self.env = env
         for n in range(self.cfg.workers):
             self.workers.append(self._worker(n + 1).start())
-        deadline = time.monotonic() + 90
-        while ping_workers(env) < len(self.workers):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"workers not ready; logs in {self.root / 'logs'}")
-            time.sleep(0.5)
+        wait_for_workers(env, self.workers, 90, self.root / "logs")
         saved = dict(os.environ)
         os.environ.update({k: env[k] for k in ("REDIS_URL", "STAGING_DIR")})
         os.environ.pop("AWORK_WORKSPACES_FILE", None)

@@ -170,3 +170,34 @@ def test_worker_oauth_client_against_the_sandbox(osb: SandboxProcess, tmp_path: 
     assert ts.expires_in == 3600 and _me(osb, ts.access_token.reveal()).status_code == 200
     with pytest.raises(InvalidGrant):
         client.refresh(Secret(tokens["refresh_token"]))
+
+
+def test_client_secret_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The token endpoint checks the client secret the way API keys are checked: a wrong secret
+    goes through hmac.compare_digest (no early exit on the first differing character), and a
+    right secret with non-ASCII characters is accepted, not a 500."""
+    import hmac
+
+    from ops.sandbox.oauth import OAuthError, OAuthServer
+
+    server = OAuthServer({"cid": "s\u00e9cret"})
+    compared: list[bytes] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append(bytes(a))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    body = b"grant_type=refresh_token&refresh_token=nothing"
+
+    def basic(secret: str) -> str:
+        return "Basic " + base64.b64encode(f"cid:{secret}".encode()).decode()
+
+    with pytest.raises(OAuthError) as wrong:
+        server.token(basic("x\u00e9cret"), body)
+    assert wrong.value.error == "invalid_client"
+    assert compared == ["x\u00e9cret".encode()]
+    with pytest.raises(OAuthError) as right:
+        server.token(basic("s\u00e9cret"), body)
+    assert right.value.error == "invalid_grant"  # the client passed; the refresh token did not
