@@ -16,10 +16,11 @@ from pathlib import Path
 
 import redis
 
-from producers.config import DEFAULT_API_URL, ConfigError, SharedSettings
+from producers.config import ConfigError, SharedSettings
 from producers.connections import ConnectionInfo, ConnectionRegistry, check_name
 from producers.contract import JobState, SpecError
 from producers.records import ACTIVE_KEY, JobStore
+from workers.api_url import api_url_from_env, insecure_api_allowed
 from workers.command_run import EXIT_FAILED, EXIT_OK, run_command
 from workers.connections.crypto import SecretBox
 from workers.connections.oauth import OAuthClient, begin_authorization, complete_authorization
@@ -32,7 +33,8 @@ REMOVED_CODE = "connection-removed"
 
 
 def _api_url() -> str:
-    return (os.environ.get("AWORK_API_URL", "").strip() or DEFAULT_API_URL).rstrip("/")
+    """Where the commands send client secret and tokens: checked as the workers check it."""
+    return api_url_from_env(insecure_api_allowed())
 
 
 def _redis() -> redis.Redis:
