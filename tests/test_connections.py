@@ -228,3 +228,21 @@ def test_connection_commands_refuse_an_http_api_url(
     monkeypatch.setenv("AWORK_API_URL", "https://awork.example/api/v1")
     assert cli_main(argv) == 0
     assert capsys.readouterr().out.startswith("https://awork.example/api/v1/accounts/authorize?")
+
+
+def test_a_connection_hash_cannot_redirect_its_token(
+    client: redis.Redis, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registered connection's requests go to AWORK_API_URL (checked at start): an `api_url`
+    field written into its hash by a Redis client is not a place to send its key."""
+    from workers.runtime import Runtime
+    from workers.settings import WorkerSettings
+
+    ConnectionStore(client, SecretBox.from_env()).add_api_key("acme", "k1")
+    client.hset(connection_key("acme"), "api_url", "http://collector.example/api/v1")
+    monkeypatch.setenv("AWORK_API_URL", "https://api.awork.example/api/v1")
+    rt = Runtime(WorkerSettings.from_env())
+    try:
+        assert rt.client("acme").api_url == "https://api.awork.example/api/v1"
+    finally:
+        rt.redis.close()

@@ -126,7 +126,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     except Exception as exc:  # NeedsReconnect and friends: say it, name the connection
         print(f"{args.name}: failed: {exc}")
         return EXIT_FAILED
-    url = f"{conn.api_url or _api_url()}/me"
+    url = f"{_api_url()}/me"
     resp = requests.get(url, headers={"Authorization": f"Bearer {token.reveal()}"}, timeout=(10, 30))
     ok = resp.status_code == 200
     print(f"{args.name}: {'ok' if ok else 'failed'} (GET /me: HTTP {resp.status_code})")
