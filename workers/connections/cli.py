@@ -23,10 +23,14 @@ from producers.records import ACTIVE_KEY, JobStore
 from workers.api_url import api_url_from_env, insecure_api_allowed
 from workers.command_run import EXIT_FAILED, EXIT_OK, run_command
 from workers.connections.crypto import SecretBox
-from workers.connections.oauth import OAuthClient, begin_authorization, complete_authorization
-from workers.connections.store import ConnectionStore, remove_connection
-from workers.connections.tokens import Connections
-from workers.errors import AworkError
+from workers.connections.oauth import (
+    OAuthClient,
+    begin_authorization,
+    complete_authorization,
+    oauth_client_from_env,
+)
+from workers.connections.store import PLAN_FIELDS, ConnectionStore, remove_connection
+from workers.connections.tokens import Connections, UnknownConnection
 from workers.secret_files import read_secret_file
 
 REMOVED_CODE = "connection-removed"
@@ -50,10 +54,15 @@ def _store(client: redis.Redis) -> ConnectionStore:
 def _limits(args: argparse.Namespace) -> dict[str, object] | None:
     table = {
         k: getattr(args, k)
-        for k in ("plan", "per_minute", "per_second", "margin", "share")
+        for k in PLAN_FIELDS
         if getattr(args, k, None) is not None
     }
     return table or None
+
+
+def _not_registered(name: str) -> int:
+    print(f"awork-uploads: error: connection {name!r} is not registered", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def _print(info: ConnectionInfo, as_json: bool) -> None:
@@ -100,8 +109,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     info = ConnectionRegistry(_redis()).get(args.name)
     if info is None:
-        print(f"awork-uploads: error: connection {args.name!r} is not registered", file=sys.stderr)
-        return EXIT_FAILED
+        return _not_registered(args.name)
     _print(info, args.json)
     return EXIT_OK
 
@@ -110,20 +118,12 @@ def cmd_test(args: argparse.Namespace) -> int:
     """One cheap authenticated call (GET /me), refreshing an OAuth token first if it is due."""
     import requests
 
-    client = _redis()
-    store = _store(client)
-    oauth = _oauth_or_none()
-    conns = Connections(store, oauth, ttl=0)
-    conn = store.load(args.name)
-    if conn is None:
-        print(f"awork-uploads: error: connection {args.name!r} is not registered", file=sys.stderr)
-        return EXIT_FAILED
+    conns = Connections(_store(_redis()), oauth_client_from_env(_api_url()), ttl=0)
     try:
         token = conns.bearer(args.name)
-    except AworkError as exc:
-        print(f"{args.name}: failed: {exc}")
-        return EXIT_FAILED
-    except Exception as exc:  # NeedsReconnect and friends: say it, name the connection
+    except UnknownConnection:
+        return _not_registered(args.name)
+    except Exception as exc:  # NeedsReconnect, a refused refresh: say it, name the connection
         print(f"{args.name}: failed: {exc}")
         return EXIT_FAILED
     url = f"{_api_url()}/me"
@@ -148,8 +148,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
     client = _redis()
     registry = ConnectionRegistry(client)
     if registry.get(args.name) is None:
-        print(f"awork-uploads: error: connection {args.name!r} is not registered", file=sys.stderr)
-        return EXIT_FAILED
+        return _not_registered(args.name)
     jobs = active_jobs(client, args.name)
     if jobs and not args.force:
         print(
@@ -184,12 +183,6 @@ def cmd_rekey(args: argparse.Namespace) -> int:
         else f"re-encrypted {count} secret(s) under the first key"
     )
     return EXIT_OK
-
-
-def _oauth_or_none() -> OAuthClient | None:
-    if not (os.environ.get("AWORK_OAUTH_CLIENT_ID") or os.environ.get("AWORK_OAUTH_CLIENT_ID_FILE")):
-        return None
-    return OAuthClient.from_env(_api_url())
 
 
 def cmd_oauth_url(args: argparse.Namespace) -> int:
