@@ -246,3 +246,18 @@ def test_a_connection_hash_cannot_redirect_its_token(
         assert rt.client("acme").api_url == "https://api.awork.example/api/v1"
     finally:
         rt.redis.close()
+
+
+def test_a_negative_connection_setting_names_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from producers.config import ConfigError
+    from workers.connections.settings import ConnectionSettings
+
+    for var in (
+        "AWORK_CONNECTION_CACHE_SECONDS",
+        "AWORK_CONNECTION_RECHECK_SECONDS",
+        "AWORK_OAUTH_KEEPALIVE_SECONDS",
+    ):
+        monkeypatch.setenv(var, "-1")
+        with pytest.raises(ConfigError, match=f"^{var}: must not be negative"):
+            ConnectionSettings.from_env("https://api.awork.example/api/v1")
+        monkeypatch.delenv(var)
