@@ -16,12 +16,12 @@ from pathlib import Path
 
 import redis
 
-from producers.config import ConfigError, SharedSettings
+from producers.config import ConfigError
 from producers.connections import ConnectionInfo, ConnectionRegistry, check_name
 from producers.contract import JobState, SpecError
 from producers.records import ACTIVE_KEY, JobStore
 from workers.api_url import api_url_from_env, insecure_api_allowed
-from workers.command_run import EXIT_FAILED, EXIT_OK, run_command
+from workers.command_run import EXIT_FAILED, EXIT_OK, command_redis, run_command
 from workers.connections.crypto import SecretBox
 from workers.connections.oauth import (
     OAuthClient,
@@ -39,12 +39,6 @@ REMOVED_CODE = "connection-removed"
 def _api_url() -> str:
     """Where the commands send client secret and tokens: checked as the workers check it."""
     return api_url_from_env(insecure_api_allowed())
-
-
-def _redis() -> redis.Redis:
-    return redis.Redis.from_url(
-        SharedSettings.from_env().redis_url, socket_connect_timeout=3, socket_timeout=10
-    )
 
 
 def _store(client: redis.Redis) -> ConnectionStore:
@@ -79,7 +73,7 @@ def _print(info: ConnectionInfo, as_json: bool) -> None:
 
 def cmd_add(args: argparse.Namespace) -> int:
     check_name(args.name)
-    client = _redis()
+    client = command_redis()
     store = _store(client)
     if args.oauth:
         if not args.refresh_token_file:
@@ -101,13 +95,13 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    for info in ConnectionRegistry(_redis()).list():
+    for info in ConnectionRegistry(command_redis()).list():
         _print(info, args.json)
     return EXIT_OK
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    info = ConnectionRegistry(_redis()).get(args.name)
+    info = ConnectionRegistry(command_redis()).get(args.name)
     if info is None:
         return _not_registered(args.name)
     _print(info, args.json)
@@ -118,7 +112,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     """One cheap authenticated call (GET /me), refreshing an OAuth token first if it is due."""
     import requests
 
-    conns = Connections(_store(_redis()), oauth_client_from_env(_api_url()), ttl=0)
+    conns = Connections(_store(command_redis()), oauth_client_from_env(_api_url()), ttl=0)
     try:
         token = conns.bearer(args.name)
     except UnknownConnection:
@@ -145,7 +139,7 @@ def active_jobs(client: redis.Redis, name: str) -> list[str]:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    client = _redis()
+    client = command_redis()
     registry = ConnectionRegistry(client)
     if registry.get(args.name) is None:
         return _not_registered(args.name)
@@ -176,7 +170,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_rekey(args: argparse.Namespace) -> int:
-    count = _store(_redis()).rekey()
+    count = _store(command_redis()).rekey()
     print(
         json.dumps({"reencrypted": count})
         if args.json
@@ -187,7 +181,7 @@ def cmd_rekey(args: argparse.Namespace) -> int:
 
 def cmd_oauth_url(args: argparse.Namespace) -> int:
     url = begin_authorization(
-        _store(_redis()), OAuthClient.from_env(_api_url()), args.name, args.redirect_uri, _limits(args)
+        _store(command_redis()), OAuthClient.from_env(_api_url()), args.name, args.redirect_uri, _limits(args)
     )
     print(url)
     return EXIT_OK
@@ -195,7 +189,7 @@ def cmd_oauth_url(args: argparse.Namespace) -> int:
 
 def cmd_oauth_complete(args: argparse.Namespace) -> int:
     info = complete_authorization(
-        _store(_redis()), OAuthClient.from_env(_api_url()), args.name, args.code, args.state
+        _store(command_redis()), OAuthClient.from_env(_api_url()), args.name, args.code, args.state
     )
     _print(info, args.json)
     return EXIT_OK
