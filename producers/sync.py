@@ -159,19 +159,24 @@ class FolderSync:
             planned.append(Planned(f.name, action, f.path, f.size, md5, f.mtime_ns, file_id))
         return planned
 
-    def _settle(self, name: str, entry: dict[str, Any] | None) -> dict[str, Any]:
-        """An entry whose job (from an earlier run) has ended since: its outcome recorded."""
+    def _settle(
+        self, name: str, entry: dict[str, Any] | None, known: dict[str, Job] | None = None
+    ) -> dict[str, Any]:
+        """An entry whose job (from an earlier run) has ended since: its outcome recorded.
+
+        `known`: jobs already read (this run's, from wait_many), so they are not read again."""
         if not entry or not entry.get("job"):
             return entry or {}
-        try:
-            job = self.up.status(entry["job"])
-        except KeyError:  # the record expired: that job's outcome is unknown, plan afresh
-            job = None
+        job = (known or {}).get(entry["job"])
+        if job is None:
+            try:
+                job = self.up.status(entry["job"])
+            except KeyError:  # the record expired: that job's outcome is unknown, plan afresh
+                job = None
         if job is not None and not job.finished:
             return entry
-        done = job is not None and job.state is JobState.DONE and job.file_id
         settled = dict(entry.get("synced") or {})
-        if done:
+        if job is not None and job.state is JobState.DONE and job.file_id:
             settled = {k: entry[k] for k in ("size", "md5", "mtime_ns")} | {"file_id": job.file_id}
         self._save(name, settled)
         return settled
@@ -206,8 +211,10 @@ class FolderSync:
             self._save(p.name, {"size": p.size, "md5": p.md5, "mtime_ns": p.mtime_ns,
                                 "file_id": p.file_id, "job": job.id, "synced": previous})
         result.jobs = self.up.wait_many([j.id for j in jobs], timeout=self.timeout)
+        ended = {j.id: j for j in result.jobs}
+        state = self.state()  # once, not once per file: the hash holds every file of the folder
         for p in todo:
-            self._settle(p.name, self.state().get(p.name))
+            self._settle(p.name, state.get(p.name), ended)
         for job in result.failed:
             err = job.error
             self.say(f"failed    {job.file_name}: {err.code if err else ''} {err.description if err else ''}")

@@ -209,3 +209,55 @@ def test_invalid_grant_with_unchanged_token_means_needs_reconnect(client: redis.
     assert endpoint.calls == 1
     store.add_oauth("globex", "rt-2", "at-2", 3600)  # the customer connected again
     assert conns.bearer("globex").reveal() == "at-2"
+
+
+def test_connection_commands_refuse_an_http_api_url(
+    client: redis.Redis, key: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The commands send the client secret and the tokens to AWORK_API_URL: the workers' https
+    rule holds for them too (exit 2, the error names the variable, nothing is written)."""
+    monkeypatch.setenv("AWORK_OAUTH_CLIENT_ID", "cid")
+    monkeypatch.setenv("AWORK_OAUTH_CLIENT_SECRET", "client-secret")
+    monkeypatch.setenv("AWORK_API_URL", "http://awork.example/api/v1")
+    monkeypatch.delenv("AWORK_ALLOW_INSECURE_API", raising=False)
+    argv = ["connections", "oauth-url", "acme", "--redirect-uri", "https://app.example/callback"]
+    assert cli_main(argv) == 2
+    out = capsys.readouterr()
+    assert "AWORK_API_URL: http://" in out.err and "awork.example" not in out.out
+    assert list(client.scan_iter(match="awork:oauth:pending:*")) == []
+    monkeypatch.setenv("AWORK_API_URL", "https://awork.example/api/v1")
+    assert cli_main(argv) == 0
+    assert capsys.readouterr().out.startswith("https://awork.example/api/v1/accounts/authorize?")
+
+
+def test_a_connection_hash_cannot_redirect_its_token(
+    client: redis.Redis, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registered connection's requests go to AWORK_API_URL (checked at start): an `api_url`
+    field written into its hash by a Redis client is not a place to send its key."""
+    from workers.runtime import Runtime
+    from workers.settings import WorkerSettings
+
+    ConnectionStore(client, SecretBox.from_env()).add_api_key("acme", "k1")
+    client.hset(connection_key("acme"), "api_url", "http://collector.example/api/v1")
+    monkeypatch.setenv("AWORK_API_URL", "https://api.awork.example/api/v1")
+    rt = Runtime(WorkerSettings.from_env())
+    try:
+        assert rt.client("acme").api_url == "https://api.awork.example/api/v1"
+    finally:
+        rt.redis.close()
+
+
+def test_a_negative_connection_setting_names_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from producers.config import ConfigError
+    from workers.connections.settings import ConnectionSettings
+
+    for var in (
+        "AWORK_CONNECTION_CACHE_SECONDS",
+        "AWORK_CONNECTION_RECHECK_SECONDS",
+        "AWORK_OAUTH_KEEPALIVE_SECONDS",
+    ):
+        monkeypatch.setenv(var, "-1")
+        with pytest.raises(ConfigError, match=f"^{var}: must not be negative"):
+            ConnectionSettings.from_env("https://api.awork.example/api/v1")
+        monkeypatch.delenv(var)

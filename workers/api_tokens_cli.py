@@ -13,17 +13,13 @@ import json
 import sys
 from collections.abc import Sequence
 
-import redis
-
 from producers.api_tokens import DEFAULT_RATE_PER_SECOND, ApiTokens
-from producers.config import SharedSettings
-from workers.command_run import EXIT_FAILED, EXIT_OK, run_command
+from workers.command_run import EXIT_FAILED, EXIT_OK, command_redis, run_command
 from workers.connections.crypto import SecretBox
 
 
 def _tokens() -> ApiTokens:
-    url = SharedSettings.from_env().redis_url
-    return ApiTokens(redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10))
+    return ApiTokens(command_redis())
 
 
 def cmd_create(args: argparse.Namespace) -> int:

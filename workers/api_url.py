@@ -9,9 +9,10 @@ any http:// URL when AWORK_ALLOW_INSECURE_API=1: an explicit opt-in for a lab ne
 from __future__ import annotations
 
 import ipaddress
+import os
 from urllib.parse import urlsplit
 
-from producers.config import ConfigError, env_flag, redact_url
+from producers.config import DEFAULT_API_URL, ConfigError, env_flag, redact_url
 
 ALLOW_INSECURE_ENV = "AWORK_ALLOW_INSECURE_API"
 
@@ -19,6 +20,14 @@ ALLOW_INSECURE_ENV = "AWORK_ALLOW_INSECURE_API"
 def insecure_api_allowed() -> bool:
     """AWORK_ALLOW_INSECURE_API, read once at start by the worker settings."""
     return env_flag(ALLOW_INSECURE_ENV)
+
+
+def api_url_from_env(allow_insecure: bool) -> str:
+    """AWORK_API_URL (awork's by default), checked: the workers and the `connections` commands
+    both send keys and tokens there, so both hold it to the same rule."""
+    url = os.environ.get("AWORK_API_URL", "").strip() or DEFAULT_API_URL
+    check_api_url("AWORK_API_URL", url, allow_insecure)
+    return url.rstrip("/")
 
 
 def is_loopback_host(host: str) -> bool:

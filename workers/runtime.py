@@ -131,6 +131,7 @@ class Runtime:
             existing = self._clients.get(workspace)
             if existing is not None:
                 return existing
+        # A registered connection's requests go to AWORK_API_URL, checked at start.
         api_url = self.settings.api_url
         on_unauthorized: Unauthorized | None = None
         key: TokenSource
@@ -144,7 +145,6 @@ class Runtime:
                 raise UnknownConnection(
                     f"connection {workspace!r} is not registered", code="connection-unknown"
                 )
-            api_url = conn.api_url or api_url
 
             def key() -> Secret:
                 return conns.bearer(workspace)

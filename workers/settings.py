@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from producers.config import (
-    DEFAULT_API_URL,
     DEFAULT_WORKSPACE,
     ConfigError,
     SharedSettings,
@@ -18,7 +17,7 @@ from producers.config import (
     env_int,
     read_workspaces_file,
 )
-from workers.api_url import check_api_url, insecure_api_allowed
+from workers.api_url import api_url_from_env, check_api_url, insecure_api_allowed
 from workers.blob import TransferPolicy
 from workers.limits_config import WorkspaceLimits
 from workers.secret_files import read_secret_file
@@ -84,9 +83,8 @@ class WorkerSettings:
         from workers.limits_config import limits_for_workspace
 
         shared = SharedSettings.from_env()
-        api_url = os.environ.get("AWORK_API_URL", "").strip() or DEFAULT_API_URL
         allow_insecure = insecure_api_allowed()
-        check_api_url("AWORK_API_URL", api_url, allow_insecure)
+        api_url = api_url_from_env(allow_insecure)
         workspaces: dict[str, Workspace] = {}
         if shared.workspaces_file is not None:
             for name, table in read_workspaces_file(shared.workspaces_file).items():
@@ -102,14 +100,14 @@ class WorkerSettings:
                 DEFAULT_WORKSPACE,
                 Secret(env_key),
                 limits_for_workspace(DEFAULT_WORKSPACE),
-                api_url.rstrip("/"),
+                api_url,
             )
         hosts = tuple(
             h.strip().lower() for h in os.environ.get("AWORK_UPLOAD_HOSTS", "").split(",") if h.strip()
         )
         return cls(
             shared=shared,
-            api_url=api_url.rstrip("/"),
+            api_url=api_url,
             workspaces=workspaces,
             upload_hosts=hosts,
             retry=RetryPolicy(

@@ -16,29 +16,29 @@ from pathlib import Path
 
 import redis
 
-from producers.config import DEFAULT_API_URL, ConfigError, SharedSettings
+from producers.config import ConfigError
 from producers.connections import ConnectionInfo, ConnectionRegistry, check_name
 from producers.contract import JobState, SpecError
 from producers.records import ACTIVE_KEY, JobStore
-from workers.command_run import EXIT_FAILED, EXIT_OK, run_command
+from workers.api_url import api_url_from_env, insecure_api_allowed
+from workers.command_run import EXIT_FAILED, EXIT_OK, command_redis, run_command
 from workers.connections.crypto import SecretBox
-from workers.connections.oauth import OAuthClient, begin_authorization, complete_authorization
-from workers.connections.store import ConnectionStore, remove_connection
-from workers.connections.tokens import Connections
-from workers.errors import AworkError
+from workers.connections.oauth import (
+    OAuthClient,
+    begin_authorization,
+    complete_authorization,
+    oauth_client_from_env,
+)
+from workers.connections.store import PLAN_FIELDS, ConnectionStore, remove_connection
+from workers.connections.tokens import Connections, UnknownConnection
 from workers.secret_files import read_secret_file
 
 REMOVED_CODE = "connection-removed"
 
 
 def _api_url() -> str:
-    return (os.environ.get("AWORK_API_URL", "").strip() or DEFAULT_API_URL).rstrip("/")
-
-
-def _redis() -> redis.Redis:
-    return redis.Redis.from_url(
-        SharedSettings.from_env().redis_url, socket_connect_timeout=3, socket_timeout=10
-    )
+    """Where the commands send client secret and tokens: checked as the workers check it."""
+    return api_url_from_env(insecure_api_allowed())
 
 
 def _store(client: redis.Redis) -> ConnectionStore:
@@ -48,10 +48,15 @@ def _store(client: redis.Redis) -> ConnectionStore:
 def _limits(args: argparse.Namespace) -> dict[str, object] | None:
     table = {
         k: getattr(args, k)
-        for k in ("plan", "per_minute", "per_second", "margin", "share")
+        for k in PLAN_FIELDS
         if getattr(args, k, None) is not None
     }
     return table or None
+
+
+def _not_registered(name: str) -> int:
+    print(f"awork-uploads: error: connection {name!r} is not registered", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def _print(info: ConnectionInfo, as_json: bool) -> None:
@@ -68,7 +73,7 @@ def _print(info: ConnectionInfo, as_json: bool) -> None:
 
 def cmd_add(args: argparse.Namespace) -> int:
     check_name(args.name)
-    client = _redis()
+    client = command_redis()
     store = _store(client)
     if args.oauth:
         if not args.refresh_token_file:
@@ -90,16 +95,15 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    for info in ConnectionRegistry(_redis()).list():
+    for info in ConnectionRegistry(command_redis()).list():
         _print(info, args.json)
     return EXIT_OK
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    info = ConnectionRegistry(_redis()).get(args.name)
+    info = ConnectionRegistry(command_redis()).get(args.name)
     if info is None:
-        print(f"awork-uploads: error: connection {args.name!r} is not registered", file=sys.stderr)
-        return EXIT_FAILED
+        return _not_registered(args.name)
     _print(info, args.json)
     return EXIT_OK
 
@@ -108,23 +112,15 @@ def cmd_test(args: argparse.Namespace) -> int:
     """One cheap authenticated call (GET /me), refreshing an OAuth token first if it is due."""
     import requests
 
-    client = _redis()
-    store = _store(client)
-    oauth = _oauth_or_none()
-    conns = Connections(store, oauth, ttl=0)
-    conn = store.load(args.name)
-    if conn is None:
-        print(f"awork-uploads: error: connection {args.name!r} is not registered", file=sys.stderr)
-        return EXIT_FAILED
+    conns = Connections(_store(command_redis()), oauth_client_from_env(_api_url()), ttl=0)
     try:
         token = conns.bearer(args.name)
-    except AworkError as exc:
+    except UnknownConnection:
+        return _not_registered(args.name)
+    except Exception as exc:  # NeedsReconnect, a refused refresh: say it, name the connection
         print(f"{args.name}: failed: {exc}")
         return EXIT_FAILED
-    except Exception as exc:  # NeedsReconnect and friends: say it, name the connection
-        print(f"{args.name}: failed: {exc}")
-        return EXIT_FAILED
-    url = f"{conn.api_url or _api_url()}/me"
+    url = f"{_api_url()}/me"
     resp = requests.get(url, headers={"Authorization": f"Bearer {token.reveal()}"}, timeout=(10, 30))
     ok = resp.status_code == 200
     print(f"{args.name}: {'ok' if ok else 'failed'} (GET /me: HTTP {resp.status_code})")
@@ -143,11 +139,10 @@ def active_jobs(client: redis.Redis, name: str) -> list[str]:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    client = _redis()
+    client = command_redis()
     registry = ConnectionRegistry(client)
     if registry.get(args.name) is None:
-        print(f"awork-uploads: error: connection {args.name!r} is not registered", file=sys.stderr)
-        return EXIT_FAILED
+        return _not_registered(args.name)
     jobs = active_jobs(client, args.name)
     if jobs and not args.force:
         print(
@@ -175,7 +170,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_rekey(args: argparse.Namespace) -> int:
-    count = _store(_redis()).rekey()
+    count = _store(command_redis()).rekey()
     print(
         json.dumps({"reencrypted": count})
         if args.json
@@ -184,15 +179,9 @@ def cmd_rekey(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _oauth_or_none() -> OAuthClient | None:
-    if not (os.environ.get("AWORK_OAUTH_CLIENT_ID") or os.environ.get("AWORK_OAUTH_CLIENT_ID_FILE")):
-        return None
-    return OAuthClient.from_env(_api_url())
-
-
 def cmd_oauth_url(args: argparse.Namespace) -> int:
     url = begin_authorization(
-        _store(_redis()), OAuthClient.from_env(_api_url()), args.name, args.redirect_uri, _limits(args)
+        _store(command_redis()), OAuthClient.from_env(_api_url()), args.name, args.redirect_uri, _limits(args)
     )
     print(url)
     return EXIT_OK
@@ -200,7 +189,7 @@ def cmd_oauth_url(args: argparse.Namespace) -> int:
 
 def cmd_oauth_complete(args: argparse.Namespace) -> int:
     info = complete_authorization(
-        _store(_redis()), OAuthClient.from_env(_api_url()), args.name, args.code, args.state
+        _store(command_redis()), OAuthClient.from_env(_api_url()), args.name, args.code, args.state
     )
     _print(info, args.json)
     return EXIT_OK

@@ -127,6 +127,14 @@ class OAuthClient:
         return TokenSet(Secret(str(access)), Secret(str(refresh)), float(body.get("expires_in") or 0))
 
 
+def oauth_client_from_env(api_url: str, environ: Mapping[str, str] | None = None) -> OAuthClient | None:
+    """The client credentials, or None when AWORK_OAUTH_CLIENT_ID (or _FILE) is not set."""
+    env = os.environ if environ is None else environ
+    if not any(env.get(n, "").strip() for n in ("AWORK_OAUTH_CLIENT_ID", "AWORK_OAUTH_CLIENT_ID_FILE")):
+        return None
+    return OAuthClient.from_env(api_url, env)
+
+
 def pkce_pair() -> tuple[str, str]:
     """(code_verifier, S256 code_challenge) as RFC 7636 describes."""
     verifier = secrets.token_urlsafe(48)

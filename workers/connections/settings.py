@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from producers.config import ConfigError, env_float
 from workers.connections.crypto import ENV_KEY, ENV_KEY_FILE, SecretBox
-from workers.connections.oauth import OAuthClient
+from workers.connections.oauth import OAuthClient, oauth_client_from_env
 
 DEFAULT_KEEPALIVE_SECONDS = 7 * 24 * 3600.0
 
@@ -35,17 +35,17 @@ class ConnectionSettings:
         box = None
         if env.get(ENV_KEY, "").strip() or env.get(ENV_KEY_FILE, "").strip():
             box = SecretBox.from_env(env)
-        oauth = None
-        if any(env.get(n, "").strip() for n in ("AWORK_OAUTH_CLIENT_ID", "AWORK_OAUTH_CLIENT_ID_FILE")):
-            oauth = OAuthClient.from_env(api_url, env)
-        out = cls(
+        return cls(
             box=box,
-            oauth=oauth,
-            cache_seconds=env_float("AWORK_CONNECTION_CACHE_SECONDS", 5.0),
-            recheck_seconds=env_float("AWORK_CONNECTION_RECHECK_SECONDS", 60.0),
-            keepalive_seconds=env_float("AWORK_OAUTH_KEEPALIVE_SECONDS", DEFAULT_KEEPALIVE_SECONDS),
+            oauth=oauth_client_from_env(api_url, env),
+            cache_seconds=_seconds("AWORK_CONNECTION_CACHE_SECONDS", 5.0),
+            recheck_seconds=_seconds("AWORK_CONNECTION_RECHECK_SECONDS", 60.0),
+            keepalive_seconds=_seconds("AWORK_OAUTH_KEEPALIVE_SECONDS", DEFAULT_KEEPALIVE_SECONDS),
         )
-        for name in ("cache_seconds", "recheck_seconds", "keepalive_seconds"):
-            if getattr(out, name) < 0:
-                raise ConfigError(f"{name}: must not be negative")
-        return out
+
+
+def _seconds(name: str, default: float) -> float:
+    value = env_float(name, default)
+    if value < 0:
+        raise ConfigError(f"{name}: must not be negative, got {value:g}")
+    return value

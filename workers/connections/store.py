@@ -51,7 +51,6 @@ class Connection:
     refresh_token: Secret | None = field(default=None, repr=False)
     access_expires_at: float = 0.0
     access_lifetime: float = 0.0
-    api_url: str | None = None
     share: float = 1.0  # its weight in the fleet's transfer slots (workers/fair_share.py)
 
     def bearer(self) -> Secret | None:
@@ -277,7 +276,6 @@ class ConnectionStore:
             refresh_token=sec("refresh_token"),
             access_expires_at=float(secret.get("expires_at") or 0),
             access_lifetime=float(secret.get("lifetime") or 0),
-            api_url=h.get("api_url") or None,
             share=check_share(h.get("share"), f"connection {name}.share"),
         )
 
