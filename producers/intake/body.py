@@ -60,7 +60,7 @@ class StagingSink:
             try:
                 for chunk in block:
                     self._md5.update(chunk)
-                _write_all(self._fd, block)
+                staging.write_all(self._fd, block)
             except BaseException as exc:  # reported by finish()
                 self._error = exc
 
@@ -115,20 +115,6 @@ class StagingSink:
 
     def discard(self) -> None:
         staging.remove_job_dir(self.staging_dir, self.job_id)
-
-
-def _write_all(fd: int, chunks: list[bytes]) -> None:
-    """writev the chunks (one system call for a buffer's worth), finishing partial writes."""
-    pending = [memoryview(c) for c in chunks if c]
-    while pending:
-        written = os.writev(fd, pending[:1024])
-        while written and pending:
-            if written >= len(pending[0]):
-                written -= len(pending[0])
-                pending.pop(0)
-            else:
-                pending[0] = pending[0][written:]
-                written = 0
 
 
 async def body_to_staging(
