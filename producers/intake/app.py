@@ -44,9 +44,9 @@ def create_app(settings: IntakeSettings, uploads: Uploads | None = None) -> Fast
     app.state.settings = settings
     app.state.uploads = up
     app.state.tokens = ApiTokens(up.redis)
-    # the polling path (GET /v1/jobs/{id}) reads without the thread pool
+    # the polling path (GET /v1/jobs/{id}) reads without the thread pool, as str
     app.state.aredis = aioredis.Redis.from_url(
-        settings.shared.redis_url, socket_connect_timeout=3, socket_timeout=10
+        settings.shared.redis_url, socket_connect_timeout=3, socket_timeout=10, decode_responses=True
     )
     app.add_exception_handler(Problem, problems.on_problem)
     app.add_exception_handler(RequestValidationError, problems.on_validation)

@@ -235,16 +235,11 @@ async def get_job(request: Request, job_id: str) -> JSONResponse:
     pipe = request.app.state.aredis.pipeline(transaction=False)
     pipe.eval(AUTH_SCRIPT, len(keys), *keys, *args)
     pipe.hgetall(job_key(job_id))
-    got, raw = await pipe.execute()
+    got, record = await pipe.execute()
     token = checked(auth_answer(keys, got))
-    record = {_s(k): _s(v) for k, v in raw.items()}
     if not record or record.get("workspace") not in token.workspaces:
         raise _job_not_found(job_id)
     return JSONResponse(job_out(Job.from_record(record)))
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _visible(request: Request, token: TokenInfo, job_id: str) -> Job:
