@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from queue import Queue
 
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
 from producers import staging
@@ -138,8 +139,6 @@ async def multipart_to_staging(
     mode: StagingMode,
 ) -> tuple[staging.StreamedBody | None, dict[str, str], str | None]:
     """(the `file` part staged, the other fields, the file part's filename)."""
-    from python_multipart.multipart import MultipartParser, parse_options_header
-
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if not boundary:
