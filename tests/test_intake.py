@@ -50,6 +50,11 @@ def _task() -> str:
     return f"task:{uuid.uuid4()}"
 
 
+def _url_job(http: httpx.Client, path: str = "a", **fields: str) -> httpx.Response:
+    """POST /v1/jobs (JSON) for a new task's job whose bytes are at https://HOST/<path>."""
+    return http.post("/v1/jobs", json={"to": _task(), "source_url": f"https://{HOST}/{path}", **fields})
+
+
 def _problem(resp: httpx.Response, status: int, field: str | None = None) -> dict[str, object]:
     assert resp.status_code == status, resp.text
     assert resp.headers["content-type"].startswith("application/problem+json")
@@ -131,26 +136,17 @@ def test_body_over_the_cap_leaves_nothing_behind(http: httpx.Client, env: dict[s
 def test_input_errors_name_the_field(http: httpx.Client, env: dict[str, str]) -> None:
     resp = http.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
     _problem(resp, 400, "body")
-    resp = http.post("/v1/jobs", json={"to": f"planet:{uuid.uuid4()}", "source_url": f"https://{HOST}/a.pdf"})
+    resp = _url_job(http, "a.pdf", to=f"planet:{uuid.uuid4()}")
     body = _problem(resp, 422, "to")
     assert "unknown target kind 'planet'" in str(body["detail"])
     resp = http.post("/v1/jobs", json={"to": _task(), "source_url": "https://elsewhere.test/a.pdf"})
     _problem(resp, 422, "source")
-    resp = http.post("/v1/jobs", json={"to": _task(), "source_url": f"https://{HOST}/a", "colour": "red"})
+    resp = _url_job(http, colour="red")
     _problem(resp, 400, "colour")
-    resp = http.post(
-        "/v1/jobs", json={"to": _task(), "source_url": f"https://{HOST}/a", "workspace": "ghost"}
-    )
+    resp = _url_job(http, workspace="ghost")
     body = _problem(resp, 422, "workspace")
     assert "unknown workspace 'ghost'" in str(body["detail"])
-    resp = http.post(
-        "/v1/jobs",
-        json={
-            "to": _task(),
-            "source_url": f"https://{HOST}/a",
-            "callback_url": "https://evil.test/x?token=s3cret",
-        },
-    )
+    resp = _url_job(http, callback_url="https://evil.test/x?token=s3cret")
     body = _problem(resp, 422, "callback_url")
     assert "s3cret" not in resp.text and "evil.test:443" in str(body["detail"])
     resp = http.post("/v1/jobs", content=b"x", headers={"Content-Type": "text/plain"})
@@ -230,10 +226,7 @@ def test_idempotency_key_replay_returns_the_same_job(http: httpx.Client, env: di
 
 
 def test_listing_filters_and_pages(http: httpx.Client) -> None:
-    ids = [
-        http.post("/v1/jobs", json={"to": _task(), "source_url": f"https://{HOST}/{i}.pdf"}).json()["id"]
-        for i in range(5)
-    ]
+    ids = [_url_job(http, f"{i}.pdf").json()["id"] for i in range(5)]
     seen: list[str] = []
     cursor = 0
     while True:
@@ -258,7 +251,7 @@ def test_cancel_in_each_state(http: httpx.Client, intake: Intake, env: dict[str,
                 content=b"abc",
                 headers={"Content-Type": "application/octet-stream"},
             ).json()["id"]
-        return http.post("/v1/jobs", json={"to": _task(), "source_url": f"https://{HOST}/c.pdf"}).json()["id"]
+        return _url_job(http, "c.pdf").json()["id"]
 
     queued = new(streamed=True)
     resp = http.post(f"/v1/jobs/{queued}/cancel")
@@ -351,15 +344,7 @@ def test_priority_and_recurring_options_reach_the_record(http: httpx.Client, int
     """The HTTP API carries the same job options as the Python API and the CLI: priority
     (JSON, query parameter or header) and on_existing / new_version_of; bad values name the field."""
     client = redis.Redis.from_url(intake.uploads.settings.redis_url, decode_responses=True)
-    resp = http.post(
-        "/v1/jobs",
-        json={
-            "to": _task(),
-            "source_url": f"https://{HOST}/a/export.csv",
-            "priority": "bulk",
-            "on_existing": "version",
-        },
-    )
+    resp = _url_job(http, "a/export.csv", priority="bulk", on_existing="version")
     assert resp.status_code == 202, resp.text
     job = resp.json()
     assert job["priority"] == "bulk"
@@ -377,8 +362,7 @@ def test_priority_and_recurring_options_reach_the_record(http: httpx.Client, int
     record = client.hgetall(job_key(resp.json()["id"]))
     assert record["priority"] == "high" and record["flow"] == "version"
 
-    spec = {"to": _task(), "source_url": f"https://{HOST}/a/x", "priority": "urgent"}
-    bad = http.post("/v1/jobs", json=spec)
+    bad = _url_job(http, "a/x", priority="urgent")
     _problem(bad, 400, "priority")  # the JSON body's schema says which values
     bad = http.post(
         "/v1/jobs",

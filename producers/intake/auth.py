@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from fastapi import Request
+from typing import Annotated
+
+from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from producers.api_tokens import ApiTokens, Authenticated, TokenInfo
@@ -15,6 +17,10 @@ CHALLENGE = {"WWW-Authenticate": 'Bearer realm="awork-uploads"'}
 async def authenticate(request: Request) -> TokenInfo:
     """The request's token, counted against its rate (one Redis round trip)."""
     return await run_in_threadpool(authenticate_sync, request)
+
+
+# A route's parameter: the authenticated token.
+Auth = Annotated[TokenInfo, Depends(authenticate)]
 
 
 def presented_token(request: Request) -> str:

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from queue import Queue
 
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
 from producers import staging
@@ -60,7 +61,7 @@ class StagingSink:
             try:
                 for chunk in block:
                     self._md5.update(chunk)
-                _write_all(self._fd, block)
+                staging.write_all(self._fd, block)
             except BaseException as exc:  # reported by finish()
                 self._error = exc
 
@@ -117,20 +118,6 @@ class StagingSink:
         staging.remove_job_dir(self.staging_dir, self.job_id)
 
 
-def _write_all(fd: int, chunks: list[bytes]) -> None:
-    """writev the chunks (one system call for a buffer's worth), finishing partial writes."""
-    pending = [memoryview(c) for c in chunks if c]
-    while pending:
-        written = os.writev(fd, pending[:1024])
-        while written and pending:
-            if written >= len(pending[0]):
-                written -= len(pending[0])
-                pending.pop(0)
-            else:
-                pending[0] = pending[0][written:]
-                written = 0
-
-
 async def body_to_staging(
     chunks: AsyncIterator[bytes], staging_dir: Path, file_name: str, cap: int, mode: StagingMode
 ) -> staging.StreamedBody:
@@ -152,8 +139,6 @@ async def multipart_to_staging(
     mode: StagingMode,
 ) -> tuple[staging.StreamedBody | None, dict[str, str], str | None]:
     """(the `file` part staged, the other fields, the file part's filename)."""
-    from python_multipart.multipart import MultipartParser, parse_options_header
-
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if not boundary:

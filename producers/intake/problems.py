@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from producers.contract import SpecError
 
@@ -66,23 +68,24 @@ async def on_problem(_: Request, exc: Exception) -> JSONResponse:
     return response(exc)
 
 
-async def on_validation(_: Request, exc: Exception) -> JSONResponse:
-    """FastAPI's request checks (bad JSON, wrong types, missing fields) as a 400 naming the field."""
-    assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
+def invalid_request(errors: Sequence[Any], parts: tuple[str, ...] = ()) -> Problem:
+    """Pydantic's errors (a model read from the body, or FastAPI's request checks, whose
+    locations also name the request `parts`, left out of the field) as a 400 naming the first
+    field at fault: bad JSON, wrong types, missing fields."""
     first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    loc = [str(p) for p in first.get("loc", ()) if p not in parts]
     field = ".".join(loc) or "body"
-    kind = str(first.get("type", ""))
-    if kind == "json_invalid":
-        return response(Problem(400, "malformed-json", "body: malformed JSON", "body"))
-    message = str(first.get("msg", "invalid"))
-    return response(Problem(400, "malformed-request", f"{field}: {message}", field))
+    if first.get("type") == "json_invalid":
+        return Problem(400, "malformed-json", "body: malformed JSON", "body")
+    return Problem(400, "malformed-request", f"{field}: {first.get('msg', 'invalid')}", field)
+
+
+async def on_validation(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return response(invalid_request(exc.errors(), ("body", "query", "path", "header")))
 
 
 async def on_http(_: Request, exc: Exception) -> JSONResponse:
-    from starlette.exceptions import HTTPException
-
     assert isinstance(exc, HTTPException)
     code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
     headers = dict(exc.headers or {})

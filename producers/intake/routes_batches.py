@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from producers.api_tokens import TokenInfo
 from producers.client import Batch, JobNotFound, Uploads
 from producers.contract import SpecError
-from producers.intake.auth import authenticate, require_workspace
-from producers.intake.problems import Problem
-from producers.intake.routes_jobs import _model_problem, check_id
-from producers.intake.schemas import BatchCreated, BatchOut, NewBatch, problem_responses
+from producers.intake.auth import Auth, require_workspace
+from producers.intake.problems import Problem, invalid_request
+from producers.intake.routes_jobs import check_id
+from producers.intake.schemas import BatchCreated, BatchOut, Cursor, Limit, NewBatch, problem_responses
 from producers.safe_open import FileRefused, open_beneath
 from producers.spec import JobSpec
 
 router = APIRouter(prefix="/v1")
-Auth = Annotated[TokenInfo, Depends(authenticate)]
 
 
 @router.post(
@@ -49,7 +47,7 @@ async def create_batch(request: Request, token: Auth) -> JSONResponse:
     try:
         model = NewBatch.model_validate_json(await request.body())
     except ValidationError as exc:
-        raise _model_problem(exc) from None
+        raise invalid_request(exc.errors()) from None
     up: Uploads = request.app.state.uploads
     specs = []
     for i, j in enumerate(model.jobs):
@@ -131,8 +129,8 @@ def get_batch(
     request: Request,
     batch_id: str,
     token: Auth,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    limit: Limit = 100,
+    cursor: Cursor = 0,
 ) -> dict[str, Any]:
     check_id(batch_id)
     up: Uploads = request.app.state.uploads

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -12,15 +12,17 @@ from starlette.concurrency import run_in_threadpool
 from producers import staging, text_rules
 from producers.api_tokens import AUTH_SCRIPT, TokenInfo, auth_answer, auth_call
 from producers.cancel import CancelRefused
-from producers.client import JobNotFound, Uploads
+from producers.client import JobNotFound, PublishFailed, Uploads
 from producers.contract import JobState, SpecError
-from producers.intake.auth import authenticate, checked, presented_token, require_workspace
+from producers.intake.auth import Auth, checked, presented_token, require_workspace
 from producers.intake.body import body_to_staging, multipart_to_staging
-from producers.intake.problems import Problem
+from producers.intake.problems import Problem, invalid_request
 from producers.intake.schemas import (
     JOB_ID_PATTERN,
+    Cursor,
     JobList,
     JobOut,
+    Limit,
     NewJob,
     problem_responses,
 )
@@ -31,7 +33,6 @@ from producers.records import Job, job_key
 from producers.spec import JobSpec
 
 router = APIRouter(prefix="/v1")
-Auth = Annotated[TokenInfo, Depends(authenticate)]
 # Fields of an octet-stream upload: query parameters, or headers X-Awork-<Field>.
 BODY_FIELDS = (
     "to",
@@ -129,7 +130,7 @@ async def create_job(request: Request, token: Auth) -> JSONResponse:
         try:
             model = NewJob.model_validate_json(await request.body())
         except ValidationError as exc:
-            raise _model_problem(exc) from None
+            raise invalid_request(exc.errors()) from None
         fields = model.model_dump()
         source: Any = model.source_url
     elif kind == "application/octet-stream":
@@ -206,8 +207,6 @@ def _precheck(token: TokenInfo, fields: dict[str, Any]) -> None:
 
 
 def _enqueued_anyway(exc: BaseException, job_id: str) -> bool:
-    from producers.client import PublishFailed
-
     return isinstance(exc, PublishFailed) and job_id in (exc.published_ids + exc.pending_ids)
 
 
@@ -215,14 +214,6 @@ def _spec_problem(exc: SpecError) -> Problem:
     if exc.field == "path":  # the body stands where a local file would: name it so
         return Problem(422, "invalid-field", f"body: {exc.message}", "body")
     return Problem.from_spec(exc)
-
-
-def _model_problem(exc: ValidationError) -> Problem:
-    first = exc.errors()[0]
-    if first.get("type") == "json_invalid":
-        return Problem(400, "malformed-json", "body: malformed JSON", "body")
-    field = ".".join(str(p) for p in first.get("loc", ())) or "body"
-    return Problem(400, "malformed-request", f"{field}: {first.get('msg', 'invalid')}", field)
 
 
 @router.get(
@@ -244,16 +235,11 @@ async def get_job(request: Request, job_id: str) -> JSONResponse:
     pipe = request.app.state.aredis.pipeline(transaction=False)
     pipe.eval(AUTH_SCRIPT, len(keys), *keys, *args)
     pipe.hgetall(job_key(job_id))
-    got, raw = await pipe.execute()
+    got, record = await pipe.execute()
     token = checked(auth_answer(keys, got))
-    record = {_s(k): _s(v) for k, v in raw.items()}
     if not record or record.get("workspace") not in token.workspaces:
-        raise Problem(404, "job-not-found", f"id: no job {job_id} (unknown, or its record expired)", "id")
+        raise _job_not_found(job_id)
     return JSONResponse(job_out(Job.from_record(record)))
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _visible(request: Request, token: TokenInfo, job_id: str) -> Job:
@@ -262,12 +248,14 @@ def _visible(request: Request, token: TokenInfo, job_id: str) -> Job:
     try:
         job = _uploads(request).status(job_id)
     except JobNotFound:
-        raise Problem(
-            404, "job-not-found", f"id: no job {job_id} (unknown, or its record expired)", "id"
-        ) from None
+        raise _job_not_found(job_id) from None
     if job.workspace not in token.workspaces:
-        raise Problem(404, "job-not-found", f"id: no job {job_id} (unknown, or its record expired)", "id")
+        raise _job_not_found(job_id)
     return job
+
+
+def _job_not_found(job_id: str) -> Problem:
+    return Problem(404, "job-not-found", f"id: no job {job_id} (unknown, or its record expired)", "id")
 
 
 @router.get(
@@ -282,8 +270,8 @@ def get_jobs(
     state: Annotated[JobState | None, Query()] = None,
     workspace: Annotated[str | None, Query(max_length=64)] = None,
     batch: Annotated[str | None, Query(pattern=JOB_ID_PATTERN)] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    cursor: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    limit: Limit = 100,
+    cursor: Cursor = 0,
 ) -> dict[str, Any]:
     if workspace is not None:
         require_workspace(token, workspace)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from producers.contract import JobState
@@ -21,6 +22,9 @@ State = Literal[
 ]
 assert set(State.__args__) == {s.value for s in JobState}  # type: ignore[attr-defined]
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
+# The paging query parameters of GET /v1/jobs and GET /v1/batches/{id}.
+Limit = Annotated[int, Query(ge=1, le=1000)]
+Cursor = Annotated[int, Query(ge=0, le=10**9)]
 
 
 class JobErrorOut(BaseModel):

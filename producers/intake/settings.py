@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from producers.config import ConfigError, SharedSettings, env_int
@@ -16,8 +15,6 @@ class IntakeSettings:
     shared: SharedSettings
     # AWORK_MAX_SOURCE_BYTES: the largest request body (or multipart file) accepted.
     max_body_bytes: int
-    # Jobs per page of GET /v1/jobs and GET /v1/batches/{id} when `limit` is not given.
-    page_size: int = 100
 
     @classmethod
     def from_env(cls) -> IntakeSettings:
@@ -27,8 +24,3 @@ class IntakeSettings:
             raise ConfigError(f"AWORK_MAX_SOURCE_BYTES: expected a positive number of bytes, got {cap}")
         return cls(shared=shared, max_body_bytes=cap)
 
-
-def env_snapshot() -> dict[str, str]:
-    """For logs at start: the intake's variables that are not secrets."""
-    names = ("STAGING_DIR", "AWORK_MAX_SOURCE_BYTES", "AWORK_SOURCE_URL_HOSTS", "AWORK_CALLBACK_HOSTS")
-    return {n: os.environ.get(n, "") for n in names}
