@@ -501,15 +501,14 @@ class Uploads:
                 raise JobNotFound(job_id)
             if result.outcome in ("linked", "ended"):
                 raise CancelRefused(job_id, result.outcome, result.previous_state)
-            job = self._job(job_id)
+            record = self._record(job_id)
             if result.outcome == "canceled" and result.previous_state != JobState.CANCELED.value:
-                self._after_cancel(job_id)  # canceled by this call (not an earlier one)
-            out.append(job)
+                self._after_cancel(job_id, record)  # canceled by this call (not an earlier one)
+            out.append(Job.from_record(record))
         return out
 
-    def _after_cancel(self, job_id: str) -> None:
+    def _after_cancel(self, job_id: str, record: dict[str, str]) -> None:
         """Remove the staged copy (no step will) and announce the end."""
-        record = self._retry(lambda: self.store.get(job_id)) or {}
         if record.get("staged_owned") == "1":
             staging.remove_job_dir(self.settings.staging_dir, job_id)
         if record.get("notify") == "1":
@@ -575,11 +574,14 @@ class Uploads:
 
     # -- helpers -----------------------------------------------------------------------------
     def _job(self, job_id: str, created: bool = True) -> Job:
+        return Job.from_record(self._record(job_id), created=created)
+
+    def _record(self, job_id: str) -> dict[str, str]:
         check_job_id(job_id)
         record = self._retry(lambda: self.store.get(job_id))
         if record is None:
             raise JobNotFound(job_id)
-        return Job.from_record(record, created=created)
+        return record
 
     def _retry(self, fn: Callable[[], T]) -> T:
         """Retry on connection errors for a bounded time, then say which Redis is unreachable."""
