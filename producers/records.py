@@ -161,7 +161,6 @@ class JobStore:
     def __init__(self, client: redis.Redis, record_ttl_seconds: int = 7 * 24 * 3600) -> None:
         self.redis = client
         self.record_ttl_seconds = record_ttl_seconds
-        self._create = client.register_script(_CREATE_SCRIPT)
 
     # -- producers ---------------------------------------------------------------------------
     def create(self, record: Mapping[str, str], idem_key: str | None) -> tuple[str, bool]:
@@ -176,7 +175,9 @@ class JobStore:
         """Create records in one pipelined round trip; an existing job wins its idempotency key.
 
         `before` queues more commands ahead of the records on the same pipeline (a batch's hash);
-        their results are not returned."""
+        their results are not returned. The script goes as EVAL, not as a registered Script: on
+        a pipeline, redis-py checks a Script with SCRIPT EXISTS first, a round trip more per call
+        (the text is 1.3 kB next to up to 500 records)."""
         if not items:
             return []
         pipe = self.redis.pipeline(transaction=False)
@@ -191,7 +192,7 @@ class JobStore:
                 args += [record["id"], record["created_at"], idem, 2 * len(record)]
                 for kv in record.items():
                     args += kv
-            self._create(keys=[INDEX_KEY, ACTIVE_KEY], args=args, client=pipe)
+            pipe.eval(_CREATE_SCRIPT, 2, INDEX_KEY, ACTIVE_KEY, *args)
         out: list[tuple[str, bool]] = []
         for flat in pipe.execute()[skip:]:
             out += [(_s(flat[i]), bool(int(flat[i + 1]))) for i in range(0, len(flat), 2)]
