@@ -198,13 +198,6 @@ class JobStore:
             out += [(_s(flat[i]), bool(int(flat[i + 1]))) for i in range(0, len(flat), 2)]
         return out
 
-    def find_by_idempotency_key(self, workspace: str, key: str) -> str | None:
-        found = self.redis.get(idempotency_key(workspace, key))
-        if found is None:
-            return None
-        job_id = _s(found)
-        return job_id if self.redis.exists(job_key(job_id)) else None
-
     def delete(self, job_id: str, idem_key: str | None, workspace: str) -> None:
         """Undo a create whose message could not be published (nothing half-done)."""
         pipe = self.redis.pipeline()
@@ -237,8 +230,10 @@ class JobStore:
         """Drop ids whose records expired from the indexes."""
         ids = list(job_ids)
         if ids:
-            self.redis.zrem(INDEX_KEY, *ids)
-            self.redis.zrem(DEAD_KEY, *ids)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zrem(INDEX_KEY, *ids)
+            pipe.zrem(DEAD_KEY, *ids)
+            pipe.execute()
 
     # -- workers -----------------------------------------------------------------------------
     def update(self, job_id: str, **fields: object) -> None:
