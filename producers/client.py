@@ -31,7 +31,8 @@ import redis
 from kombu.exceptions import OperationalError
 
 from producers import staging
-from producers.batches import BatchPage, BatchStore, check_batch_id
+from producers.batches import MAX_BATCH_JOBS, BatchPage, BatchStore, check_batch_id
+from producers.callback_url import check_callback_url
 from producers.cancel import CancelRefused, cancel_script
 from producers.canvas import job_canvas, publisher_app, step_kwargs
 from producers.config import (
@@ -49,7 +50,7 @@ from producers.messages import Rendered, Templates, fast_path_supported, publish
 from producers.public_source import by_url_checked
 from producers.records import Job, JobStore, job_key
 from producers.recurring import flow_canvas
-from producers.spec import JobSpec, ValidSpec, validate
+from producers.spec import JobSpec, ValidSpec, check_idempotency_key, validate
 
 log = logging.getLogger("awork.producer")
 
@@ -183,9 +184,6 @@ class Uploads:
         The batch as a whole is idempotent (`idempotency_key`, scoped to `owner`); its jobs
         take none of their own. Errors name the job: `jobs[3].to: ...`.
         """
-        from producers.batches import MAX_BATCH_JOBS
-        from producers.callback_url import check_callback_url
-
         if not specs:
             raise SpecError("jobs", "a batch needs at least one job")
         if len(specs) > MAX_BATCH_JOBS:
@@ -202,8 +200,6 @@ class Uploads:
         scope = owner or "-"
         batch_id = BatchStore.new_id()
         if idempotency_key is not None:
-            from producers.spec import check_idempotency_key
-
             check_idempotency_key(idempotency_key)
             earlier = self._retry(
                 partial(self.batches.claim_idempotency_key, scope, idempotency_key, batch_id)
@@ -290,7 +286,7 @@ class Uploads:
 
     def _find_idempotent(self, valid: list[ValidSpec]) -> list[Job | None]:
         """Jobs that earlier requests created under these idempotency keys, in two round trips."""
-        from producers.records import idempotency_key
+        from producers.records import idempotency_key  # (the enqueue methods' parameter name)
 
         pipe = self.redis.pipeline(transaction=False)
         for v in valid:
