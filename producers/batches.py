@@ -17,8 +17,8 @@ import redis
 
 from producers.contract import SpecError
 from producers.endings import batch_jobs_key, batch_key
-from producers.job_ids import new_job_id
-from producers.records import IDEMPOTENCY_TTL_SECONDS, Job, JobStore
+from producers.job_ids import is_job_id, new_job_id
+from producers.records import IDEMPOTENCY_TTL_SECONDS, Job, JobStore, job_key
 
 MAX_BATCH_JOBS = 10_000
 MAX_PAGE = 1000
@@ -30,8 +30,6 @@ def batch_idempotency_key(scope: str, key: str) -> str:
 
 def check_batch_id(value: object) -> str:
     """Batch ids have the job-id format (32 lowercase hex digits)."""
-    from producers.job_ids import is_job_id
-
     if not is_job_id(value):
         raise SpecError("batch_id", f"malformed batch id {str(value)[:80]!r}: expected 32 hex digits")
     return str(value)
@@ -130,23 +128,29 @@ class BatchStore:
         self.redis.delete(batch_idempotency_key(scope, key))
 
     def page(self, batch_id: str, cursor: int = 0, limit: int = 100) -> BatchPage | None:
-        """Counts by state over every job of the batch, and one page of its jobs."""
-        raw = self.redis.hgetall(batch_key(batch_id))
+        """Counts by state over every job of the batch, and one page of its jobs: two round
+        trips (the batch and its ids, then every job's state and the page's records)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(batch_key(batch_id))
+        pipe.zrange(batch_jobs_key(batch_id), 0, -1)
+        raw, members = pipe.execute()
         if not raw:
             return None
         info = {_s(k): _s(v) for k, v in raw.items()}
-        ids = [_s(i) for i in self.redis.zrange(batch_jobs_key(batch_id), 0, -1)]  # type: ignore[arg-type]
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hget(self.store_key(job_id), "state")
-        counts: dict[str, int] = {}
-        for state in pipe.execute():
-            name = "expired" if state is None else _s(state)
-            counts[name] = counts.get(name, 0) + 1
+        ids = [_s(i) for i in members]
         limit = max(1, min(limit, MAX_PAGE))
         chosen = ids[cursor : cursor + limit]
-        records = self.store.get_many(chosen)
-        jobs = [Job.from_record(r) for r in records if r is not None]
+        for job_id in ids:
+            pipe.hget(job_key(job_id), "state")
+        for job_id in chosen:
+            pipe.hgetall(job_key(job_id))
+        answers = pipe.execute()
+        counts: dict[str, int] = {}
+        for state in answers[: len(ids)]:
+            name = "expired" if state is None else _s(state)
+            counts[name] = counts.get(name, 0) + 1
+        records = [{_s(k): _s(v) for k, v in r.items()} for r in answers[len(ids) :]]
+        jobs = [Job.from_record(r) for r in records if r]
         nxt = cursor + limit
         return BatchPage(
             id=batch_id,
@@ -158,12 +162,6 @@ class BatchStore:
             jobs=jobs,
             next_cursor=str(nxt) if nxt < len(ids) else None,
         )
-
-    @staticmethod
-    def store_key(job_id: str) -> str:
-        from producers.records import job_key
-
-        return job_key(job_id)
 
 
 def _s(value: bytes | str) -> str:

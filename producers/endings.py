@@ -51,16 +51,16 @@ def announce(client: redis.Redis, app: Celery, job_ids: Iterable[str]) -> int:
     script = client.register_script(_ANNOUNCE)
     sent = 0
     for job_id in job_ids:
-        batch_id = _s(client.hget(job_key(job_id), "batch_id") or b"")
+        # both read before the script, which changes neither (it marks the batch, not these)
+        raw_batch, raw_ended = client.hmget(job_key(job_id), ["batch_id", "finished_at"])
+        batch_id, ended_at = _s(raw_batch or b""), _s(raw_ended or b"")
         keys = [job_key(job_id), ENDED_KEY, batch_key(batch_id) if batch_id else ""]
         what = [_s(w) for w in script(keys=keys, args=[job_id])]
-        if what:
-            ended_at = _s(client.hget(job_key(job_id), "finished_at") or b"")
-            for kind in what:
-                ident = job_id if kind == "job" else batch_id
-                kwargs = {"kind": kind, "id": ident, "event_id": event_id(kind, ident, ended_at)}
-                app.send_task(TASK_DELIVER_CALLBACK, kwargs=kwargs, queue=QUEUE_CALLBACKS)
-                sent += 1
+        for kind in what:
+            ident = job_id if kind == "job" else batch_id
+            kwargs = {"kind": kind, "id": ident, "event_id": event_id(kind, ident, ended_at)}
+            app.send_task(TASK_DELIVER_CALLBACK, kwargs=kwargs, queue=QUEUE_CALLBACKS)
+            sent += 1
         client.zrem(ENDED_KEY, job_id)
     return sent
 

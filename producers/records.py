@@ -161,7 +161,6 @@ class JobStore:
     def __init__(self, client: redis.Redis, record_ttl_seconds: int = 7 * 24 * 3600) -> None:
         self.redis = client
         self.record_ttl_seconds = record_ttl_seconds
-        self._create = client.register_script(_CREATE_SCRIPT)
 
     # -- producers ---------------------------------------------------------------------------
     def create(self, record: Mapping[str, str], idem_key: str | None) -> tuple[str, bool]:
@@ -176,7 +175,9 @@ class JobStore:
         """Create records in one pipelined round trip; an existing job wins its idempotency key.
 
         `before` queues more commands ahead of the records on the same pipeline (a batch's hash);
-        their results are not returned."""
+        their results are not returned. The script goes as EVAL, not as a registered Script: on
+        a pipeline, redis-py checks a Script with SCRIPT EXISTS first, a round trip more per call
+        (the text is 1.3 kB next to up to 500 records)."""
         if not items:
             return []
         pipe = self.redis.pipeline(transaction=False)
@@ -191,18 +192,11 @@ class JobStore:
                 args += [record["id"], record["created_at"], idem, 2 * len(record)]
                 for kv in record.items():
                     args += kv
-            self._create(keys=[INDEX_KEY, ACTIVE_KEY], args=args, client=pipe)
+            pipe.eval(_CREATE_SCRIPT, 2, INDEX_KEY, ACTIVE_KEY, *args)
         out: list[tuple[str, bool]] = []
         for flat in pipe.execute()[skip:]:
             out += [(_s(flat[i]), bool(int(flat[i + 1]))) for i in range(0, len(flat), 2)]
         return out
-
-    def find_by_idempotency_key(self, workspace: str, key: str) -> str | None:
-        found = self.redis.get(idempotency_key(workspace, key))
-        if found is None:
-            return None
-        job_id = _s(found)
-        return job_id if self.redis.exists(job_key(job_id)) else None
 
     def delete(self, job_id: str, idem_key: str | None, workspace: str) -> None:
         """Undo a create whose message could not be published (nothing half-done)."""
@@ -236,8 +230,10 @@ class JobStore:
         """Drop ids whose records expired from the indexes."""
         ids = list(job_ids)
         if ids:
-            self.redis.zrem(INDEX_KEY, *ids)
-            self.redis.zrem(DEAD_KEY, *ids)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zrem(INDEX_KEY, *ids)
+            pipe.zrem(DEAD_KEY, *ids)
+            pipe.execute()
 
     # -- workers -----------------------------------------------------------------------------
     def update(self, job_id: str, **fields: object) -> None:
