@@ -39,8 +39,6 @@ from workers.step_lock import CancelRequested, LeaseLost
 
 log = logging.getLogger("awork.steps")
 
-LOCK_TTL_SECONDS = 90
-HEARTBEAT_SECONDS = 15
 # A step found running elsewhere is looked at again after this long.
 LOCKED_RECHECK_SECONDS = 20
 # Redis unreachable (a restart, a network drop): the step's message goes back to the queue.
