@@ -196,3 +196,30 @@ def test_the_sweeper_leaves_a_job_waiting_for_a_slot_alone(redis_url: str) -> No
     finally:
         sweeper.app.close()
         client.close()
+
+
+def test_a_metrics_scrape_renews_a_lease_by_the_step_lock_ttl(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scrape's snapshot renews a lease whose step lock lives; by more than the lock's TTL,
+    a worker killed right after would keep its slot from the others for that much longer."""
+    import time
+
+    from producers.records import step_lock_key
+    from workers import fair_metrics, step_lock
+
+    monkeypatch.setattr(step_lock, "LOCK_TTL_SECONDS", 4)
+    client = redis.Redis.from_url(redis_url)
+    fair = FairShare(client, lease_seconds=4)
+    then = time.time() - 10
+    fair.register("w1", 2, now=then)
+    assert fair.admit("a", "j1", 1, MIB, Priority.NORMAL, now=then).granted  # its lease has lapsed
+    client.set(step_lock_key("j1", "put"), "a worker", ex=60)  # but its step still runs
+    collector = fair_metrics.FairShareCollector(redis_url)
+    assert [m.name for m in collector.collect()][:2] == [
+        "awork_uploads_fair_waiting",
+        "awork_uploads_fair_in_flight",
+    ]
+    expiry = client.zscore("awork:fair:lease:a", "j1")
+    assert expiry is not None and expiry <= time.time() + 4
+    client.close()

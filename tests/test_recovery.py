@@ -110,6 +110,59 @@ def test_job_ids_are_read_from_queued_and_unacked_messages(
     assert message_job_id(b"not json") is None and payload_job_id(b"{}") is None
 
 
+def test_a_sweep_reads_the_step_locks_of_a_batch_in_one_round_trip(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stale jobs with a live step lock are left alone, the unlocked one is re-driven, and the
+    locks of the whole batch cost one round trip, not one per job (what the re-drive itself
+    publishes stays far below one per job)."""
+    client = redis.Redis.from_url(redis_url)
+    now = time.time()
+    old = now - 10 * sweeper_module.IDLE_SECONDS
+    jobs = {name: uuid.uuid4().hex for name in ("running", "next", "lost")}
+    locked = [(jobs["running"], "put")] + [(uuid.uuid4().hex, "put") for _ in range(100)]
+    locked.append((jobs["next"], "link"))  # no `running` mark: every step's lock is looked at
+    for job_id, step in [*locked, (jobs["lost"], "")]:
+        record = {
+            "id": job_id,
+            "state": "uploading",
+            "workspace": "default",
+            "target": f"task:{uuid.uuid4()}",
+            "file_name": "f.bin",
+            "published": "1",
+            "upload_id": "u1",
+            "created_at": repr(old),
+            "updated_at": repr(old),
+            "heartbeat_at": repr(old),
+        }
+        if step:
+            client.set(job_key(job_id) + f":lock:{step}", "a worker", ex=60)
+            if job_id != jobs["next"]:
+                record["running"] = step
+        client.hset(job_key(job_id), mapping=record)
+        client.zadd(ACTIVE_KEY, {job_id: old})
+    sweeper = Sweeper(client, redis_url)
+    sends = 0
+    send = redis.connection.Connection.send_packed_command
+
+    def counting(self: redis.connection.Connection, *args: Any, **kwargs: Any) -> None:
+        nonlocal sends
+        sends += 1
+        send(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.connection.Connection, "send_packed_command", counting)
+    try:
+        result = sweeper.sweep_once(now=now)
+        monkeypatch.undo()
+        assert (result.scanned, result.redriven) == (len(locked) + 1, 1)
+        assert client.hget(job_key(jobs["lost"]), "redriven_at") is not None
+        assert all(client.hget(job_key(j), "redriven_at") is None for j, _ in locked)
+        assert sends < len(locked)
+    finally:
+        sweeper.app.close()
+        client.close()
+
+
 def test_sweeper_prunes_indexes_and_staging(redis_url: str, tmp_path: Path) -> None:
     client = redis.Redis.from_url(redis_url)
     ids = {name: uuid.uuid4().hex for name in ("alive", "expired", "done", "failed")}

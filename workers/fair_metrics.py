@@ -21,6 +21,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from workers import step_lock
 from workers.fair_share import FairShare
 from workers.metrics import PREFIX
 
@@ -40,7 +41,8 @@ class FairShareCollector(Collector):
                 client = redis.Redis.from_url(
                     self.redis_url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
                 )
-                self._fair = FairShare(client, lease_seconds=60)
+                # a snapshot renews the leases whose step lock lives: by the lock's TTL, as a step does
+                self._fair = FairShare(client, lease_seconds=step_lock.LOCK_TTL_SECONDS)
             return self._fair
 
     def collect(self) -> Iterable[Metric]:

@@ -75,11 +75,6 @@ def waiting_key(workspace: str) -> str:
     return f"{PREFIX}wait:{workspace}"
 
 
-def lease_key(workspace: str) -> str:
-    """Sorted set: jobs of the workspace holding (or reserved) a transfer slot -> expiry."""
-    return f"{PREFIX}lease:{workspace}"
-
-
 @dataclass(frozen=True)
 class FairSettings:
     enabled: bool = True
@@ -210,9 +205,6 @@ class FairShare:
             if len(out) >= limit:
                 break
         return out
-
-    def is_waiting(self, workspace: str, job_id: str) -> bool:
-        return self.redis.zscore(waiting_key(workspace), job_id) is not None
 
     def snapshot(self, now: float | None = None) -> list[WorkspaceShare]:
         reply = [_s(x) for x in self._call("snapshot", now=now)]  # type: ignore[arg-type]

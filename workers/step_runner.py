@@ -39,8 +39,6 @@ from workers.step_lock import CancelRequested, LeaseLost
 
 log = logging.getLogger("awork.steps")
 
-LOCK_TTL_SECONDS = 90
-HEARTBEAT_SECONDS = 15
 # A step found running elsewhere is looked at again after this long.
 LOCKED_RECHECK_SECONDS = 20
 # Redis unreachable (a restart, a network drop): the step's message goes back to the queue.
@@ -83,7 +81,6 @@ class RateWait(Exception):
     """No rate token now: defer the step by `seconds` (does not count as an error)."""
 
     seconds: float
-    reason: str = "rate_limit"
     # Short wait, but enough threads of this process already wait for this workspace.
     contended: bool = False
 
@@ -295,7 +292,7 @@ def _handle_failure(ctx: StepContext, attempt: int, exc: Exception) -> NoReturn:
     """How a failed step body ends: deferred, retried, sent for a new URL, failed or dead."""
     task, rt, job_id = ctx.task, ctx.rt, ctx.job_id
     if isinstance(exc, RateWait):
-        countdown = _defer_for_rate(ctx, exc.seconds, exc.contended, exc.reason)
+        countdown = _defer_for_rate(ctx, exc.seconds, exc.contended)
         _log(ctx, attempt, "deferred", None, wait=round(countdown, 2))
         metrics.rate_wait(ctx.workspace, countdown)
         raise task.retry(countdown=countdown, max_retries=None)
@@ -317,9 +314,7 @@ def _handle_failure(ctx: StepContext, attempt: int, exc: Exception) -> NoReturn:
     if isinstance(exc, RateLimited):
         # The limiter has paused the workspace (observe() saw the 429); a longer pause is
         # caught by _token_or_defer when the job comes back.
-        countdown = suggested_countdown(exc.retry_after or 1.0, MAX_COUNTDOWN_SECONDS)
-        ctx.update(wait_reason="rate_limit_429", wait_until=time.time() + countdown)
-        rt.store.incr(job_id, "rate_limited")
+        countdown = _defer_for_rate(ctx, exc.retry_after or 1.0, False, "rate_limit_429", "rate_limited")
         _log(ctx, attempt, "rate_limited", exc, wait=round(countdown, 2))
         metrics.rate_limited(ctx.workspace)
         metrics.rate_wait(ctx.workspace, countdown)
@@ -367,11 +362,17 @@ def _token_or_defer(ctx: StepContext) -> None:
     raise ctx.task.retry(countdown=countdown, max_retries=None)
 
 
-def _defer_for_rate(ctx: StepContext, wait: float, contended: bool, reason: str = "rate_limit") -> float:
-    """The countdown for a step that waits for a rate token, written into the job's record
-    (`wait_reason`, `wait_until`; `rate_waits` counts them). `contended` (a short wait, but the
-    workspace's waiting slots in this process are taken) adds full jitter under a ceiling that
-    doubles with the job's contended deferrals (`rate_contended`)."""
+def _defer_for_rate(
+    ctx: StepContext,
+    wait: float,
+    contended: bool,
+    reason: str = "rate_limit",
+    counter: str = "rate_waits",
+) -> float:
+    """The countdown for a step that waits for a rate token (or, `rate_limit_429`, out a 429's
+    pause), written into the job's record (`wait_reason`, `wait_until`; `counter` counts them).
+    `contended` (a short wait, but the workspace's waiting slots in this process are taken) adds
+    full jitter under a ceiling that doubles with the job's contended deferrals (`rate_contended`)."""
     fields: dict[str, object] = {}
     if contended:
         n = int(ctx.record.get("rate_contended") or 0)
@@ -380,7 +381,7 @@ def _defer_for_rate(ctx: StepContext, wait: float, contended: bool, reason: str 
         fields["rate_contended"] = n + 1
     countdown = suggested_countdown(wait, MAX_COUNTDOWN_SECONDS)
     ctx.update(wait_reason=reason, wait_until=time.time() + countdown, **fields)
-    ctx.rt.store.incr(ctx.job_id, "rate_waits")
+    ctx.rt.store.incr(ctx.job_id, counter)
     return countdown
 
 

@@ -63,7 +63,7 @@ from producers.config import env_float
 from producers.contract import QUEUE_API, QUEUE_TRANSFER, JobState
 from producers.endings import announce_stale
 from producers.job_ids import is_job_id
-from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, STEPS, JobStore, job_key
+from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, STEPS, JobStore, job_key, step_lock_key
 from producers.redrive import canvas_from, resume_step
 from workers import fair_gate
 from workers.fair_share import FairSettings, FairShare, waiting_key
@@ -205,8 +205,8 @@ class Sweeper:
             pipe = self.redis.pipeline(transaction=False)
             for job_id in ids:
                 pipe.hgetall(job_key(job_id))
-            records = pipe.execute()
-            for job_id, raw in zip(ids, records, strict=True):
+            records: list[dict[str, str]] = []
+            for job_id, raw in zip(ids, pipe.execute(), strict=True):
                 result.scanned += 1
                 seen.add(job_id)
                 if not raw:
@@ -218,11 +218,14 @@ class Sweeper:
                     log.warning("sweeper: dropped malformed job id %r from the active list", job_id[:80])
                     self.redis.zrem(ACTIVE_KEY, job_id)
                     continue
-                if record.get("wait_reason") == fair_gate.WAIT_REASON and self._waiting_for_slot(record):
+                records.append(record)
+            for record, (waiting, locked) in zip(records, self._waiting_or_locked(records), strict=True):
+                if waiting:
                     continue
+                job_id = record["id"]
                 messages = held.get(job_id, [])
                 oldest = min((t for _, t in messages), default=None)
-                reason = stalled_reason(record, self._lock_held(job_id, record), now, oldest)
+                reason = stalled_reason(record, locked, now, oldest)
                 if reason is None:
                     continue
                 if reason == MAYBE_LOST:
@@ -271,9 +274,6 @@ class Sweeper:
             pipe.execute()
         return len(tags)
 
-    def _waiting_for_slot(self, record: dict[str, str]) -> bool:
-        return self.redis.zscore(waiting_key(record.get("workspace", "")), record["id"]) is not None
-
     def dispatch_slots(self) -> int:
         """Fill free transfer slots from the fair-share waiting lists; returns jobs published.
         With the fair share off (AWORK_FAIR_SHARE=off), every job still waiting is published."""
@@ -303,14 +303,25 @@ class Sweeper:
         ids: list[bytes] = self.redis.zrange(key, start, end)  # type: ignore[assignment]
         return [_s(i) for i in ids]
 
-    def _lock_held(self, job_id: str, record: dict[str, str]) -> bool:
-        """Is any step of this job locked (a live worker on it)?"""
-        running = record.get("running")
-        steps = [running] if running else list(STEPS)
+    def _waiting_or_locked(self, records: list[dict[str, str]]) -> list[tuple[bool, bool]]:
+        """For each record, in one round trip for them all: is the job waiting in its workspace's
+        fair-share list for a transfer slot (left alone on purpose), and is any step of it locked
+        (a live worker on it)?"""
+        if not records:
+            return []
         pipe = self.redis.pipeline(transaction=False)
-        for step in steps:
-            pipe.exists(f"{job_key(job_id)}:lock:{step}")
-        return any(pipe.execute())
+        for record in records:
+            job_id = record["id"]
+            if record.get("wait_reason") == fair_gate.WAIT_REASON:
+                pipe.zscore(waiting_key(record.get("workspace", "")), job_id)
+            running = record.get("running")
+            pipe.exists(*[step_lock_key(job_id, step) for step in ([running] if running else STEPS)])
+        replies = iter(pipe.execute())
+        out = []
+        for record in records:
+            waiting = record.get("wait_reason") == fair_gate.WAIT_REASON and next(replies) is not None
+            out.append((waiting, bool(next(replies))))
+        return out
 
     def unacked_messages(self) -> dict[str, list[tuple[str, float]]]:
         """job id -> (delivery tag, delivered at) of its messages that workers hold unacknowledged
