@@ -251,14 +251,17 @@ class JobStore:
         pipe.hset(job_key(job_id), "updated_at", _now())
         return int(pipe.execute()[0])
 
-    def start_step(self, job_id: str, step: str, state: str) -> int:
-        """Mark a step as running (and the job's state) in one round trip; return its attempt."""
+    def start_step(self, job_id: str, step: str, state: str, clear: Sequence[str] = ()) -> int:
+        """Mark a step as running (and the job's state), removing the `clear` fields (a wait that
+        is over), in one round trip; return its attempt."""
         now = _now()
         pipe = self.redis.pipeline()
         pipe.hincrby(job_key(job_id), f"attempts_{step}", 1)
         pipe.hset(
             job_key(job_id), mapping={"state": state, "running": step, "heartbeat_at": now, "updated_at": now}
         )
+        if clear:
+            pipe.hdel(job_key(job_id), *clear)
         return int(pipe.execute()[0])
 
     def finish(self, job_id: str, state: JobState, notify: bool = False, **fields: object) -> None:

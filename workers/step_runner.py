@@ -263,12 +263,9 @@ def _run_locked(
         if not connection_usable(ctx):
             raise park(ctx)
         _token_or_defer(ctx)
-    attempt = rt.store.start_step(job_id, step, state.value)
+    waited = [f for f in ("wait_reason", "wait_until") if record.pop(f, None) is not None]  # waits no more
+    attempt = rt.store.start_step(job_id, step, state.value, clear=waited)
     record.update(state=state.value, running=step)
-    if record.get("wait_reason") or record.get("wait_until"):
-        rt.store.clear(job_id, "wait_reason", "wait_until")  # it waits no more
-        record.pop("wait_reason", None)
-        record.pop("wait_until", None)
     ctx.started = time.monotonic()
     failure: Exception | None = None
     try:
