@@ -17,6 +17,7 @@ from producers.contract import TASK_FETCH_BY_URL, JobState, Target
 from producers.public_source import SourceNotPublic, SourceUnreachable, public_source_size
 from workers.celery_app import app
 from workers.errors import PermanentError, TransientError
+from workers.record_checks import check_record
 from workers.recurring_done import release_name
 from workers.step_runner import StepContext, run_step
 from workers.steps import StepTask, _done, _reconcile
@@ -37,6 +38,7 @@ def checked_size(ctx: StepContext, url: str) -> int:
 
 def _fetch(ctx: StepContext) -> dict[str, Any]:
     record = ctx.record
+    check_record(ctx.job_id, record)
     target = Target.parse(record["target"])
     sent_before = record.get("byurl_sent") == "1"
     if sent_before:

@@ -19,6 +19,7 @@ from producers.contract import TASK_ADD_VERSION, JobState, Target
 from workers.celery_app import app
 from workers.errors import TransientError
 from workers.multipart import multipart_body
+from workers.record_checks import check_record
 from workers.recurring_done import finish
 from workers.step_runner import StepContext, run_step
 from workers.steps import StepTask, _close, _open_source
@@ -52,6 +53,7 @@ def _list_versions(ctx: StepContext, path: str) -> list[dict[str, Any]]:
 
 def _add_version(ctx: StepContext) -> dict[str, Any]:
     record = ctx.record
+    check_record(ctx.job_id, record)
     path = versions_path(record)
     file_id = path.rsplit("/", 2)[1]
     size = int(record["size"]) if record.get("size") else None
