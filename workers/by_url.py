@@ -2,7 +2,7 @@
 
 No bytes pass through the workers. The source is checked again here (public, size by HEAD,
 producers.public_source) since the enqueue check may be old and the worker's network differs.
-An attempt whose answer was lost is reconciled like a link (workers.steps._reconcile: a file of
+An attempt whose answer was lost is reconciled like a link (workers.steps.reconcile: a file of
 our name and size created since we sent) before the request is sent again.
 """
 
@@ -18,9 +18,8 @@ from producers.public_source import SourceNotPublic, SourceUnreachable, public_s
 from workers.celery_app import app
 from workers.errors import PermanentError, TransientError
 from workers.record_checks import check_record
-from workers.recurring_done import release_name
 from workers.step_runner import StepContext, run_step
-from workers.steps import StepTask, _done, _reconcile
+from workers.steps import StepTask, file_done, reconcile
 
 
 def _fetched(record: dict[str, str]) -> bool:
@@ -42,9 +41,8 @@ def _fetch(ctx: StepContext) -> dict[str, Any]:
     target = Target.parse(record["target"])
     sent_before = record.get("byurl_sent") == "1"
     if sent_before:
-        found = _reconcile(ctx, target)
+        found = reconcile(ctx, target)
         if found:
-            release_name(ctx)
             return found
     size = checked_size(ctx, record["source"])
     ctx.take_token()
@@ -56,9 +54,7 @@ def _fetch(ctx: StepContext) -> dict[str, Any]:
         record["file_name"],
         record.get("description") or None,
     )
-    out = _done(ctx, info)
-    release_name(ctx)
-    return out
+    return file_done(ctx, info)
 
 
 @app.task(bind=True, base=StepTask, name=TASK_FETCH_BY_URL)

@@ -20,10 +20,9 @@ from producers.contract import TASK_RESOLVE_EXISTING, JobState, Target
 from producers.recurring import flow_canvas
 from workers.celery_app import app
 from workers.file_match import newest_named
-from workers.name_lock import NameLocks
-from workers.recurring_done import finish, name_key
+from workers.name_lock import NameLocks, name_key
 from workers.step_runner import StepContext, run_step
-from workers.steps import StepTask
+from workers.steps import StepTask, finish_done
 
 # A job waiting for another job that owns its file name looks again after this long (seconds,
 # doubling per wait, with jitter).
@@ -70,7 +69,7 @@ def _resolve(ctx: StepContext) -> dict[str, Any]:
     if match is not None and mode == "skip":
         size = record.get("size")
         if size and _latest_size(match) == int(size):
-            return finish(ctx, str(match["id"]), "skipped", _latest_size(match))
+            return finish_done(ctx, str(match["id"]), _latest_size(match), "skipped")
     kwargs = step_kwargs(ctx.job_id, ctx.workspace, record["target"], record["file_name"])
     if match is not None and mode == "version":
         ctx.update(flow="version", version_of=str(match["id"]), version_before=_top_version(match))

@@ -33,6 +33,7 @@ from workers.celery_app import app
 from workers.errors import PermanentError, TransientError, UploadUrlExpired
 from workers.file_match import find_linked_file
 from workers.multipart import multipart_body
+from workers.name_lock import release_job_name
 from workers.record_checks import check_record
 from workers.sources import ByteSource, FileSource
 from workers.step_runner import JobEnded, StepContext, announce_end, cleanup_staging, run_step
@@ -163,7 +164,7 @@ def _link(ctx: StepContext) -> dict[str, Any]:
     # connection, a worker killed mid-request): look before linking again.
     sent_before = record.get("link_sent_for") == upload_id
     if sent_before:
-        found = _reconcile(ctx, target)
+        found = reconcile(ctx, target)
         if found:
             return found
     ctx.take_token()
@@ -176,9 +177,9 @@ def _link(ctx: StepContext) -> dict[str, Any]:
     except PermanentError as exc:
         if sent_before and exc.code == ALREADY_LINKED:
             # awork says this upload is linked already: our earlier attempt went through.
-            return _done(ctx, {}, evidence="already-linked")
+            return file_done(ctx, {}, evidence="already-linked")
         raise
-    return _done(ctx, info)
+    return file_done(ctx, info)
 
 
 @app.task(bind=True, base=StepTask, name=TASK_LINK_FILE)
@@ -195,7 +196,7 @@ def _multipart(ctx: StepContext) -> dict[str, Any]:
     if sent_before:
         # Companies have no file list in awork's API: there a lost answer may mean a second
         # file when the request is sent again (documented in the README).
-        found = _reconcile(ctx, target)
+        found = reconcile(ctx, target)
         if found:
             return found
     source = _open_source(ctx)
@@ -210,7 +211,7 @@ def _multipart(ctx: StepContext) -> dict[str, Any]:
         info = ctx.rt.client(ctx.workspace).multipart_upload(target.link_path, body, content_type, length)
     finally:
         _close(source)
-    return _done(ctx, info)
+    return file_done(ctx, info)
 
 
 @app.task(bind=True, base=StepTask, name=TASK_MULTIPART_UPLOAD)
@@ -226,7 +227,7 @@ def _open_source(ctx: StepContext) -> ByteSource:
     )
 
 
-def _reconcile(ctx: StepContext, target: Target) -> dict[str, Any] | None:
+def reconcile(ctx: StepContext, target: Target) -> dict[str, Any] | None:
     """After an attempt whose outcome is unknown: does awork already hold the file?"""
     if target.list_path is None:
         return None
@@ -235,35 +236,49 @@ def _reconcile(ctx: StepContext, target: Target) -> dict[str, Any] | None:
     if info is None:
         return None
     ctx.rt.store.incr(ctx.job_id, "reconciled")
-    return _done(ctx, info)
+    return file_done(ctx, info)
 
 
-def _done(ctx: StepContext, info: dict[str, Any], evidence: str = "") -> dict[str, Any]:
-    """Finish the job as done. With `evidence`, awork confirmed the link without its FileInfo
-    (a profile image has no file list to look it up in): the file id stays unknown."""
+def file_done(ctx: StepContext, info: dict[str, Any], evidence: str = "") -> dict[str, Any]:
+    """Finish the job as done with awork's FileInfo. With `evidence`, awork confirmed the link
+    without its FileInfo (a profile image has no file list to look it up in): the file id stays
+    unknown."""
     file_id = str(info.get("id") or "")
     if not file_id and not evidence:
         raise TransientError("awork answered without a file id", outcome_unknown=True)
-    size = _awork_size(info)
+    if evidence:
+        return finish_done(ctx, file_id, None, done_evidence=evidence)
+    return finish_done(ctx, file_id, _awork_size(info))
+
+
+def finish_done(
+    ctx: StepContext, file_id: str, size: int | None, outcome: str = "", **more: object
+) -> dict[str, Any]:
+    """The one way a step ends a job `done`: `file_id` holds the bytes (`size` as awork reports
+    them, compared with ours), or held them already (`outcome` skipped); `outcome` version for
+    a new version of it. Then its staging, its name lock and its callbacks."""
     expected = ctx.record.get("size")
     verified = size is not None and expected not in (None, "") and int(expected) == size
-    done_fields: dict[str, object] = {"file_id": file_id, "size_verified": verified}
-    if evidence:
-        done_fields["done_evidence"] = evidence
-    if expected:
-        done_fields["bytes_sent"] = expected
-    if ctx.step == "link":
-        # Linked: the bytes are of no more use, and a redelivered link reconciles without them.
-        # Removed before the job is marked done, so a worker killed in between leaves no done job
-        # with staged bytes behind. (A multipart job keeps them until it is done: a redelivered
-        # multipart step that cannot find its file sends the bytes again.)
+    fields: dict[str, object] = {"file_id": file_id, "size_verified": verified, **more}
+    if outcome:
+        fields["outcome"] = outcome
+    if expected and outcome != "skipped":
+        fields["bytes_sent"] = expected
+    linked = ctx.step == "link"
+    if linked:
+        # Linked: the bytes and their block acks are of no more use, and a redelivered link
+        # reconciles without them. Removed before the job is marked done, so a worker killed in
+        # between leaves no done job with staged bytes behind. (A multipart or version job keeps
+        # them until it is done: a redelivered step that cannot find its file sends them again.)
         cleanup_staging(ctx)
-    ctx.rt.store.finish(ctx.job_id, JobState.DONE, notify=ctx.record.get("notify") == "1", **done_fields)
+        RedisBlockJournal(ctx.rt.redis, ctx.job_id).reset()
+    ctx.rt.store.finish(ctx.job_id, JobState.DONE, notify=ctx.record.get("notify") == "1", **fields)
     metrics.job_finished(JobState.DONE.value, ctx.workspace)
-    cleanup_staging(ctx)
+    if not linked:
+        cleanup_staging(ctx)
+    release_job_name(ctx.rt.redis, ctx.job_id, ctx.record)
     announce_end(ctx.task, ctx.rt, ctx.job_id, ctx.record)
-    RedisBlockJournal(ctx.rt.redis, ctx.job_id).reset()  # its block acks are of no more use
-    return {"file_id": file_id}
+    return {"file_id": file_id, "outcome": outcome} if outcome else {"file_id": file_id}
 
 
 def _awork_size(info: dict[str, Any]) -> int | None:

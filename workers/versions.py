@@ -20,9 +20,8 @@ from workers.celery_app import app
 from workers.errors import TransientError
 from workers.multipart import multipart_body
 from workers.record_checks import check_record
-from workers.recurring_done import finish
 from workers.step_runner import StepContext, run_step
-from workers.steps import StepTask, _close, _open_source
+from workers.steps import StepTask, _close, _open_source, finish_done
 
 
 def _done(record: dict[str, str]) -> bool:
@@ -66,7 +65,7 @@ def _add_version(ctx: StepContext) -> dict[str, Any]:
         found = find_our_version(_list_versions(ctx, path), before, size)
         if found is not None:
             ctx.rt.store.incr(ctx.job_id, "reconciled")
-            return finish(ctx, file_id, "version", _size(found), version_id=found.get("id", ""))
+            return finish_done(ctx, file_id, _size(found), "version", version_id=found.get("id", ""))
     source = _open_source(ctx)
     try:
         ctx.take_token()
@@ -80,7 +79,7 @@ def _add_version(ctx: StepContext) -> dict[str, Any]:
         _close(source)
     if not info.get("id"):
         raise TransientError("awork answered a version without an id", outcome_unknown=True)
-    return finish(ctx, file_id, "version", _size(info), version_id=info["id"])
+    return finish_done(ctx, file_id, _size(info), "version", version_id=info["id"])
 
 
 def _size(info: dict[str, Any]) -> int | None:
