@@ -19,11 +19,7 @@ from workers.celery_app import app
 from workers.errors import PermanentError, TransientError
 from workers.record_checks import check_record
 from workers.step_runner import StepContext, run_step
-from workers.steps import StepTask, file_done, reconcile
-
-
-def _fetched(record: dict[str, str]) -> bool:
-    return bool(record.get("file_id"))
+from workers.steps import StepTask, file_done, has_file_id, reconcile
 
 
 def checked_size(ctx: StepContext, url: str) -> int:
@@ -59,4 +55,4 @@ def _fetch(ctx: StepContext) -> dict[str, Any]:
 
 @app.task(bind=True, base=StepTask, name=TASK_FETCH_BY_URL)
 def fetch_by_url(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
-    return run_step(self, job_id, "byurl", JobState.UPLOADING, _fetched, _fetch)
+    return run_step(self, job_id, "byurl", JobState.UPLOADING, has_file_id, _fetch)

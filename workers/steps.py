@@ -147,7 +147,8 @@ def put_file(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
 
 
 # -- step 3 ----------------------------------------------------------------------------------
-def _linked(record: dict[str, str]) -> bool:
+def has_file_id(record: dict[str, str]) -> bool:
+    """The job holds awork's file id: the step that ends it is done."""
     return bool(record.get("file_id"))
 
 
@@ -184,7 +185,7 @@ def _link(ctx: StepContext) -> dict[str, Any]:
 
 @app.task(bind=True, base=StepTask, name=TASK_LINK_FILE)
 def link_file(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
-    return run_step(self, job_id, "link", JobState.LINKING, _linked, _link)
+    return run_step(self, job_id, "link", JobState.LINKING, has_file_id, _link)
 
 
 # -- one-request route -----------------------------------------------------------------------
@@ -199,6 +200,20 @@ def _multipart(ctx: StepContext) -> dict[str, Any]:
         found = reconcile(ctx, target)
         if found:
             return found
+    return file_done(ctx, send_multipart(ctx, target.link_path, "multipart_sent"))
+
+
+@app.task(bind=True, base=StepTask, name=TASK_MULTIPART_UPLOAD)
+def multipart_upload(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
+    return run_step(self, job_id, "multipart", JobState.UPLOADING, has_file_id, _multipart)
+
+
+# -- shared ----------------------------------------------------------------------------------
+def send_multipart(ctx: StepContext, path: str, sent_field: str) -> dict[str, Any]:
+    """One streamed multipart POST of the job's bytes to `path`, awork's answer. `sent_field`
+    is set in the record before the first send: a later attempt knows the outcome of an earlier
+    one may be unknown, and looks before sending again."""
+    record = ctx.record
     source = _open_source(ctx)
     try:
         ctx.take_token()
@@ -206,20 +221,13 @@ def _multipart(ctx: StepContext) -> dict[str, Any]:
         body, content_type, length = multipart_body(
             source, record["file_name"], record.get("content_type") or "application/octet-stream"
         )
-        if not sent_before:
-            ctx.update(multipart_sent=1, link_started_at=time.time())
-        info = ctx.rt.client(ctx.workspace).multipart_upload(target.link_path, body, content_type, length)
+        if record.get(sent_field) != "1":
+            ctx.update(**{sent_field: 1, "link_started_at": time.time()})
+        return ctx.rt.client(ctx.workspace).multipart_upload(path, body, content_type, length)
     finally:
         _close(source)
-    return file_done(ctx, info)
 
 
-@app.task(bind=True, base=StepTask, name=TASK_MULTIPART_UPLOAD)
-def multipart_upload(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
-    return run_step(self, job_id, "multipart", JobState.UPLOADING, _linked, _multipart)
-
-
-# -- shared ----------------------------------------------------------------------------------
 def _open_source(ctx: StepContext) -> ByteSource:
     settings = ctx.rt.settings
     return open_source(

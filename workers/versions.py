@@ -10,7 +10,6 @@ above that number with our size is there, takes it as ours instead of sending ag
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from celery import Task
@@ -18,22 +17,18 @@ from celery import Task
 from producers.contract import TASK_ADD_VERSION, JobState, Target
 from workers.celery_app import app
 from workers.errors import TransientError
-from workers.multipart import multipart_body
 from workers.record_checks import check_record
 from workers.step_runner import StepContext, run_step
-from workers.steps import StepTask, _close, _open_source, finish_done
+from workers.steps import StepTask, finish_done, has_file_id, send_multipart
 
 
-def _done(record: dict[str, str]) -> bool:
-    return bool(record.get("file_id"))
-
-
-def versions_path(record: dict[str, str]) -> str:
+def version_target(record: dict[str, str]) -> tuple[str, str]:
+    """(the file's id, the path of its versions)."""
     target = Target.parse(record["target"])
     file_id = record.get("version_of") or record.get("new_version_of")
     if not file_id:
         raise TransientError("no file to add a version to in the record")
-    return f"/{target.entity}/{target.entity_id}/files/{file_id}/versions"
+    return file_id, f"/{target.entity}/{target.entity_id}/files/{file_id}/versions"
 
 
 def find_our_version(versions: list[dict[str, Any]], before: int, size: int | None) -> dict[str, Any] | None:
@@ -53,8 +48,7 @@ def _list_versions(ctx: StepContext, path: str) -> list[dict[str, Any]]:
 def _add_version(ctx: StepContext) -> dict[str, Any]:
     record = ctx.record
     check_record(ctx.job_id, record)
-    path = versions_path(record)
-    file_id = path.rsplit("/", 2)[1]
+    file_id, path = version_target(record)
     size = int(record["size"]) if record.get("size") else None
     if not record.get("version_before"):
         top = max((float(v.get("version") or 0) for v in _list_versions(ctx, path)), default=0)
@@ -66,17 +60,7 @@ def _add_version(ctx: StepContext) -> dict[str, Any]:
         if found is not None:
             ctx.rt.store.incr(ctx.job_id, "reconciled")
             return finish_done(ctx, file_id, _size(found), "version", version_id=found.get("id", ""))
-    source = _open_source(ctx)
-    try:
-        ctx.take_token()
-        body, content_type, length = multipart_body(
-            source, record["file_name"], record.get("content_type") or "application/octet-stream"
-        )
-        if record.get("version_sent") != "1":
-            ctx.update(version_sent=1, link_started_at=time.time())
-        info = ctx.rt.client(ctx.workspace).multipart_upload(path, body, content_type, length)
-    finally:
-        _close(source)
+    info = send_multipart(ctx, path, "version_sent")
     if not info.get("id"):
         raise TransientError("awork answered a version without an id", outcome_unknown=True)
     return finish_done(ctx, file_id, _size(info), "version", version_id=info["id"])
@@ -88,4 +72,4 @@ def _size(info: dict[str, Any]) -> int | None:
 
 @app.task(bind=True, base=StepTask, name=TASK_ADD_VERSION)
 def add_version(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
-    return run_step(self, job_id, "version", JobState.UPLOADING, _done, _add_version)
+    return run_step(self, job_id, "version", JobState.UPLOADING, has_file_id, _add_version)
