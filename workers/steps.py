@@ -31,7 +31,7 @@ from workers.blob import plain_session, url_expiry
 from workers.block_journal import RedisBlockJournal
 from workers.celery_app import app
 from workers.errors import PermanentError, TransientError, UploadUrlExpired
-from workers.file_match import find_linked_file
+from workers.file_match import find_linked_file, latest_size
 from workers.multipart import multipart_body
 from workers.name_lock import release_job_name
 from workers.record_checks import check_record
@@ -256,7 +256,7 @@ def file_done(ctx: StepContext, info: dict[str, Any], evidence: str = "") -> dic
         raise TransientError("awork answered without a file id", outcome_unknown=True)
     if evidence:
         return finish_done(ctx, file_id, None, done_evidence=evidence)
-    return finish_done(ctx, file_id, _awork_size(info))
+    return finish_done(ctx, file_id, latest_size(info))
 
 
 def finish_done(
@@ -287,13 +287,6 @@ def finish_done(
     release_job_name(ctx.rt.redis, ctx.job_id, ctx.record)
     announce_end(ctx.task, ctx.rt, ctx.job_id, ctx.record)
     return {"file_id": file_id, "outcome": outcome} if outcome else {"file_id": file_id}
-
-
-def _awork_size(info: dict[str, Any]) -> int | None:
-    versions = info.get("fileVersions") or []
-    if versions and isinstance(versions[-1], dict) and versions[-1].get("size") is not None:
-        return int(versions[-1]["size"])
-    return None
 
 
 def open_source(

@@ -17,6 +17,7 @@ from celery import Task
 from producers.contract import TASK_ADD_VERSION, JobState, Target
 from workers.celery_app import app
 from workers.errors import TransientError
+from workers.file_match import top_version
 from workers.record_checks import check_record
 from workers.step_runner import StepContext, run_step
 from workers.steps import StepTask, finish_done, has_file_id, send_multipart
@@ -51,8 +52,7 @@ def _add_version(ctx: StepContext) -> dict[str, Any]:
     file_id, path = version_target(record)
     size = int(record["size"]) if record.get("size") else None
     if not record.get("version_before"):
-        top = max((float(v.get("version") or 0) for v in _list_versions(ctx, path)), default=0)
-        ctx.update(version_before=int(top))
+        ctx.update(version_before=top_version(_list_versions(ctx, path)))
     before = int(record["version_before"])
     if record.get("version_sent") == "1":
         # an earlier attempt's outcome is unknown: look before sending the bytes again
