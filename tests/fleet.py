@@ -192,9 +192,10 @@ class Fleet:
     def wait(self, jobs: Iterable[Job], timeout: float = 60) -> list[Job]:
         return self.uploads.wait_many([j.id for j in jobs], timeout=timeout)
 
-    def plant_job(self, **fields: str) -> dict[str, str]:
+    def plant_job(self, first: str = "generate", **fields: str) -> dict[str, str]:
         """A job record as a hostile client with Redis access could write it (`fields` override
-        a plain file job on a new task), and its canvas published: what the workers then do."""
+        a plain file job on a new task), and its canvas from step `first` published: what the
+        workers then do."""
         from producers.canvas import publisher_app
         from producers.records import JobStore
         from producers.redrive import canvas_from
@@ -219,7 +220,7 @@ class Fleet:
         JobStore(redis.Redis.from_url(self.env["REDIS_URL"])).create(record, None)
         app = publisher_app(self.env["REDIS_URL"])
         try:
-            canvas_from(app, record, "generate").apply_async()
+            canvas_from(app, record, first).apply_async()
         finally:
             app.close()
         return record

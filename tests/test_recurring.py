@@ -167,3 +167,37 @@ def test_via_awork_refusals_name_the_field(fleet: Fleet, up: Uploads, files: Fil
     with pytest.raises(SpecError, match=r"^via: awork fetches http\(s\) URLs only"):
         up.enqueue(_write(tmp_path / "x.txt", b"x"), to=f"task:{task}", via="awork")
     assert up.jobs(limit=1000) == [j for j in up.jobs(limit=1000) if j.target != f"task:{task}"]
+
+
+def test_crafted_version_and_byurl_records_are_checked(
+    fleet: Fleet, up: Uploads, files: Files, tmp_path: Path
+) -> None:
+    """A record written straight into Redis with a spoofing name fails `record-invalid` in the
+    version and byurl steps too, naming the field; awork never sees the name."""
+    task = fleet.entity("tasks")
+    first = up.wait(up.enqueue(_write(tmp_path / "r.csv", b"v1"), to=f"task:{task}").id, timeout=60)
+    staged = _write(Path(fleet.env["STAGING_DIR"]) / "spoof-version.txt", b"version 2")
+    files.bodies["spoof.csv"] = b"fetched by awork"
+    spoof = "invoice\u202efdp.exe"
+    version = fleet.plant_job(
+        "version",
+        target=f"task:{task}",
+        file_name=spoof,
+        source=str(staged),
+        new_version_of=first.file_id or "",
+        flow="version",
+    )
+    byurl = fleet.plant_job(
+        "byurl",
+        target=f"task:{task}",
+        file_name=spoof,
+        source_kind="url",
+        source=files.url("spoof.csv"),
+        via="awork",
+        flow="byurl",
+    )
+    for job in up.wait_many([version["id"], byurl["id"]], timeout=60):
+        assert job.state.value == "failed" and job.error is not None, job
+        assert job.error.code == "record-invalid" and "file_name" in (job.error.description or "")
+    (stored,) = _stored(fleet, task)
+    assert len(stored["versions"]) == 1 and files.gets.count("spoof.csv") == 0

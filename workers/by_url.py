@@ -2,7 +2,7 @@
 
 No bytes pass through the workers. The source is checked again here (public, size by HEAD,
 producers.public_source) since the enqueue check may be old and the worker's network differs.
-An attempt whose answer was lost is reconciled like a link (workers.steps._reconcile: a file of
+An attempt whose answer was lost is reconciled like a link (workers.steps.reconcile: a file of
 our name and size created since we sent) before the request is sent again.
 """
 
@@ -17,13 +17,9 @@ from producers.contract import TASK_FETCH_BY_URL, JobState, Target
 from producers.public_source import SourceNotPublic, SourceUnreachable, public_source_size
 from workers.celery_app import app
 from workers.errors import PermanentError, TransientError
-from workers.recurring_done import release_name
+from workers.record_checks import check_record
 from workers.step_runner import StepContext, run_step
-from workers.steps import StepTask, _done, _reconcile
-
-
-def _fetched(record: dict[str, str]) -> bool:
-    return bool(record.get("file_id"))
+from workers.steps import StepTask, file_done, has_file_id, reconcile
 
 
 def checked_size(ctx: StepContext, url: str) -> int:
@@ -37,12 +33,12 @@ def checked_size(ctx: StepContext, url: str) -> int:
 
 def _fetch(ctx: StepContext) -> dict[str, Any]:
     record = ctx.record
+    check_record(ctx.job_id, record)
     target = Target.parse(record["target"])
     sent_before = record.get("byurl_sent") == "1"
     if sent_before:
-        found = _reconcile(ctx, target)
+        found = reconcile(ctx, target)
         if found:
-            release_name(ctx)
             return found
     size = checked_size(ctx, record["source"])
     ctx.take_token()
@@ -54,11 +50,9 @@ def _fetch(ctx: StepContext) -> dict[str, Any]:
         record["file_name"],
         record.get("description") or None,
     )
-    out = _done(ctx, info)
-    release_name(ctx)
-    return out
+    return file_done(ctx, info)
 
 
 @app.task(bind=True, base=StepTask, name=TASK_FETCH_BY_URL)
 def fetch_by_url(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
-    return run_step(self, job_id, "byurl", JobState.UPLOADING, _fetched, _fetch)
+    return run_step(self, job_id, "byurl", JobState.UPLOADING, has_file_id, _fetch)

@@ -18,11 +18,9 @@ def find_linked_file(files: list[dict[str, Any]], record: dict[str, str]) -> dic
     for info in files:
         if name not in (info.get("fileName"), info.get("name")):
             continue
-        versions = info.get("fileVersions") or []
-        if size is not None and versions and isinstance(versions[-1], dict):
-            got = versions[-1].get("size")
-            if got is not None and int(got) != size:
-                continue
+        got = latest_size(info)
+        if size is not None and got is not None and got != size:
+            continue
         created = _timestamp(info.get("createdOn"))
         if created is not None and created < started:
             continue
@@ -47,3 +45,16 @@ def newest_named(files: list[dict[str, Any]], name: str) -> dict[str, Any] | Non
     if not named:
         return None
     return max(named, key=lambda f: _timestamp(f.get("updatedOn")) or _timestamp(f.get("createdOn")) or 0.0)
+
+
+def latest_size(info: dict[str, Any]) -> int | None:
+    """The size of a FileInfo's newest version (the highest number; awork lists them oldest
+    first, so on equal or missing numbers the last listed)."""
+    versions = [v for v in info.get("fileVersions") or [] if isinstance(v, dict)]
+    newest = max(reversed(versions), key=lambda v: float(v.get("version") or 0), default=None)
+    return int(newest["size"]) if newest is not None and newest.get("size") is not None else None
+
+
+def top_version(versions: list[Any]) -> int:
+    """The highest version number among a file's versions (0 for none)."""
+    return int(max((float(v.get("version") or 0) for v in versions if isinstance(v, dict)), default=0))

@@ -19,11 +19,10 @@ from producers.canvas import job_canvas, step_kwargs
 from producers.contract import TASK_RESOLVE_EXISTING, JobState, Target
 from producers.recurring import flow_canvas
 from workers.celery_app import app
-from workers.file_match import newest_named
-from workers.name_lock import NameLocks
-from workers.recurring_done import finish, name_key
+from workers.file_match import latest_size, newest_named, top_version
+from workers.name_lock import NameLocks, name_key
 from workers.step_runner import StepContext, run_step
-from workers.steps import StepTask
+from workers.steps import StepTask, finish_done
 
 # A job waiting for another job that owns its file name looks again after this long (seconds,
 # doubling per wait, with jitter).
@@ -33,19 +32,6 @@ NAME_WAIT_MAX_SECONDS = 15.0
 
 def _resolved(record: dict[str, str]) -> bool:
     return record.get("flow") != "resolve"
-
-
-def _latest_size(info: dict[str, Any]) -> int | None:
-    versions = [v for v in info.get("fileVersions") or [] if isinstance(v, dict)]
-    if not versions:
-        return None
-    newest = max(versions, key=lambda v: float(v.get("version") or 0))
-    return int(newest["size"]) if newest.get("size") is not None else None
-
-
-def _top_version(info: dict[str, Any]) -> int:
-    numbers = [float(v.get("version") or 0) for v in info.get("fileVersions") or [] if isinstance(v, dict)]
-    return int(max(numbers, default=0))
 
 
 def _wait_for_name(ctx: StepContext, owner: str) -> BaseException:
@@ -69,11 +55,13 @@ def _resolve(ctx: StepContext) -> dict[str, Any]:
     mode = record.get("on_existing")
     if match is not None and mode == "skip":
         size = record.get("size")
-        if size and _latest_size(match) == int(size):
-            return finish(ctx, str(match["id"]), "skipped", _latest_size(match))
+        existing = latest_size(match)
+        if size and existing == int(size):
+            return finish_done(ctx, str(match["id"]), existing, "skipped")
     kwargs = step_kwargs(ctx.job_id, ctx.workspace, record["target"], record["file_name"])
     if match is not None and mode == "version":
-        ctx.update(flow="version", version_of=str(match["id"]), version_before=_top_version(match))
+        before = top_version(match.get("fileVersions") or [])
+        ctx.update(flow="version", version_of=str(match["id"]), version_before=before)
         raise ctx.task.replace(flow_canvas(ctx.task.app, "version", kwargs))
     flow = "byurl" if record.get("via") == "awork" else ""
     ctx.update(flow=flow)

@@ -31,8 +31,9 @@ from workers.blob import plain_session, url_expiry
 from workers.block_journal import RedisBlockJournal
 from workers.celery_app import app
 from workers.errors import PermanentError, TransientError, UploadUrlExpired
-from workers.file_match import find_linked_file
+from workers.file_match import find_linked_file, latest_size
 from workers.multipart import multipart_body
+from workers.name_lock import release_job_name
 from workers.record_checks import check_record
 from workers.sources import ByteSource, FileSource
 from workers.step_runner import JobEnded, StepContext, announce_end, cleanup_staging, run_step
@@ -146,7 +147,8 @@ def put_file(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
 
 
 # -- step 3 ----------------------------------------------------------------------------------
-def _linked(record: dict[str, str]) -> bool:
+def has_file_id(record: dict[str, str]) -> bool:
+    """The job holds awork's file id: the step that ends it is done."""
     return bool(record.get("file_id"))
 
 
@@ -163,7 +165,7 @@ def _link(ctx: StepContext) -> dict[str, Any]:
     # connection, a worker killed mid-request): look before linking again.
     sent_before = record.get("link_sent_for") == upload_id
     if sent_before:
-        found = _reconcile(ctx, target)
+        found = reconcile(ctx, target)
         if found:
             return found
     ctx.take_token()
@@ -176,14 +178,14 @@ def _link(ctx: StepContext) -> dict[str, Any]:
     except PermanentError as exc:
         if sent_before and exc.code == ALREADY_LINKED:
             # awork says this upload is linked already: our earlier attempt went through.
-            return _done(ctx, {}, evidence="already-linked")
+            return file_done(ctx, {}, evidence="already-linked")
         raise
-    return _done(ctx, info)
+    return file_done(ctx, info)
 
 
 @app.task(bind=True, base=StepTask, name=TASK_LINK_FILE)
 def link_file(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
-    return run_step(self, job_id, "link", JobState.LINKING, _linked, _link)
+    return run_step(self, job_id, "link", JobState.LINKING, has_file_id, _link)
 
 
 # -- one-request route -----------------------------------------------------------------------
@@ -195,9 +197,23 @@ def _multipart(ctx: StepContext) -> dict[str, Any]:
     if sent_before:
         # Companies have no file list in awork's API: there a lost answer may mean a second
         # file when the request is sent again (documented in the README).
-        found = _reconcile(ctx, target)
+        found = reconcile(ctx, target)
         if found:
             return found
+    return file_done(ctx, send_multipart(ctx, target.link_path, "multipart_sent"))
+
+
+@app.task(bind=True, base=StepTask, name=TASK_MULTIPART_UPLOAD)
+def multipart_upload(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
+    return run_step(self, job_id, "multipart", JobState.UPLOADING, has_file_id, _multipart)
+
+
+# -- shared ----------------------------------------------------------------------------------
+def send_multipart(ctx: StepContext, path: str, sent_field: str) -> dict[str, Any]:
+    """One streamed multipart POST of the job's bytes to `path`, awork's answer. `sent_field`
+    is set in the record before the first send: a later attempt knows the outcome of an earlier
+    one may be unknown, and looks before sending again."""
+    record = ctx.record
     source = _open_source(ctx)
     try:
         ctx.take_token()
@@ -205,20 +221,13 @@ def _multipart(ctx: StepContext) -> dict[str, Any]:
         body, content_type, length = multipart_body(
             source, record["file_name"], record.get("content_type") or "application/octet-stream"
         )
-        if not sent_before:
-            ctx.update(multipart_sent=1, link_started_at=time.time())
-        info = ctx.rt.client(ctx.workspace).multipart_upload(target.link_path, body, content_type, length)
+        if record.get(sent_field) != "1":
+            ctx.update(**{sent_field: 1, "link_started_at": time.time()})
+        return ctx.rt.client(ctx.workspace).multipart_upload(path, body, content_type, length)
     finally:
         _close(source)
-    return _done(ctx, info)
 
 
-@app.task(bind=True, base=StepTask, name=TASK_MULTIPART_UPLOAD)
-def multipart_upload(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
-    return run_step(self, job_id, "multipart", JobState.UPLOADING, _linked, _multipart)
-
-
-# -- shared ----------------------------------------------------------------------------------
 def _open_source(ctx: StepContext) -> ByteSource:
     settings = ctx.rt.settings
     return open_source(
@@ -226,7 +235,7 @@ def _open_source(ctx: StepContext) -> ByteSource:
     )
 
 
-def _reconcile(ctx: StepContext, target: Target) -> dict[str, Any] | None:
+def reconcile(ctx: StepContext, target: Target) -> dict[str, Any] | None:
     """After an attempt whose outcome is unknown: does awork already hold the file?"""
     if target.list_path is None:
         return None
@@ -235,42 +244,49 @@ def _reconcile(ctx: StepContext, target: Target) -> dict[str, Any] | None:
     if info is None:
         return None
     ctx.rt.store.incr(ctx.job_id, "reconciled")
-    return _done(ctx, info)
+    return file_done(ctx, info)
 
 
-def _done(ctx: StepContext, info: dict[str, Any], evidence: str = "") -> dict[str, Any]:
-    """Finish the job as done. With `evidence`, awork confirmed the link without its FileInfo
-    (a profile image has no file list to look it up in): the file id stays unknown."""
+def file_done(ctx: StepContext, info: dict[str, Any], evidence: str = "") -> dict[str, Any]:
+    """Finish the job as done with awork's FileInfo. With `evidence`, awork confirmed the link
+    without its FileInfo (a profile image has no file list to look it up in): the file id stays
+    unknown."""
     file_id = str(info.get("id") or "")
     if not file_id and not evidence:
         raise TransientError("awork answered without a file id", outcome_unknown=True)
-    size = _awork_size(info)
+    if evidence:
+        return finish_done(ctx, file_id, None, done_evidence=evidence)
+    return finish_done(ctx, file_id, latest_size(info))
+
+
+def finish_done(
+    ctx: StepContext, file_id: str, size: int | None, outcome: str = "", **more: object
+) -> dict[str, Any]:
+    """The one way a step ends a job `done`: `file_id` holds the bytes (`size` as awork reports
+    them, compared with ours), or held them already (`outcome` skipped); `outcome` version for
+    a new version of it. Then its staging, its name lock and its callbacks."""
     expected = ctx.record.get("size")
     verified = size is not None and expected not in (None, "") and int(expected) == size
-    done_fields: dict[str, object] = {"file_id": file_id, "size_verified": verified}
-    if evidence:
-        done_fields["done_evidence"] = evidence
-    if expected:
-        done_fields["bytes_sent"] = expected
-    if ctx.step == "link":
-        # Linked: the bytes are of no more use, and a redelivered link reconciles without them.
-        # Removed before the job is marked done, so a worker killed in between leaves no done job
-        # with staged bytes behind. (A multipart job keeps them until it is done: a redelivered
-        # multipart step that cannot find its file sends the bytes again.)
+    fields: dict[str, object] = {"file_id": file_id, "size_verified": verified, **more}
+    if outcome:
+        fields["outcome"] = outcome
+    if expected and outcome != "skipped":
+        fields["bytes_sent"] = expected
+    linked = ctx.step == "link"
+    if linked:
+        # Linked: the bytes and their block acks are of no more use, and a redelivered link
+        # reconciles without them. Removed before the job is marked done, so a worker killed in
+        # between leaves no done job with staged bytes behind. (A multipart or version job keeps
+        # them until it is done: a redelivered step that cannot find its file sends them again.)
         cleanup_staging(ctx)
-    ctx.rt.store.finish(ctx.job_id, JobState.DONE, notify=ctx.record.get("notify") == "1", **done_fields)
+        RedisBlockJournal(ctx.rt.redis, ctx.job_id).reset()
+    ctx.rt.store.finish(ctx.job_id, JobState.DONE, notify=ctx.record.get("notify") == "1", **fields)
     metrics.job_finished(JobState.DONE.value, ctx.workspace)
-    cleanup_staging(ctx)
+    if not linked:
+        cleanup_staging(ctx)
+    release_job_name(ctx.rt.redis, ctx.job_id, ctx.record)
     announce_end(ctx.task, ctx.rt, ctx.job_id, ctx.record)
-    RedisBlockJournal(ctx.rt.redis, ctx.job_id).reset()  # its block acks are of no more use
-    return {"file_id": file_id}
-
-
-def _awork_size(info: dict[str, Any]) -> int | None:
-    versions = info.get("fileVersions") or []
-    if versions and isinstance(versions[-1], dict) and versions[-1].get("size") is not None:
-        return int(versions[-1]["size"])
-    return None
+    return {"file_id": file_id, "outcome": outcome} if outcome else {"file_id": file_id}
 
 
 def open_source(

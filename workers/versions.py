@@ -10,7 +10,6 @@ above that number with our size is there, takes it as ours instead of sending ag
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from celery import Task
@@ -18,22 +17,19 @@ from celery import Task
 from producers.contract import TASK_ADD_VERSION, JobState, Target
 from workers.celery_app import app
 from workers.errors import TransientError
-from workers.multipart import multipart_body
-from workers.recurring_done import finish
+from workers.file_match import top_version
+from workers.record_checks import check_record
 from workers.step_runner import StepContext, run_step
-from workers.steps import StepTask, _close, _open_source
+from workers.steps import StepTask, finish_done, has_file_id, send_multipart
 
 
-def _done(record: dict[str, str]) -> bool:
-    return bool(record.get("file_id"))
-
-
-def versions_path(record: dict[str, str]) -> str:
+def version_target(record: dict[str, str]) -> tuple[str, str]:
+    """(the file's id, the path of its versions)."""
     target = Target.parse(record["target"])
     file_id = record.get("version_of") or record.get("new_version_of")
     if not file_id:
         raise TransientError("no file to add a version to in the record")
-    return f"/{target.entity}/{target.entity_id}/files/{file_id}/versions"
+    return file_id, f"/{target.entity}/{target.entity_id}/files/{file_id}/versions"
 
 
 def find_our_version(versions: list[dict[str, Any]], before: int, size: int | None) -> dict[str, Any] | None:
@@ -52,33 +48,22 @@ def _list_versions(ctx: StepContext, path: str) -> list[dict[str, Any]]:
 
 def _add_version(ctx: StepContext) -> dict[str, Any]:
     record = ctx.record
-    path = versions_path(record)
-    file_id = path.rsplit("/", 2)[1]
+    check_record(ctx.job_id, record)
+    file_id, path = version_target(record)
     size = int(record["size"]) if record.get("size") else None
     if not record.get("version_before"):
-        top = max((float(v.get("version") or 0) for v in _list_versions(ctx, path)), default=0)
-        ctx.update(version_before=int(top))
+        ctx.update(version_before=top_version(_list_versions(ctx, path)))
     before = int(record["version_before"])
     if record.get("version_sent") == "1":
         # an earlier attempt's outcome is unknown: look before sending the bytes again
         found = find_our_version(_list_versions(ctx, path), before, size)
         if found is not None:
             ctx.rt.store.incr(ctx.job_id, "reconciled")
-            return finish(ctx, file_id, "version", _size(found), version_id=found.get("id", ""))
-    source = _open_source(ctx)
-    try:
-        ctx.take_token()
-        body, content_type, length = multipart_body(
-            source, record["file_name"], record.get("content_type") or "application/octet-stream"
-        )
-        if record.get("version_sent") != "1":
-            ctx.update(version_sent=1, link_started_at=time.time())
-        info = ctx.rt.client(ctx.workspace).multipart_upload(path, body, content_type, length)
-    finally:
-        _close(source)
+            return finish_done(ctx, file_id, _size(found), "version", version_id=found.get("id", ""))
+    info = send_multipart(ctx, path, "version_sent")
     if not info.get("id"):
         raise TransientError("awork answered a version without an id", outcome_unknown=True)
-    return finish(ctx, file_id, "version", _size(info), version_id=info["id"])
+    return finish_done(ctx, file_id, _size(info), "version", version_id=info["id"])
 
 
 def _size(info: dict[str, Any]) -> int | None:
@@ -87,4 +72,4 @@ def _size(info: dict[str, Any]) -> int | None:
 
 @app.task(bind=True, base=StepTask, name=TASK_ADD_VERSION)
 def add_version(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
-    return run_step(self, job_id, "version", JobState.UPLOADING, _done, _add_version)
+    return run_step(self, job_id, "version", JobState.UPLOADING, has_file_id, _add_version)
