@@ -17,7 +17,6 @@ from producers.contract import TASK_FETCH_BY_URL, JobState, Target
 from producers.public_source import SourceNotPublic, SourceUnreachable, public_source_size
 from workers.celery_app import app
 from workers.errors import PermanentError, TransientError
-from workers.record_checks import check_record
 from workers.step_runner import StepContext, run_step
 from workers.steps import StepTask, file_done, has_file_id, reconcile
 
@@ -33,7 +32,6 @@ def checked_size(ctx: StepContext, url: str) -> int:
 
 def _fetch(ctx: StepContext) -> dict[str, Any]:
     record = ctx.record
-    check_record(ctx.job_id, record)
     target = Target.parse(record["target"])
     sent_before = record.get("byurl_sent") == "1"
     if sent_before:

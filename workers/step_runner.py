@@ -34,6 +34,7 @@ from workers.errors import AworkError, PermanentError, RateLimited, TransientErr
 from workers.logging_setup import step_outcome
 from workers.parking import connection_usable, park
 from workers.ratelimit import suggested_countdown
+from workers.record_checks import check_record
 from workers.runtime import Runtime, runtime
 from workers.step_lock import CancelRequested, LeaseLost
 
@@ -269,6 +270,9 @@ def _run_locked(
     ctx.started = time.monotonic()
     failure: Exception | None = None
     try:
+        # Every step reads its record first: what anyone with Redis access wrote there is checked
+        # here once, for every step, rather than by each step remembering to.
+        check_record(job_id, record)
         result = body(ctx)
     except (JobEnded, Ignore, Retry):
         raise

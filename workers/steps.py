@@ -34,7 +34,6 @@ from workers.errors import PermanentError, TransientError, UploadUrlExpired
 from workers.file_match import find_linked_file, latest_size
 from workers.multipart import multipart_body
 from workers.name_lock import release_job_name
-from workers.record_checks import check_record
 from workers.sources import ByteSource, FileSource
 from workers.step_runner import JobEnded, StepContext, announce_end, cleanup_staging, run_step
 from workers.url_source import DEFAULT_MAX_SOURCE_BYTES, open_url_source
@@ -111,7 +110,6 @@ def _put(ctx: StepContext) -> dict[str, Any]:
     url = record.get("upload_url")
     if not url or not url_usable(record):
         raise UploadUrlExpired("no upload URL, or it is at its se= expiry")
-    check_record(ctx.job_id, record)
     source = _open_source(ctx)
     journal = RedisBlockJournal(ctx.rt.redis, ctx.job_id)
     try:
@@ -159,7 +157,6 @@ def _link(ctx: StepContext) -> dict[str, Any]:
         # A link from an older chain, or the put's record write was lost: the put of the current
         # chain (or the sweeper) brings the job here again.
         raise TransientError("the upload has not finished yet")
-    check_record(ctx.job_id, record)
     target = _target(record)
     # An earlier attempt sent this link and its outcome is unknown (timeout, dropped
     # connection, a worker killed mid-request): look before linking again.
@@ -191,7 +188,6 @@ def link_file(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
 # -- one-request route -----------------------------------------------------------------------
 def _multipart(ctx: StepContext) -> dict[str, Any]:
     record = ctx.record
-    check_record(ctx.job_id, record)
     target = _target(record)
     sent_before = record.get("multipart_sent") == "1"
     if sent_before:

@@ -18,7 +18,6 @@ from producers.contract import TASK_ADD_VERSION, JobState, Target
 from workers.celery_app import app
 from workers.errors import TransientError
 from workers.file_match import top_version
-from workers.record_checks import check_record
 from workers.step_runner import StepContext, run_step
 from workers.steps import StepTask, finish_done, has_file_id, send_multipart
 
@@ -48,7 +47,6 @@ def _list_versions(ctx: StepContext, path: str) -> list[dict[str, Any]]:
 
 def _add_version(ctx: StepContext) -> dict[str, Any]:
     record = ctx.record
-    check_record(ctx.job_id, record)
     file_id, path = version_target(record)
     size = int(record["size"]) if record.get("size") else None
     if not record.get("version_before"):
