@@ -45,6 +45,7 @@ class BatchPage:
     finished_at: float | None
     jobs: list[Job]
     next_cursor: str | None
+    owner: str = ""  # the API token that created it (not shown: the intake checks it)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,10 +107,6 @@ class BatchStore:
         pipe.hincrby(batch_key(batch_id), "total", -len(job_ids))
         pipe.execute()
 
-    def owner(self, batch_id: str) -> str | None:
-        raw = self.redis.hget(batch_key(batch_id), "owner")
-        return None if raw is None else _s(raw)
-
     def find_by_idempotency_key(self, scope: str, key: str) -> str | None:
         found = self.redis.get(batch_idempotency_key(scope, key))
         if found is None:
@@ -161,6 +158,7 @@ class BatchStore:
             finished_at=float(info["finished_at"]) if info.get("finished_at") else None,
             jobs=jobs,
             next_cursor=str(nxt) if nxt < len(ids) else None,
+            owner=info.get("owner", ""),
         )
 
 

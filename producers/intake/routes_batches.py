@@ -134,11 +134,10 @@ def get_batch(
 ) -> dict[str, Any]:
     check_id(batch_id)
     up: Uploads = request.app.state.uploads
-    owner = up.batches.owner(batch_id)
-    if owner is None or owner != token.id:
-        raise Problem(404, "batch-not-found", f"id: no batch {batch_id}", "id")
     try:
         page = up.batch(batch_id, cursor, limit)
     except JobNotFound:
-        raise Problem(404, "batch-not-found", f"id: no batch {batch_id}", "id") from None
+        page = None
+    if page is None or page.owner != token.id:  # another token's batch is not found either
+        raise Problem(404, "batch-not-found", f"id: no batch {batch_id}", "id")
     return {**page.to_json(), "created": True}
