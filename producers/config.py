@@ -62,6 +62,19 @@ def env_int(name: str, default: int) -> int:
         raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
 
 
+# AWORK_MAX_SOURCE_BYTES: the most a URL source may send (workers) and the largest request body
+# the HTTP intake accepts; awork's own limits are lower still.
+DEFAULT_MAX_SOURCE_BYTES = 5 * 1024 * 1024 * 1024
+
+
+def max_source_bytes_from_env() -> int:
+    """AWORK_MAX_SOURCE_BYTES, read the same way by workers and the intake."""
+    cap = env_int("AWORK_MAX_SOURCE_BYTES", DEFAULT_MAX_SOURCE_BYTES)
+    if cap <= 0:
+        raise ConfigError(f"AWORK_MAX_SOURCE_BYTES: expected a positive number of bytes, got {cap}")
+    return cap
+
+
 def env_float(name: str, default: float) -> float:
     """A number (seconds, ratios) from the environment; blank = default."""
     raw = os.environ.get(name, "").strip()

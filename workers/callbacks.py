@@ -37,7 +37,6 @@ from celery.exceptions import Ignore
 
 from producers.api_tokens import ApiTokens
 from producers.callback_url import callback_refused
-from producers.config import env_float
 from producers.contract import QUEUE_CALLBACKS, TASK_DELIVER_CALLBACK
 from producers.endings import batch_key
 from producers.job_ids import is_job_id
@@ -106,14 +105,13 @@ def deliver_callback(
             "callback kind=%s id=%s event=%s outcome=delivered attempt=%d", kind, id, event_id, attempt + 1
         )
         return
-    max_age = env_float("AWORK_CALLBACK_MAX_AGE", 24 * 3600.0)
-    if why.startswith("refused:") or time.time() - first_at > max_age:
+    if why.startswith("refused:") or time.time() - first_at > rt.settings.callback_max_age:
         _note(rt, kind, id, callback_state="failed", callback_attempts=attempt + 1, callback_error=why)
         log.warning(
             "callback kind=%s id=%s outcome=failed after %d attempt(s): %s", kind, id, attempt + 1, why
         )
         raise Ignore()
-    countdown = backoff(attempt, env_float("AWORK_CALLBACK_RETRY_BASE", 5.0))
+    countdown = backoff(attempt, rt.settings.callback_retry_base)
     _note(rt, kind, id, callback_state="retrying", callback_attempts=attempt + 1, callback_error=why)
     log.info("callback kind=%s id=%s outcome=retry in %.1fs: %s", kind, id, countdown, why)
     kwargs = {"kind": kind, "id": id, "event_id": event_id, "first_at": first_at, "attempt": attempt + 1}

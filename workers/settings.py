@@ -10,18 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from producers.config import (
+    DEFAULT_MAX_SOURCE_BYTES,
     DEFAULT_WORKSPACE,
     ConfigError,
     SharedSettings,
     env_float,
     env_int,
+    max_source_bytes_from_env,
     read_workspaces_file,
 )
 from workers.api_url import api_url_from_env, check_api_url, insecure_api_allowed
 from workers.blob import TransferPolicy
 from workers.limits_config import WorkspaceLimits
 from workers.secret_files import read_secret_file
-from workers.url_source import DEFAULT_MAX_SOURCE_BYTES
 
 
 class Secret:
@@ -76,6 +77,9 @@ class WorkerSettings:
     read_timeout: float
     # AWORK_MAX_SOURCE_BYTES: a URL source that announces or sends more fails `source-too-large`.
     max_source_bytes: int = DEFAULT_MAX_SOURCE_BYTES
+    # Completion callbacks (workers/callbacks.py): AWORK_CALLBACK_MAX_AGE, AWORK_CALLBACK_RETRY_BASE.
+    callback_max_age: float = 24 * 3600.0
+    callback_retry_base: float = 5.0
 
     @classmethod
     def from_env(cls) -> WorkerSettings:
@@ -118,7 +122,9 @@ class WorkerSettings:
             ),
             connect_timeout=env_float("AWORK_CONNECT_TIMEOUT", 10.0),
             read_timeout=env_float("AWORK_READ_TIMEOUT", 60.0),
-            max_source_bytes=_positive("AWORK_MAX_SOURCE_BYTES", DEFAULT_MAX_SOURCE_BYTES),
+            max_source_bytes=max_source_bytes_from_env(),
+            callback_max_age=env_float("AWORK_CALLBACK_MAX_AGE", 24 * 3600.0),
+            callback_retry_base=env_float("AWORK_CALLBACK_RETRY_BASE", 5.0),
         )
 
     def workspace(self, name: str) -> Workspace:
@@ -156,10 +162,3 @@ def _key_from_table(name: str, table: dict[str, object]) -> Secret:
     if file:
         return Secret(read_secret_file(f"{where}.api_key_file", Path(str(file))))
     raise ConfigError(f"{where}: set api_key_env or api_key_file")
-
-
-def _positive(name: str, default: int) -> int:
-    value = env_int(name, default)
-    if value <= 0:
-        raise ConfigError(f"{name}: expected a positive number of bytes, got {value}")
-    return value

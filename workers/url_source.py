@@ -14,15 +14,13 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import urllib3.exceptions
 
+from producers.config import DEFAULT_MAX_SOURCE_BYTES
 from producers.source_url import SourceUrlRefused, check_source_url
 from workers.errors import PermanentError, TransientError
 from workers.sources import READ_CHUNK, SourceInterrupted
 
 log = logging.getLogger(__name__)
 
-MiB = 1024 * 1024
-# AWORK_MAX_SOURCE_BYTES: the most a URL source may send (awork's own limits are lower still).
-DEFAULT_MAX_SOURCE_BYTES = 5 * 1024 * MiB
 
 _STREAM_ERRORS: tuple[type[BaseException], ...] = (
     requests.exceptions.ConnectionError,

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from producers.config import ConfigError, SharedSettings, env_int
-
-# The workers' default (workers/url_source.py): the intake reads the same variable itself.
-DEFAULT_MAX_SOURCE_BYTES = 5 * 1024 * 1024 * 1024
+from producers.config import SharedSettings, max_source_bytes_from_env
 
 
 @dataclass(frozen=True)
@@ -18,9 +15,5 @@ class IntakeSettings:
 
     @classmethod
     def from_env(cls) -> IntakeSettings:
-        shared = SharedSettings.from_env()
-        cap = env_int("AWORK_MAX_SOURCE_BYTES", DEFAULT_MAX_SOURCE_BYTES)
-        if cap <= 0:
-            raise ConfigError(f"AWORK_MAX_SOURCE_BYTES: expected a positive number of bytes, got {cap}")
-        return cls(shared=shared, max_body_bytes=cap)
+        return cls(shared=SharedSettings.from_env(), max_body_bytes=max_source_bytes_from_env())
 
