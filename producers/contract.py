@@ -40,6 +40,20 @@ TASK_QUEUES: dict[str, str] = {
     TASK_DELIVER_CALLBACK: QUEUE_CALLBACKS,
 }
 
+# Every step a job can run, by the name its record uses (attempts_<step>, its step lock), and the
+# task that runs it: the one list the records, re-drives, the runner and the sweeper share.
+STEP_TASKS: dict[str, str] = {
+    "generate": TASK_GENERATE_UPLOAD_URL,
+    "put": TASK_PUT_FILE,
+    "link": TASK_LINK_FILE,
+    "multipart": TASK_MULTIPART_UPLOAD,
+    "resolve": TASK_RESOLVE_EXISTING,
+    "version": TASK_ADD_VERSION,
+    "byurl": TASK_FETCH_BY_URL,
+}
+# Steps that call awork's API (a rate token, a usable connection): all but the PUT to the blob host.
+API_STEPS = frozenset(STEP_TASKS) - {"put"}
+
 
 class JobState(StrEnum):
     QUEUED = "queued"

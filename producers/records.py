@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from producers.contract import FINISHED_STATES, JobState
+from producers.contract import FINISHED_STATES, STEP_TASKS, JobState
 
 JOB_PREFIX = "awork:job:"
 INDEX_KEY = "awork:jobs"  # zset: job id -> created_at, every job whose record still exists
@@ -29,7 +29,7 @@ EVENTS_CHANNEL = "awork:job-events"  # pub/sub: a JSON line when a job finishes
 IDEMPOTENCY_TTL_SECONDS = 30 * 24 * 3600
 CREATE_CHUNK = 500  # records per call of create_job.lua
 
-STEPS = ("generate", "put", "link", "multipart", "resolve", "version", "byurl")
+STEPS = tuple(STEP_TASKS)
 
 _CREATE_SCRIPT = (Path(__file__).with_name("create_job.lua")).read_text()
 

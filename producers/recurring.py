@@ -25,14 +25,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from producers.contract import (
-    TASK_ADD_VERSION,
-    TASK_FETCH_BY_URL,
-    TASK_RESOLVE_EXISTING,
-    Route,
-    SpecError,
-    Target,
-)
+from producers.contract import STEP_TASKS, Route, SpecError, Target
 from producers.priority import DEFAULT_PRIORITY, Priority
 
 if TYPE_CHECKING:
@@ -41,13 +34,8 @@ if TYPE_CHECKING:
 
 ON_EXISTING = ("new", "version", "skip")
 VIA = ("workers", "awork")
-# flow -> the step name (in the record's attempts_* fields) and its task
-FLOW_STEPS: dict[str, tuple[str, str]] = {
-    "resolve": ("resolve", TASK_RESOLVE_EXISTING),
-    "version": ("version", TASK_ADD_VERSION),
-    "byurl": ("byurl", TASK_FETCH_BY_URL),
-}
-STEP_TASKS = dict(FLOW_STEPS.values())
+# flow -> the step it starts with (its name in the record's attempts_* fields) and its task
+FLOW_STEPS: dict[str, tuple[str, str]] = {f: (f, STEP_TASKS[f]) for f in ("resolve", "version", "byurl")}
 
 
 @dataclass(frozen=True)

@@ -12,23 +12,10 @@ from celery import Celery, chain
 from celery.canvas import Signature
 
 from producers.canvas import step, step_kwargs
-from producers.contract import (
-    TASK_GENERATE_UPLOAD_URL,
-    TASK_LINK_FILE,
-    TASK_MULTIPART_UPLOAD,
-    TASK_PUT_FILE,
-    Route,
-)
+from producers.contract import STEP_TASKS, Route
 from producers.priority import record_priority
-from producers.recurring import STEP_TASKS as RECURRING_TASKS
 from producers.recurring import first_step
 
-STEP_TASKS = {
-    "generate": TASK_GENERATE_UPLOAD_URL,
-    "put": TASK_PUT_FILE,
-    "link": TASK_LINK_FILE,
-    "multipart": TASK_MULTIPART_UPLOAD,
-}
 THREE_STEPS = ("generate", "put", "link")
 
 
@@ -52,10 +39,8 @@ def canvas_from(app: Celery, record: dict[str, str], first: str) -> Signature:
         record["id"], record["workspace"], record["target"], record["file_name"]
     )
     priority = record_priority(record)
-    if first == "multipart":
-        return step(app, TASK_MULTIPART_UPLOAD, kwargs, priority)
-    if first in RECURRING_TASKS:
-        return step(app, RECURRING_TASKS[first], kwargs, priority)
+    if first not in THREE_STEPS:  # multipart or a recurring flow's step: one task alone
+        return step(app, STEP_TASKS[first], kwargs, priority)
     steps = THREE_STEPS[THREE_STEPS.index(first) :]
     sigs = [step(app, STEP_TASKS[s], kwargs, priority) for s in steps]
     return sigs[0] if len(sigs) == 1 else chain(*sigs)

@@ -24,7 +24,7 @@ from kombu.exceptions import OperationalError
 
 from producers import staging
 from producers.broker import MAX_COUNTDOWN_SECONDS
-from producers.contract import JobState
+from producers.contract import API_STEPS, JobState
 from producers.endings import announce
 from producers.job_ids import is_job_id
 from workers import fair_gate, metrics
@@ -47,7 +47,6 @@ UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, 
 # Waits this short are slept in place; longer ones are deferred with a countdown.
 MAX_INLINE_WAIT_SECONDS = 1.0
 # Steps whose first action is an awork API request: they take their token before they start.
-API_STEPS = frozenset({"generate", "link", "multipart", "resolve", "version", "byurl"})
 # At most half the threads of a worker process sleep for one workspace's tokens at a time; that
 # workspace's other steps are deferred, so that a backlog in one workspace cannot hold every
 # thread while others have budget. Their countdown grows with the job's deferrals of this kind
