@@ -255,7 +255,7 @@ class JobStore:
         """Mark a step as running (and the job's state), removing the `clear` fields (a wait that
         is over), in one round trip; return its attempt."""
         now = _now()
-        pipe = self.redis.pipeline()
+        pipe = self.redis.pipeline(transaction=False)  # one hash, in order: no MULTI needed
         pipe.hincrby(job_key(job_id), f"attempts_{step}", 1)
         pipe.hset(
             job_key(job_id), mapping={"state": state, "running": step, "heartbeat_at": now, "updated_at": now}

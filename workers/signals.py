@@ -26,6 +26,16 @@ def refuse_bad_settings(**_: Any) -> None:
         raise SystemExit(2) from None
 
 
+@worker_init.connect(weak=False, dispatch_uid="awork-worker-events")
+def events_flower_needs(sender: Any = None, **_: Any) -> None:
+    """No `task-sent` event for what a worker publishes (the next step of a chain, a retry):
+    Flower shows that task from its `task-received` on, as it does for the producers' messages
+    (producers.messages), and each event is a PUBLISH plus its encoding on the hot path."""
+    app = getattr(sender, "app", None)
+    if app is not None:
+        app.conf.task_send_sent_event = False
+
+
 @worker_ready.connect
 def announce_workspaces(**_: Any) -> None:
     from workers.runtime import runtime

@@ -57,6 +57,8 @@ CONTENDED_BACKOFF_BASE_SECONDS = 0.5
 CONTENDED_BACKOFF_MAX_SECONDS = 30.0
 _inline_waiters: Counter[str] = Counter()  # workspace -> threads of this process sleeping for it
 _inline_waiters_lock = threading.Lock()
+# Byte progress (a record write and a Flower event) only for files at least this large.
+PROGRESS_MIN_BYTES = 1 << 20
 
 
 @worker_init.connect(weak=False, dispatch_uid="awork-step-runner-pool-size")
@@ -158,6 +160,8 @@ class StepContext:
         if sent > self._last_sent:
             metrics.bytes_uploaded(self.workspace, sent - self._last_sent)
             self._last_sent = sent
+        if total < PROGRESS_MIN_BYTES:
+            return  # a small file: the step's own end write records its bytes, Flower its end
         self.rt.store.update(self.job_id, bytes_sent=sent, bytes_total=total)
         try:
             # Called from the uploader's block threads, where Celery's (thread-local) request is
