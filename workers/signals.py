@@ -58,7 +58,10 @@ def start_sweeper(**_: Any) -> None:
     from workers.sweeper import Sweeper
 
     rt = runtime()
-    _sweeper = Sweeper(rt.redis, rt.settings.shared.redis_url, rt.settings.shared.staging_dir)
+    settings = rt.settings
+    _sweeper = Sweeper(
+        rt.redis, settings.shared.redis_url, settings.shared.staging_dir, settings.sweeper, settings.locks.ttl
+    )
     _sweeper.start()
 
 
