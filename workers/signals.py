@@ -9,6 +9,7 @@ from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from producers.client import WORKSPACES_KEY
 from producers.config import ConfigError
+from workers import event_batching  # noqa: F401  (installs the batched task events)
 
 log = logging.getLogger("awork.worker")
 
