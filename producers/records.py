@@ -264,8 +264,11 @@ class JobStore:
             pipe.hdel(job_key(job_id), *clear)
         return int(pipe.execute()[0])
 
-    def finish(self, job_id: str, state: JobState, notify: bool = False, **fields: object) -> None:
-        """End a job: set the final state, start its expiry, keep failures in the dead letters.
+    def finish(
+        self, job_id: str, state: JobState, notify: bool = False, drop: Sequence[str] = (), **fields: object
+    ) -> None:
+        """End a job: set the final state, start its expiry, keep failures in the dead letters;
+        `drop`: keys of no more use once it has ended (deleted in the same transaction).
 
         `notify` (the record's `notify` field: a callback or a batch waits for the job's end):
         the job joins ENDED_KEY in the same transaction, so its announcement survives a crash
@@ -286,6 +289,8 @@ class JobStore:
             pipe.zrem(DEAD_KEY, job_id)
         if notify:
             pipe.zadd(ENDED_KEY, {job_id: now})
+        if drop:
+            pipe.delete(*drop)
         pipe.publish(EVENTS_CHANNEL, json.dumps({"id": job_id, "state": state.value}))
         pipe.execute()
 
