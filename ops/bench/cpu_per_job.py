@@ -328,6 +328,13 @@ def print_table(result: dict[str, Any]) -> None:
                 f"{name:<10}{r['worker_ms']:>10}{r['redis_ms']:>10}{r['total_ms']:>10}"
                 f"{r['commands_per_job']:>10}{r['jobs_per_s']:>10}"
             )
+    p, f = result.get("pipeline"), result.get("floor")
+    if p and f:
+        print(
+            f"{'beyond':<10}{p['worker_ms'] - f['worker_ms']:>10.2f}{p['redis_ms'] - f['redis_ms']:>10.2f}"
+            f"{p['total_ms'] - f['total_ms']:>10.2f}{p['commands_per_job'] - f['commands_per_job']:>10.1f}"
+            f"{'':>10}  (pipeline minus the floor: what the steps add to Celery's own cost)"
+        )
     d = result.get("direct")
     if d:
         print(f"{'direct':<10}{d['cpu_ms']:>10}{'-':>10}{d['cpu_ms']:>10}{'-':>10}{d['jobs_per_s']:>10}")
