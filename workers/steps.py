@@ -192,7 +192,7 @@ def _multipart(ctx: StepContext) -> dict[str, Any]:
     sent_before = record.get("multipart_sent") == "1"
     if sent_before:
         # Companies have no file list in awork's API: there a lost answer may mean a second
-        # file when the request is sent again (documented in the README).
+        # file when the request is sent again (README.md, "How it works").
         found = reconcile(ctx, target)
         if found:
             return found

@@ -24,8 +24,8 @@ bytes of done jobs are gone. The last line printed gives the counts and PASS or 
 status is 0 only on PASS.
 
 Targets without a file list in awork (companies, profile images) are left out: there a link or
-multipart request whose answer was lost cannot be checked before it is sent again (see the
-README), so duplicate-on-relink would rightly make second files.
+multipart request whose answer was lost cannot be checked before it is sent again (see
+ops/soak/README.md), so duplicate-on-relink would rightly make second files.
 
 The workers run with short recovery timings (lock TTL 10 s, sweeper every 2 s) and retry
 backoff (0.5 s base, 5 s cap) so that a soak takes minutes, not hours; the mechanisms are the
