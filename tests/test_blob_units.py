@@ -11,18 +11,9 @@ import fakeredis
 import pytest
 import requests
 
-from workers.blob import (
-    MAX_BLOCKS,
-    BlobUploader,
-    TransferPolicy,
-    _BlocksLost,
-    _BlocksRefused,
-    _error_from,
-    block_id,
-    check_upload_url,
-    upload_identity,
-    url_expiry,
-)
+from producers.block_digests import MAX_BLOCKS
+from workers.blob import BlobUploader, TransferPolicy, block_id, check_upload_url, upload_identity, url_expiry
+from workers.blob.errors import BlocksLost, BlocksRefused, error_from
 from workers.block_journal import BlockJournal, MemoryBlockJournal, RedisBlockJournal
 from workers.errors import PermanentError, TransientError, UploadUrlExpired
 from workers.sources import FileSource, file_md5_b64, md5_b64
@@ -99,14 +90,14 @@ def _resp(status: int, code: str | None = None, header: bool = True) -> requests
     [
         (403, "AuthenticationFailed", "put-block", UploadUrlExpired),
         (403, "AuthorizationFailure", "put-blob", UploadUrlExpired),
-        (403, "AuthorizationPermissionMismatch", "put-block", _BlocksRefused),
+        (403, "AuthorizationPermissionMismatch", "put-block", BlocksRefused),
         (403, "AuthorizationPermissionMismatch", "put-blob", PermanentError),
-        (400, "InvalidQueryParameterValue", "put-block", _BlocksRefused),
-        (400, "UnsupportedHeader", "put-block-list", _BlocksRefused),
-        (405, None, "put-block", _BlocksRefused),
-        (501, None, "put-block", _BlocksRefused),
+        (400, "InvalidQueryParameterValue", "put-block", BlocksRefused),
+        (400, "UnsupportedHeader", "put-block-list", BlocksRefused),
+        (405, None, "put-block", BlocksRefused),
+        (501, None, "put-block", BlocksRefused),
         (400, "Md5Mismatch", "put-block", TransientError),
-        (400, "InvalidBlockList", "put-block-list", _BlocksLost),
+        (400, "InvalidBlockList", "put-block-list", BlocksLost),
         (503, "ServerBusy", "put-block", TransientError),
         (500, "OperationTimedOut", "put-blob", TransientError),
         (404, "ContainerNotFound", "put-blob", PermanentError),
@@ -115,7 +106,7 @@ def _resp(status: int, code: str | None = None, header: bool = True) -> requests
 )
 def test_error_classification(status: int, code: str | None, op: str, kind: type) -> None:
     for header in (True, False):  # the code from x-ms-error-code or from the XML body
-        err = _error_from(_resp(status, code, header), op)
+        err = error_from(_resp(status, code, header), op)
         assert type(err) is kind
         assert (err.status, err.code, err.trace_id) == (status, code, "req-1")
 
