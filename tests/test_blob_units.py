@@ -5,17 +5,21 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import threading
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import pytest
 import requests
+from requests.adapters import HTTPAdapter
 
 from producers.block_digests import MAX_BLOCKS
 from workers.blob import BlobUploader, TransferPolicy, block_id, check_upload_url, upload_identity, url_expiry
-from workers.blob.errors import BlocksLost, BlocksRefused, error_from
+from workers.blob.errors import Aborted, BlocksLost, BlocksRefused, error_from
+from workers.blob.transport import Put, Transport
 from workers.block_journal import BlockJournal, MemoryBlockJournal, RedisBlockJournal
-from workers.errors import PermanentError, TransientError, UploadUrlExpired
+from workers.errors import AworkError, PermanentError, TransientError, UploadUrlExpired
 from workers.sources import FileSource, file_md5_b64, md5_b64
 
 
@@ -161,3 +165,82 @@ def test_file_md5_streams(tmp_path: Path) -> None:
     src = FileSource(tmp_path / "f")
     assert src.read_range(256, 10) == bytes(range(10))
     assert src.md5_b64() == expected
+
+
+class _Answers(HTTPAdapter):
+    """Answers PUTs from a list of statuses, on no network at all; counts what it was sent."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        super().__init__()
+        self.statuses = statuses
+        self.sent = 0
+
+    def send(self, request: requests.PreparedRequest, *args: object, **kwargs: object) -> requests.Response:
+        resp = requests.Response()
+        resp.status_code = self.statuses[min(self.sent, len(self.statuses) - 1)]
+        resp._content = b""
+        resp.request = request
+        self.sent += 1
+        return resp
+
+
+def _transport(statuses: list[int], retries: int = 2) -> tuple[Transport, _Answers]:
+    adapter = _Answers(statuses)
+
+    def session() -> requests.Session:
+        s = requests.Session()
+        s.mount("http://", adapter)
+        return s
+
+    policy = TransferPolicy(block_retries=retries, retry_backoff=0.001, retry_backoff_max=0.001)
+    return Transport(policy, session), adapter
+
+
+def _put(**hooks: Any) -> Put:
+    url = "http://127.0.0.1:9/c/b?sig=x"
+    return Put(
+        op="put-block", label="put-block x", url=url, request_url=url, headers={}, body=lambda: b"", **hooks
+    )
+
+
+def test_one_retry_loop_retries_transient_answers_then_gives_up() -> None:
+    t, host = _transport([503, 503, 503, 503], retries=2)
+    failures: list[int | None] = []
+    retries: list[int] = []
+    with pytest.raises(TransientError):
+        t.put(
+            _put(on_failure=lambda err, body: failures.append(err.status), on_retry=lambda: retries.append(1))
+        )
+    assert host.sent == 3 and failures == [503, 503, 503] and len(retries) == 2
+
+
+def test_one_retry_loop_returns_the_accepted_answer_after_a_retry() -> None:
+    t, host = _transport([500, 201])
+    assert t.put(_put(ok=(201,))).status_code == 201 and host.sent == 2
+
+
+def test_one_retry_loop_stops_at_a_permanent_answer_and_lets_hooks_replace_it() -> None:
+    t, host = _transport([404, 201])
+    with pytest.raises(PermanentError):
+        t.put(_put())
+    assert host.sent == 1
+
+    def verify(resp: requests.Response) -> AworkError | None:
+        return TransientError("server MD5 differs", code="Md5Mismatch")
+
+    def refuse(err: AworkError, body: object) -> None:
+        raise PermanentError("the file changed", code="source-changed")
+
+    t, host = _transport([201])
+    with pytest.raises(PermanentError) as info:
+        t.put(_put(verify=verify, on_failure=refuse))
+    assert info.value.code == "source-changed" and host.sent == 1
+
+
+def test_one_retry_loop_sends_nothing_once_aborted() -> None:
+    t, host = _transport([201])
+    abort = threading.Event()
+    abort.set()
+    with pytest.raises(Aborted):
+        t.put(_put(abort=abort))
+    assert host.sent == 0

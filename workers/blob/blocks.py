@@ -176,12 +176,12 @@ def _put_block(run: BlockPass, block: Block) -> None:
 
     run.t.put(
         Put(
-            "put-block",
-            f"put-block {block.bid}",
-            run.call.url,
-            with_query(run.call.url, comp="block", blockid=block.bid),
-            {"Content-MD5": digest, "Content-Length": str(len(block.data))},
-            lambda: memory_body(block.data, tracker.add),
+            op="put-block",
+            label=f"put-block {block.bid}",
+            url=run.call.url,
+            request_url=with_query(run.call.url, comp="block", blockid=block.bid),
+            headers={"Content-MD5": digest, "Content-Length": str(len(block.data))},
+            body=lambda: memory_body(block.data, tracker.add),
             ok=(201,),
             on_failure=on_failure,
             on_retry=lambda: run.stats.bump("retries"),
@@ -208,12 +208,12 @@ def _put_block_list(run: BlockPass, ids: list[str], digest: str) -> None:
     url = run.call.url
     run.t.put(
         Put(
-            "put-block-list",
-            "put-block-list",
-            url,
-            with_query(url, comp="blocklist"),
-            headers,
-            lambda: xml,
+            op="put-block-list",
+            label="put-block-list",
+            url=url,
+            request_url=with_query(url, comp="blocklist"),
+            headers=headers,
+            body=lambda: xml,
             before=run.call.tracker.fence,
             on_retry=lambda: run.stats.bump("retries"),
         )

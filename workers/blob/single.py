@@ -55,12 +55,12 @@ def single_put(
 
     t.put(
         Put(
-            "put-blob",
-            "put-blob",
-            call.url,
-            call.url,
-            headers,
-            body,
+            op="put-blob",
+            label="put-blob",
+            url=call.url,
+            request_url=call.url,
+            headers=headers,
+            body=body,
             before=before,
             verify=verify,
             on_failure=on_failure,
