@@ -249,7 +249,7 @@ def file_done(ctx: StepContext, info: dict[str, Any], evidence: str = "") -> dic
     unknown."""
     file_id = str(info.get("id") or "")
     if not file_id and not evidence:
-        raise TransientError("awork answered without a file id", outcome_unknown=True)
+        raise TransientError("awork answered without a file id")
     if evidence:
         return finish_done(ctx, file_id, None, done_evidence=evidence)
     return finish_done(ctx, file_id, latest_size(info))
