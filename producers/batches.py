@@ -1,6 +1,6 @@
 """Batches: many jobs handed over in one request, with one callback when the last one ends.
 
-A batch is a hash (producers.endings.batch_key: total, open, callback_url, signer, created_at)
+A batch is a hash (producers.keys.batch_key: total, open, callback_url, signer, created_at)
 and a zset of its job ids in request order (batch_jobs_key), written in the same round trip as
 the jobs' records. `open` counts down once per job ending (producers.endings.lua), so the batch
 callback fires exactly when the last job has ended, whichever process ended it.
@@ -16,16 +16,12 @@ from typing import Any
 import redis
 
 from producers.contract import SpecError
-from producers.endings import batch_jobs_key, batch_key
 from producers.job_ids import is_job_id, new_job_id
-from producers.records import IDEMPOTENCY_TTL_SECONDS, Job, JobStore, job_key
+from producers.keys import batch_idempotency_key, batch_jobs_key, batch_key, job_key
+from producers.records import IDEMPOTENCY_TTL_SECONDS, Job, JobStore
 
 MAX_BATCH_JOBS = 10_000
 MAX_PAGE = 1000
-
-
-def batch_idempotency_key(scope: str, key: str) -> str:
-    return f"awork:idem-batch:{scope}:{key}"
 
 
 def check_batch_id(value: object) -> str:

@@ -14,7 +14,8 @@ from producers import staging
 from producers.client import JobNotFound, Uploads
 from producers.contract import JobState
 from producers.job_ids import check_job_id, is_job_id
-from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, STEPS, Job, job_key
+from producers.keys import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, block_journal_key, job_key
+from producers.records import STEPS, Job
 from producers.recurring import first_step
 from producers.redrive import canvas_from, resume_step
 
@@ -85,7 +86,7 @@ class DeadLetters:
             if record.get("staged_owned") == "1":
                 staging.remove_job_dir(self.up.settings.staging_dir, job_id)
             pipe = self.redis.pipeline()
-            pipe.delete(job_key(job_id), f"{job_key(job_id)}:blocks")
+            pipe.delete(job_key(job_id), block_journal_key(job_id))
             pipe.zrem(DEAD_KEY, job_id)
             pipe.zrem(INDEX_KEY, job_id)
             pipe.execute()

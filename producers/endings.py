@@ -21,23 +21,13 @@ import redis
 from celery import Celery
 
 from producers.contract import QUEUE_CALLBACKS, TASK_DELIVER_CALLBACK
-from producers.records import ENDED_KEY, job_key
+from producers.keys import ENDED_KEY, batch_key, job_key
 
 log = logging.getLogger("awork.endings")
 
 _ANNOUNCE = Path(__file__).with_name("endings.lua").read_text()
 # Older entries are a worker's that died before announcing: the sweeper takes them over.
 STALE_SECONDS = 30.0
-
-
-def batch_key(batch_id: str) -> str:
-    """Hash: total, open (jobs not yet ended), callback_url, signer, workspace, created_at."""
-    return f"awork:batch:{batch_id}"
-
-
-def batch_jobs_key(batch_id: str) -> str:
-    """Zset: job id -> its position in the batch request (pages of GET /v1/batches/{id})."""
-    return f"awork:batch:{batch_id}:jobs"
 
 
 def event_id(kind: str, ident: str, ended_at: str) -> str:

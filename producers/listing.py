@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import redis
 
-from producers.endings import batch_jobs_key
 from producers.job_ids import is_job_id
-from producers.records import INDEX_KEY, Job, JobStore
+from producers.keys import INDEX_KEY, batch_jobs_key
+from producers.records import Job, JobStore
 
 SLICE = 500
 MAX_SCAN = 20_000  # ids looked at per page at most: a rare filter answers a short page and a cursor

@@ -38,8 +38,8 @@ from celery.exceptions import Ignore
 from producers.api_tokens import ApiTokens
 from producers.callback_url import callback_refused
 from producers.contract import QUEUE_CALLBACKS, TASK_DELIVER_CALLBACK
-from producers.endings import batch_key
 from producers.job_ids import is_job_id
+from producers.keys import batch_key
 from producers.records import Job
 from producers.source_url import parse_http_url
 from workers.celery_app import app

@@ -19,7 +19,8 @@ import redis
 from producers.config import ConfigError
 from producers.connections import ConnectionInfo, ConnectionRegistry, check_name
 from producers.contract import JobState, SpecError
-from producers.records import ACTIVE_KEY, JobStore
+from producers.keys import ACTIVE_KEY
+from producers.records import JobStore
 from workers.api_url import api_url_from_env, insecure_api_allowed
 from workers.command_run import EXIT_FAILED, EXIT_OK, command_redis, run_command
 from workers.connections.crypto import SecretBox
