@@ -21,6 +21,7 @@ import redis
 from celery import Celery
 
 from producers.contract import QUEUE_CALLBACKS, TASK_DELIVER_CALLBACK
+from producers.job_record import Field
 from producers.keys import ENDED_KEY, batch_key, job_key
 
 log = logging.getLogger("awork.endings")
@@ -42,7 +43,7 @@ def announce(client: redis.Redis, app: Celery, job_ids: Iterable[str]) -> int:
     sent = 0
     for job_id in job_ids:
         # both read before the script, which changes neither (it marks the batch, not these)
-        raw_batch, raw_ended = client.hmget(job_key(job_id), ["batch_id", "finished_at"])
+        raw_batch, raw_ended = client.hmget(job_key(job_id), [Field.BATCH_ID, Field.FINISHED_AT])
         batch_id, ended_at = _s(raw_batch or b""), _s(raw_ended or b"")
         keys = [job_key(job_id), ENDED_KEY, batch_key(batch_id) if batch_id else ""]
         what = [_s(w) for w in script(keys=keys, args=[job_id])]
