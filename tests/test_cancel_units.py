@@ -40,7 +40,7 @@ def test_a_cancel_is_announced_on_the_events_channel() -> None:
     client = _client()
     events = client.pubsub()
     events.subscribe(EVENTS_CHANNEL)
-    assert events.get_message(timeout=1)["type"] == "subscribe"  # type: ignore[index]
+    assert events.get_message(timeout=1)["type"] == "subscribe"
     assert cancel_script(client, JOB, 3600).outcome == "canceled"
     message = events.get_message(timeout=1)
     assert message is not None and message["channel"] == EVENTS_CHANNEL.encode()
