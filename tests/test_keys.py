@@ -86,7 +86,6 @@ STILL_LITERAL = {
     "producers/records.py",
     "producers/client.py",
     "producers/create_job.lua",
-    "workers/blob.py",
     "workers/sweeper.py",
     "workers/ratelimit.py",
 }

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Protocol, runtime_checkable
 
+from producers.keys import blob_host_no_blocks_key
+
 
 @runtime_checkable
 class FallbackStore(Protocol):
@@ -47,7 +49,7 @@ class RedisFallbackStore:
 
     @staticmethod
     def key(host: str) -> str:
-        return f"awork:blobhost:{host.lower()}:no-blocks"
+        return blob_host_no_blocks_key(host)
 
     def refuses_blocks(self, host: str) -> bool:
         if self.local.refuses_blocks(host):
