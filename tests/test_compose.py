@@ -165,8 +165,8 @@ def test_redis_is_a_durable_password_protected_broker() -> None:
 
 
 def test_worker_is_scalable_serves_both_queues_and_shuts_down_softly() -> None:
+    from ops.cli import build_parser
     from producers.broker import celery_config
-    from producers.cli import build_parser
     from producers.contract import QUEUE_API, QUEUE_CALLBACKS, QUEUE_TRANSFER
 
     worker = service("worker")
@@ -304,7 +304,7 @@ def test_redis_start_script_keeps_the_password_out_of_argv(tmp_path: Path) -> No
 
 
 def test_producers_share_the_staging_volume_and_hold_no_key() -> None:
-    from producers.cli import build_parser
+    from ops.cli import build_parser
 
     build_parser().parse_args(command("producer"))
     env = environment("producer")
