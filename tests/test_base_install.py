@@ -129,10 +129,21 @@ def test_the_base_install_enqueues_without_the_extras(
         up.close()
 
 
-def test_worker_modules_import_with_an_empty_environment(tmp_path: Path) -> None:
-    """No setting is read at import: the Celery app and the steps import without REDIS_URL."""
-    code = "import workers; import workers.celery_app; import workers.steps; print(workers.app.main)"
-    done = _run([sys.executable, "-c", code], {}, tmp_path, timeout=60)
+EVERY_MODULE = """
+import importlib, pkgutil
+import producers, workers
+for package in (producers, workers):
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        importlib.import_module(info.name)
+import workers.celery_app
+print(workers.app.main)
+"""
+
+
+def test_every_module_imports_with_an_empty_environment(tmp_path: Path) -> None:
+    """No setting is read at import: the Celery app, the steps and the rest import without REDIS_URL
+    (a worker reads its settings when it starts)."""
+    done = _run([sys.executable, "-c", EVERY_MODULE], {}, tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "workers"
 
