@@ -70,7 +70,7 @@ def _api(argv: list[str]) -> int:
 
 # Commands that parse their own flags: name -> (run with the rest of argv, help).
 OPS_COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "sandbox": (_sandbox, "run the awork sandbox (see ops/README.md)"),
+    "sandbox": (_sandbox, "run the awork sandbox (see ops/sandbox/README.md)"),
     "stack": (_stack, "run Redis, the sandbox, workers and Flower on this machine"),
     "demo": (_demo, "start the stack and send a realistic batch through it"),
     "flower": (_flower, "run Flower with basic auth from FLOWER_BASIC_AUTH"),
