@@ -9,8 +9,8 @@ import pytest
 import redis
 from cryptography.fernet import Fernet
 
+from ops.cli import main as cli_main
 from producers.api_tokens import ApiTokens
-from producers.cli import main as cli_main
 
 
 def test_create_list_revoke(

@@ -42,9 +42,8 @@ OpenSource = Callable[[dict[str, str], tuple[str, ...], Path], ByteSource]
 
 
 @pytest.fixture
-def open_source(monkeypatch: pytest.MonkeyPatch) -> OpenSource:
-    """workers.steps.open_source (importing the steps configures the Celery app: no connection)."""
-    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+def open_source() -> OpenSource:
+    """workers.steps.open_source, the function the put and multipart steps call."""
     from workers.steps import open_source as real
 
     return real
