@@ -19,6 +19,7 @@ from producers.contract import SpecError
 from producers.endings import batch_jobs_key, batch_key
 from producers.job_ids import is_job_id, new_job_id
 from producers.records import IDEMPOTENCY_TTL_SECONDS, Job, JobStore, job_key
+from producers.redis_text import as_str
 
 MAX_BATCH_JOBS = 10_000
 MAX_PAGE = 1000
@@ -111,7 +112,7 @@ class BatchStore:
         found = self.redis.get(batch_idempotency_key(scope, key))
         if found is None:
             return None
-        batch_id = _s(found)
+        batch_id = as_str(found)
         return batch_id if self.redis.exists(batch_key(batch_id)) else None
 
     def claim_idempotency_key(self, scope: str, key: str, batch_id: str) -> str | None:
@@ -133,8 +134,8 @@ class BatchStore:
         raw, members = pipe.execute()
         if not raw:
             return None
-        info = {_s(k): _s(v) for k, v in raw.items()}
-        ids = [_s(i) for i in members]
+        info = {as_str(k): as_str(v) for k, v in raw.items()}
+        ids = [as_str(i) for i in members]
         limit = max(1, min(limit, MAX_PAGE))
         chosen = ids[cursor : cursor + limit]
         for job_id in ids:
@@ -144,9 +145,9 @@ class BatchStore:
         answers = pipe.execute()
         counts: dict[str, int] = {}
         for state in answers[: len(ids)]:
-            name = "expired" if state is None else _s(state)
+            name = "expired" if state is None else as_str(state)
             counts[name] = counts.get(name, 0) + 1
-        records = [{_s(k): _s(v) for k, v in r.items()} for r in answers[len(ids) :]]
+        records = [{as_str(k): as_str(v) for k, v in r.items()} for r in answers[len(ids) :]]
         jobs = [Job.from_record(r) for r in records if r]
         nxt = cursor + limit
         return BatchPage(
@@ -160,7 +161,3 @@ class BatchStore:
             next_cursor=str(nxt) if nxt < len(ids) else None,
             owner=info.get("owner", ""),
         )
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -50,6 +50,7 @@ from producers.messages import Rendered, Templates, fast_path_supported, publish
 from producers.public_source import by_url_checked
 from producers.records import Job, JobStore, job_key
 from producers.recurring import flow_canvas
+from producers.redis_text import as_str
 from producers.spec import JobSpec, ValidSpec, check_idempotency_key, validate
 
 log = logging.getLogger("awork.producer")
@@ -291,7 +292,7 @@ class Uploads:
         pipe = self.redis.pipeline(transaction=False)
         for v in valid:
             pipe.get(idempotency_key(v.workspace, v.idempotency_key or ""))
-        ids = [None if r is None else _s(r) for r in pipe.execute()]
+        ids = [None if r is None else as_str(r) for r in pipe.execute()]
         known = [i for i in ids if i is not None and is_job_id(i)]
         records = dict(zip(known, self.store.get_many(known), strict=True)) if known else {}
         out: list[Job | None] = []
@@ -311,7 +312,7 @@ class Uploads:
         pipe.smembers(CONNECTIONS_KEY)
         pipe.smembers(WORKSPACES_KEY)
         registered, announced = pipe.execute()
-        return {_s(m) for m in registered | announced} | {DEFAULT_WORKSPACE}
+        return {as_str(m) for m in registered | announced} | {DEFAULT_WORKSPACE}
 
     def _prepare(self, v: ValidSpec, signer: str | None = None, batch_id: str | None = None) -> _Prepared:
         job_id = v.streamed.job_id if v.streamed is not None else new_job_id()
@@ -593,10 +594,6 @@ class Uploads:
                     ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 __all__ = [

@@ -17,6 +17,7 @@ from enum import StrEnum
 import redis
 
 from producers.contract import SpecError
+from producers.redis_text import as_str
 
 CONNECTIONS_KEY = "awork:connections"  # set: every registered connection name
 CHANGES_CHANNEL = "awork:connections:changes"  # pub/sub: a name whose connection changed
@@ -115,13 +116,13 @@ class ConnectionRegistry:
         self.redis = client
 
     def names(self) -> set[str]:
-        return {_s(m) for m in self.redis.smembers(CONNECTIONS_KEY)}
+        return {as_str(m) for m in self.redis.smembers(CONNECTIONS_KEY)}
 
     def get(self, name: str) -> ConnectionInfo | None:
         raw = self.redis.hgetall(connection_key(name))
         if not raw:
             return None
-        fields = {_s(k): _s(v) for k, v in raw.items()}
+        fields = {as_str(k): as_str(v) for k, v in raw.items()}
         fields.pop(SECRET_FIELD, None)
         return ConnectionInfo.from_hash(name, fields)
 
@@ -133,11 +134,7 @@ class ConnectionRegistry:
         out = []
         for n, raw in zip(names, pipe.execute(), strict=True):
             if raw:
-                fields = {_s(k): _s(v) for k, v in raw.items()}
+                fields = {as_str(k): as_str(v) for k, v in raw.items()}
                 fields.pop(SECRET_FIELD, None)
                 out.append(ConnectionInfo.from_hash(n, fields))
         return out
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -29,6 +29,7 @@ from producers.connections import (
     check_name,
     connection_key,
 )
+from producers.redis_text import as_str
 from workers.connections.crypto import SecretBox
 from workers.fair_share import check_share
 from workers.limits_config import WorkspaceLimits, limits_from_table
@@ -254,7 +255,7 @@ class ConnectionStore:
         raw = self.redis.hgetall(connection_key(name))
         if not raw:
             return None
-        h = {_s(k): _s(v) for k, v in raw.items()}
+        h = {as_str(k): as_str(v) for k, v in raw.items()}
         kind = Kind(h.get("kind", Kind.API_KEY.value))
         secret = self.box.open(h[SECRET_FIELD]) if h.get(SECRET_FIELD) else {}
         limits = limits_from_table(
@@ -292,7 +293,3 @@ def remove_connection(client: redis.Redis, name: str) -> bool:
 
 def _num(raw: str) -> int | float:
     return float(raw) if "." in raw else int(raw)
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
