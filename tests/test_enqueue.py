@@ -16,7 +16,7 @@ from producers.client import RedisUnavailable, Uploads, _Prepared
 from producers.config import SharedSettings
 from producers.contract import SpecError
 from producers.spec import JobSpec
-from workers.metrics import BrokerLayout
+from workers.queue_metrics import BrokerLayout
 
 ID = str(uuid.uuid4())
 

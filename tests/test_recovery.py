@@ -36,7 +36,7 @@ from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, job_key
 from producers.redrive import canvas_from
 from tests.fleet import FAST, Fleet, holder_of, wait_until
 from workers import sweeper as sweeper_module
-from workers.metrics import BrokerLayout
+from workers.queue_metrics import BrokerLayout
 from workers.sweeper import (
     MAYBE_LOST,
     Sweeper,

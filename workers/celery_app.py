@@ -21,7 +21,7 @@ app = Celery(
         "workers.signals",
         "workers.connections.keepalive",
         "workers.shutdown",
-        "workers.metrics",
+        "workers.metrics_server",
         "workers.logging_setup",
     ],
 )
