@@ -9,7 +9,7 @@ compare it to drop what they cached.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,7 +210,7 @@ class ConnectionStore:
         with self.redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(key)
+                    _watch(pipe, key)
                     raw = pipe.hget(key, SECRET_FIELD)
                     if raw is None:
                         pipe.unwatch()
@@ -227,7 +227,7 @@ class ConnectionStore:
         with self.redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(key)
+                    _watch(pipe, key)
                     raw = pipe.get(key)
                     ttl = pipe.pttl(key)
                     if raw is None:
@@ -293,3 +293,9 @@ def remove_connection(client: redis.Redis, name: str) -> bool:
 
 def _num(raw: str) -> int | float:
     return float(raw) if "." in raw else int(raw)
+
+
+def _watch(pipe: redis.client.Pipeline, key: Any) -> None:
+    """WATCH `key` on `pipe` (redis-py leaves Pipeline.watch without annotations)."""
+    watch: Callable[[Any], object] = pipe.watch
+    watch(key)
