@@ -1,6 +1,6 @@
 """Batches: many jobs handed over in one request, with one callback when the last one ends.
 
-A batch is a hash (producers.endings.batch_key: total, open, callback_url, signer, created_at)
+A batch is a hash (producers.keys.batch_key: total, open, callback_url, signer, created_at)
 and a zset of its job ids in request order (batch_jobs_key), written in the same round trip as
 the jobs' records. `open` counts down once per job ending (producers.endings.lua), so the batch
 callback fires exactly when the last job has ended, whichever process ended it.
@@ -16,17 +16,14 @@ from typing import Any
 import redis
 
 from producers.contract import SpecError
-from producers.endings import batch_jobs_key, batch_key
 from producers.job_ids import is_job_id, new_job_id
-from producers.records import IDEMPOTENCY_TTL_SECONDS, Job, JobStore, job_key
+from producers.job_record import Field, read
+from producers.keys import batch_idempotency_key, batch_jobs_key, batch_key, job_key
+from producers.records import IDEMPOTENCY_TTL_SECONDS, Job, JobStore
 from producers.redis_text import as_str
 
 MAX_BATCH_JOBS = 10_000
 MAX_PAGE = 1000
-
-
-def batch_idempotency_key(scope: str, key: str) -> str:
-    return f"awork:idem-batch:{scope}:{key}"
 
 
 def check_batch_id(value: object) -> str:
@@ -139,7 +136,7 @@ class BatchStore:
         limit = max(1, min(limit, MAX_PAGE))
         chosen = ids[cursor : cursor + limit]
         for job_id in ids:
-            pipe.hget(job_key(job_id), "state")
+            pipe.hget(job_key(job_id), Field.STATE)
         for job_id in chosen:
             pipe.hgetall(job_key(job_id))
         answers = pipe.execute()
@@ -147,8 +144,8 @@ class BatchStore:
         for state in answers[: len(ids)]:
             name = "expired" if state is None else as_str(state)
             counts[name] = counts.get(name, 0) + 1
-        records = [{as_str(k): as_str(v) for k, v in r.items()} for r in answers[len(ids) :]]
-        jobs = [Job.from_record(r) for r in records if r]
+        records = [read(job_id, raw) for job_id, raw in zip(chosen, answers[len(ids) :], strict=True)]
+        jobs = [r.job() for r in records if r is not None]
         nxt = cursor + limit
         return BatchPage(
             id=batch_id,

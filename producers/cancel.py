@@ -18,7 +18,8 @@ from pathlib import Path
 
 import redis
 
-from producers.records import ACTIVE_KEY, DEAD_KEY, ENDED_KEY, EVENTS_CHANNEL, STEPS, job_key, step_lock_key
+from producers.keys import ACTIVE_KEY, DEAD_KEY, ENDED_KEY, EVENTS_CHANNEL, job_key, step_lock_key
+from producers.records import STEPS
 from producers.redis_text import as_str
 
 _CANCEL = (Path(__file__).with_name("cancel.lua")).read_text()

@@ -20,7 +20,7 @@ from producers.records import Job
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # Commands implemented outside producers: name -> (module with main(argv), help).
 OPS_COMMANDS: dict[str, tuple[str, str]] = {
-    "sandbox": ("ops.sandbox.cli", "run the awork sandbox (see ops/README.md)"),
+    "sandbox": ("ops.sandbox.cli", "run the awork sandbox (see ops/sandbox/README.md)"),
     "stack": ("ops.stack", "run Redis, the sandbox, workers and Flower on this machine"),
     "demo": ("ops.demo", "start the stack and send a realistic batch through it"),
     "flower": ("ops.flower", "run Flower with basic auth from FLOWER_BASIC_AUTH"),

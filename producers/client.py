@@ -30,6 +30,8 @@ from producers.contract import JobState, SpecError
 from producers.endings import announce
 from producers.job_ids import check_job_id, is_job_id
 from producers.job_queries import JobNotFound, JobQueries
+from producers.keys import WORKSPACES_KEY
+from producers.keys import idempotency_key as idem_key  # (a parameter of the enqueue methods)
 from producers.messages import Templates, fast_path_supported
 from producers.prepare import Prepared, discard_staging, prepare
 from producers.public_source import by_url_checked
@@ -41,7 +43,6 @@ from producers.spec import JobSpec, ValidSpec, check_idempotency_key, validate
 
 log = logging.getLogger("awork.producer")
 
-WORKSPACES_KEY = "awork:workspaces"  # set: workspace names the running workers know
 
 
 @dataclass(frozen=True)
@@ -244,11 +245,9 @@ class Uploads(JobQueries):
 
     def _find_idempotent(self, valid: list[ValidSpec]) -> list[Job | None]:
         """Jobs that earlier requests created under these idempotency keys, in two round trips."""
-        from producers.records import idempotency_key  # (the enqueue methods' parameter name)
-
         pipe = self.redis.pipeline(transaction=False)
         for v in valid:
-            pipe.get(idempotency_key(v.workspace, v.idempotency_key or ""))
+            pipe.get(idem_key(v.workspace, v.idempotency_key or ""))
         ids = [None if r is None else as_str(r) for r in pipe.execute()]
         known = [i for i in ids if i is not None and is_job_id(i)]
         records = dict(zip(known, self.store.get_many(known), strict=True)) if known else {}

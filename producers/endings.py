@@ -21,7 +21,8 @@ import redis
 from celery import Celery
 
 from producers.contract import QUEUE_CALLBACKS, TASK_DELIVER_CALLBACK
-from producers.records import ENDED_KEY, job_key
+from producers.job_record import Field
+from producers.keys import ENDED_KEY, batch_key, job_key
 from producers.redis_text import as_str
 
 log = logging.getLogger("awork.endings")
@@ -29,16 +30,6 @@ log = logging.getLogger("awork.endings")
 _ANNOUNCE = Path(__file__).with_name("endings.lua").read_text()
 # Older entries are a worker's that died before announcing: the sweeper takes them over.
 STALE_SECONDS = 30.0
-
-
-def batch_key(batch_id: str) -> str:
-    """Hash: total, open (jobs not yet ended), callback_url, signer, workspace, created_at."""
-    return f"awork:batch:{batch_id}"
-
-
-def batch_jobs_key(batch_id: str) -> str:
-    """Zset: job id -> its position in the batch request (pages of GET /v1/batches/{id})."""
-    return f"awork:batch:{batch_id}:jobs"
 
 
 def event_id(kind: str, ident: str, ended_at: str) -> str:
@@ -53,7 +44,7 @@ def announce(client: redis.Redis, app: Celery, job_ids: Iterable[str]) -> int:
     sent = 0
     for job_id in job_ids:
         # both read before the script, which changes neither (it marks the batch, not these)
-        raw_batch, raw_ended = client.hmget(job_key(job_id), ["batch_id", "finished_at"])
+        raw_batch, raw_ended = client.hmget(job_key(job_id), [Field.BATCH_ID, Field.FINISHED_AT])
         batch_id, ended_at = as_str(raw_batch or b""), as_str(raw_ended or b"")
         keys = [job_key(job_id), ENDED_KEY, batch_key(batch_id) if batch_id else ""]
         what = [as_str(w) for w in script(keys=keys, args=[job_id])]

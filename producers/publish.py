@@ -29,9 +29,9 @@ from kombu.exceptions import OperationalError
 
 from producers.canvas import job_canvas, step_kwargs
 from producers.config import redact_url
+from producers.keys import job_key
 from producers.messages import Rendered, Templates, publish_rendered
 from producers.prepare import Prepared
-from producers.records import job_key
 from producers.recurring import flow_canvas
 from producers.redis_retry import RedisUnavailable
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import workers.blob
+import workers.blob.blocks
 from producers import staging
 from producers.block_digests import BlockDigests, BlockHasher, block_size_for, sidecar_path
 from producers.job_ids import new_job_id
@@ -91,13 +91,13 @@ def _uploader(fake: FakeBlobHost) -> BlobUploader:
 
 def _count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     sizes: list[int] = []
-    real = workers.blob.md5_b64
+    real = workers.blob.blocks.md5_b64
 
     def counting(data: bytes) -> str:
         sizes.append(len(data))
         return real(data)
 
-    monkeypatch.setattr(workers.blob, "md5_b64", counting)
+    monkeypatch.setattr(workers.blob.blocks, "md5_b64", counting)
     return sizes
 
 

@@ -28,8 +28,9 @@ from producers.intake.schemas import (
 )
 from producers.intake.settings import IntakeSettings
 from producers.job_ids import is_job_id
+from producers.keys import job_key
 from producers.listing import list_jobs
-from producers.records import Job, job_key
+from producers.records import Job
 from producers.spec import JobSpec
 
 router = APIRouter(prefix="/v1")

@@ -17,16 +17,18 @@ import redis
 
 from producers.config import ConfigError
 from producers.connections import (
-    CHANGES_CHANNEL,
-    CONNECTIONS_KEY,
-    OAUTH_PENDING_PREFIX,
-    REFRESHED_KEY,
     SECRET_FIELD,
     ConnectionInfo,
     ConnectionRegistry,
     ConnState,
     Kind,
     check_name,
+)
+from producers.keys import (
+    CONNECTION_CHANGES_CHANNEL,
+    CONNECTIONS_KEY,
+    CONNECTIONS_REFRESHED_KEY,
+    OAUTH_PENDING_PREFIX,
     connection_key,
 )
 from producers.redis_text import as_str
@@ -94,7 +96,7 @@ class ConnectionStore:
         pipe.hset(key, mapping=mapping)
         pipe.hincrby(key, "version", 1)
         pipe.sadd(CONNECTIONS_KEY, name)
-        pipe.publish(CHANGES_CHANNEL, name)
+        pipe.publish(CONNECTION_CHANGES_CHANNEL, name)
         pipe.execute()
 
     def add_api_key(
@@ -110,7 +112,7 @@ class ConnectionStore:
             **plan_fields(limits or {}),
         }
         self._write(name, fields, clear=("reason", "access_expires_at", "refreshed_at", *PLAN_FIELDS))
-        self.redis.zrem(REFRESHED_KEY, name)
+        self.redis.zrem(CONNECTIONS_REFRESHED_KEY, name)
         return self._info(name)
 
     def add_oauth(
@@ -146,7 +148,7 @@ class ConnectionStore:
             fields.update(plan_fields(limits))
             clear += PLAN_FIELDS
         self._write(name, fields, clear=clear)
-        self.redis.zadd(REFRESHED_KEY, {name: now})
+        self.redis.zadd(CONNECTIONS_REFRESHED_KEY, {name: now})
         return self._info(name)
 
     def store_tokens(self, name: str, tokens: TokenSet) -> None:
@@ -174,7 +176,7 @@ class ConnectionStore:
         )
         pipe.hincrby(key, "refreshes", 1)
         pipe.hincrby(key, "version", 1)
-        pipe.zadd(REFRESHED_KEY, {name: now})
+        pipe.zadd(CONNECTIONS_REFRESHED_KEY, {name: now})
         pipe.execute()
 
     def mark_needs_reconnect(self, name: str, reason: str) -> None:
@@ -189,8 +191,8 @@ class ConnectionStore:
             },
         )
         pipe.hincrby(key, "version", 1)
-        pipe.zrem(REFRESHED_KEY, name)
-        pipe.publish(CHANGES_CHANNEL, name)
+        pipe.zrem(CONNECTIONS_REFRESHED_KEY, name)
+        pipe.publish(CONNECTION_CHANGES_CHANNEL, name)
         pipe.execute()
 
     def remove(self, name: str) -> bool:
@@ -286,8 +288,8 @@ def remove_connection(client: redis.Redis, name: str) -> bool:
     pipe = client.pipeline()
     pipe.delete(connection_key(name))
     pipe.srem(CONNECTIONS_KEY, name)
-    pipe.zrem(REFRESHED_KEY, name)
-    pipe.publish(CHANGES_CHANNEL, name)
+    pipe.zrem(CONNECTIONS_REFRESHED_KEY, name)
+    pipe.publish(CONNECTION_CHANGES_CHANNEL, name)
     return bool(pipe.execute()[0])
 
 
