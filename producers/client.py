@@ -25,12 +25,12 @@ from producers.config import (
     SharedSettings,
     read_workspaces_file,
 )
-from producers.connections import CONNECTIONS_KEY, ConnectionRegistry
+from producers.connections import ConnectionRegistry
 from producers.contract import JobState, SpecError
 from producers.endings import announce
 from producers.job_ids import check_job_id, is_job_id
 from producers.job_queries import JobNotFound, JobQueries
-from producers.keys import WORKSPACES_KEY
+from producers.keys import CONNECTIONS_KEY, WORKSPACES_KEY
 from producers.keys import idempotency_key as idem_key  # (a parameter of the enqueue methods)
 from producers.messages import Templates, fast_path_supported
 from producers.prepare import Prepared, discard_staging, prepare
