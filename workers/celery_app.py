@@ -26,7 +26,7 @@ TASK_MODULES = [
     "workers.signals",
     "workers.connections.keepalive",
     "workers.shutdown",
-    "workers.metrics",
+    "workers.metrics_server",
     "workers.logging_setup",
 ]
 

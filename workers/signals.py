@@ -7,8 +7,8 @@ from typing import Any
 
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
-from producers.client import WORKSPACES_KEY
 from producers.config import ConfigError
+from producers.keys import WORKSPACES_KEY
 
 log = logging.getLogger("awork.worker")
 
