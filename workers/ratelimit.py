@@ -69,6 +69,7 @@ from typing import Any
 
 import redis
 
+from producers.keys import RATE_LIMIT_PREFIX, rate_limit_key
 from workers.errors import RateLimited
 from workers.limits_config import (
     DEFAULT_MARGIN,
@@ -87,7 +88,7 @@ log = logging.getLogger(__name__)
 
 SCRIPT_PATH = Path(__file__).with_name("ratelimit.lua")
 
-DEFAULT_PREFIX = "awork:rl"
+DEFAULT_PREFIX = RATE_LIMIT_PREFIX
 DEFAULT_PACE_TOLERANCE = 0.1
 DEFAULT_LEARNED_TTL = 600.0
 """How long awork's advertised limits are remembered after the last response that carried them."""
@@ -153,8 +154,8 @@ class RateLimiter:
         """The workspace's keys, in the order ratelimit.lua expects them."""
         if not workspace or "{" in workspace or "}" in workspace:
             raise ValueError(f"workspace: expected a non-empty name without braces, got {workspace!r}")
-        base = f"{self.prefix}:{{{workspace}}}"
-        return [f"{base}:{suffix}" for suffix in ("m", "s", "pause", "learned", "seq", "pace")]
+        parts = ("m", "s", "pause", "learned", "seq", "pace")
+        return [rate_limit_key(workspace, part, self.prefix) for part in parts]
 
     def _run(self, workspace: str, limits: WorkspaceLimits, op: str, *extra: str) -> list[Any]:
         now = "" if self._clock is None else str(round(self._clock() * 1_000_000))
