@@ -46,7 +46,7 @@ def collect(
     client: Any, tables: dict[str, dict[str, object]], names: Sequence[str] = ()
 ) -> list[dict[str, Any]]:
     """One row per workspace: its snapshot plus derived fields (`paused`, `pause_seconds_left`)."""
-    from producers.client import WORKSPACES_KEY
+    from producers.keys import WORKSPACES_KEY
     from workers.fair_share import FairShare, check_share
     from workers.limits_config import limits_for_workspace
     from workers.ratelimit import RateLimiter

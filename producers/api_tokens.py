@@ -25,8 +25,9 @@ from typing import Any
 import redis
 
 from producers.contract import SpecError
+from producers.keys import API_TOKENS_KEY, api_rate_key, api_token_key
+from producers.redis_text import as_str
 
-TOKENS_KEY = "awork:api-tokens"  # set: every token id
 PREFIX = "awu_"
 _TOKEN = re.compile(r"awu_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 DEFAULT_RATE_PER_SECOND = 50
@@ -43,15 +44,6 @@ if n == 1 then
 end
 return {1, n, h[2], h[3], h[4]}
 """
-
-
-def token_key(token_id: str) -> str:
-    """Hash: name, workspaces (comma-separated), rate, hash, callback_secret, created_at."""
-    return f"awork:api-token:{token_id}"
-
-
-def rate_key(token_id: str, second: int) -> str:
-    return f"awork:api-rate:{token_id}:{second}"
 
 
 @dataclass(frozen=True)
@@ -97,14 +89,14 @@ def auth_call(presented: str, now: float | None = None) -> tuple[list[str], list
         return None
     token_id, secret = m.group(1), m.group(2)
     second = int(time.time() if now is None else now)
-    return [token_key(token_id), rate_key(token_id, second)], [_hash(secret)]
+    return [api_token_key(token_id), api_rate_key(token_id, second)], [_hash(secret)]
 
 
 def auth_answer(keys: list[str], got: Any) -> Authenticated | None:
     if not got or int(got[0]) != 1:
         return None
     token_id = keys[0].rsplit(":", 1)[1]
-    count, name, workspaces, rate = int(got[1]), _s(got[2]), _s(got[3]), int(_s(got[4]) or 1)
+    count, name, workspaces, rate = int(got[1]), as_str(got[2]), as_str(got[3]), int(as_str(got[4]) or 1)
     info = TokenInfo(token_id, name, tuple(w for w in workspaces.split(",") if w), rate)
     return Authenticated(info, count > rate, 1)
 
@@ -149,7 +141,7 @@ class ApiTokens:
         info = TokenInfo(token_id, name, tuple(dict.fromkeys(workspaces)), rate, time.time())
         pipe = self.redis.pipeline()
         pipe.hset(
-            token_key(token_id),
+            api_token_key(token_id),
             mapping={
                 "id": token_id,
                 "name": name,
@@ -160,7 +152,7 @@ class ApiTokens:
                 "created_at": repr(info.created_at),
             },
         )
-        pipe.sadd(TOKENS_KEY, token_id)
+        pipe.sadd(API_TOKENS_KEY, token_id)
         pipe.execute()
         return NewToken(f"{PREFIX}{token_id}_{secret}", callback_secret, info)
 
@@ -173,16 +165,17 @@ class ApiTokens:
         return auth_answer(keys, self._auth(keys=keys, args=args))
 
     def listed(self) -> list[TokenInfo]:
-        ids = sorted(_s(i) for i in self.redis.smembers(TOKENS_KEY))
+        ids = sorted(as_str(i) for i in self.redis.smembers(API_TOKENS_KEY))
         pipe = self.redis.pipeline(transaction=False)
         for i in ids:
-            pipe.hmget(token_key(i), "name", "workspaces", "rate", "created_at")
+            pipe.hmget(api_token_key(i), "name", "workspaces", "rate", "created_at")
         out = []
         for i, (name, ws, rate, created) in zip(ids, pipe.execute(), strict=True):
             if name is None:
                 continue
-            workspaces = tuple(w for w in _s(ws or b"").split(",") if w)
-            out.append(TokenInfo(i, _s(name), workspaces, int(_s(rate or b"1")), float(_s(created or b"0"))))
+            workspaces = tuple(w for w in as_str(ws or b"").split(",") if w)
+            rate_n, created_at = int(as_str(rate or b"1")), float(as_str(created or b"0"))
+            out.append(TokenInfo(i, as_str(name), workspaces, rate_n, created_at))
         return out
 
     def revoke(self, id_or_name: str) -> list[str]:
@@ -191,16 +184,12 @@ class ApiTokens:
         if ids:
             pipe = self.redis.pipeline()
             for i in ids:
-                pipe.delete(token_key(i))
-                pipe.srem(TOKENS_KEY, i)
+                pipe.delete(api_token_key(i))
+                pipe.srem(API_TOKENS_KEY, i)
             pipe.execute()
         return ids
 
     def sealed_callback_secret(self, token_id: str) -> str | None:
         """The ciphertext of a token's callback secret (the workers open it), None if revoked."""
-        raw = self.redis.hget(token_key(token_id), CALLBACK_SECRET_FIELD)
-        return None if raw is None else _s(raw)
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+        raw = self.redis.hget(api_token_key(token_id), CALLBACK_SECRET_FIELD)
+        return None if raw is None else as_str(raw)

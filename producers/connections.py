@@ -16,30 +16,18 @@ from enum import StrEnum
 
 import redis
 
+from producers import keys
 from producers.contract import SpecError
+from producers.keys import CONNECTIONS_KEY, connection_key
+from producers.redis_text import as_str
 
-CONNECTIONS_KEY = "awork:connections"  # set: every registered connection name
-CHANGES_CHANNEL = "awork:connections:changes"  # pub/sub: a name whose connection changed
-REFRESHED_KEY = "awork:connections:refreshed"  # zset: OAuth connection -> last refresh (keepalive)
-OAUTH_PENDING_PREFIX = "awork:oauth:pending:"  # + state: an authorization in progress (10 min)
-OAUTH_PENDING_TTL_SECONDS = 600
+# Key names (producers.keys) under the names the connection modules import them by.
+REFRESHED_KEY = keys.CONNECTIONS_REFRESHED_KEY
+refresh_lock_key = keys.connection_refresh_lock_key
+OAUTH_PENDING_TTL_SECONDS = 600  # an authorization in progress (keys.oauth_pending_key)
 
 SECRET_FIELD = "secret"  # ciphertext; never leaves the workers
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-def connection_key(name: str) -> str:
-    """Hash: kind, state, plan limits, version, timestamps, access-token expiry, `secret`."""
-    return f"awork:conn:{name}"
-
-
-def refresh_lock_key(name: str) -> str:
-    """One OAuth refresh at a time per connection across the fleet."""
-    return f"awork:conn:{name}:refresh-lock"
-
-
-def oauth_pending_key(state: str) -> str:
-    return f"{OAUTH_PENDING_PREFIX}{state}"
 
 
 class Kind(StrEnum):
@@ -115,13 +103,13 @@ class ConnectionRegistry:
         self.redis = client
 
     def names(self) -> set[str]:
-        return {_s(m) for m in self.redis.smembers(CONNECTIONS_KEY)}
+        return {as_str(m) for m in self.redis.smembers(CONNECTIONS_KEY)}
 
     def get(self, name: str) -> ConnectionInfo | None:
         raw = self.redis.hgetall(connection_key(name))
         if not raw:
             return None
-        fields = {_s(k): _s(v) for k, v in raw.items()}
+        fields = {as_str(k): as_str(v) for k, v in raw.items()}
         fields.pop(SECRET_FIELD, None)
         return ConnectionInfo.from_hash(name, fields)
 
@@ -133,11 +121,7 @@ class ConnectionRegistry:
         out = []
         for n, raw in zip(names, pipe.execute(), strict=True):
             if raw:
-                fields = {_s(k): _s(v) for k, v in raw.items()}
+                fields = {as_str(k): as_str(v) for k, v in raw.items()}
                 fields.pop(SECRET_FIELD, None)
                 out.append(ConnectionInfo.from_hash(n, fields))
         return out
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -14,25 +14,27 @@ from producers import staging
 from producers.client import JobNotFound, Uploads
 from producers.contract import JobState
 from producers.job_ids import check_job_id, is_job_id
-from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, STEPS, Job, job_key
+from producers.job_record import Field, read, step_field
+from producers.keys import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, block_journal_key, job_key
+from producers.records import STEPS, Job
 from producers.recurring import first_step
 from producers.redrive import canvas_from, resume_step
 
 log = logging.getLogger("awork.producer")
 
 RESET_FIELDS = (
-    "error_step",
-    "error_code",
-    "error_description",
-    "error_status",
-    "error_trace_id",
-    "finished_at",
-    "wait_reason",
-    "wait_until",
-    "url_renewals",
-    *(f"errors_{s}" for s in STEPS),
-    "running",
-    *(f"crashes_{s}" for s in STEPS),
+    Field.ERROR_STEP,
+    Field.ERROR_CODE,
+    Field.ERROR_DESCRIPTION,
+    Field.ERROR_STATUS,
+    Field.ERROR_TRACE_ID,
+    Field.FINISHED_AT,
+    Field.WAIT_REASON,
+    Field.WAIT_UNTIL,
+    Field.URL_RENEWALS,
+    *(step_field("errors", s) for s in STEPS),
+    Field.RUNNING,
+    *(step_field("crashes", s) for s in STEPS),
 )
 
 
@@ -45,7 +47,8 @@ class DeadLetters:
         ids = _job_ids(self.redis.zrange(DEAD_KEY, 0, limit - 1))  # type: ignore[arg-type]
         records = self.up.store.get_many(ids)
         self.up.store.prune_index([i for i, r in zip(ids, records, strict=True) if r is None])
-        return [Job.from_record(r) for r in records if r is not None]
+        readable = (read(i, r) for i, r in zip(ids, records, strict=True))
+        return [r.job() for r in readable if r is not None]
 
     def retry(self, job_ids: list[str]) -> list[Job]:
         """Re-drive each job from the step that failed; returns the jobs, now queued again."""
@@ -55,17 +58,18 @@ class DeadLetters:
             record = self.up.store.get(job_id)
             if record is None:
                 raise JobNotFound(job_id)
-            if record.get("state") not in (JobState.FAILED.value, JobState.DEAD.value):
-                raise ValueError(f"job {job_id}: state is {record.get('state')}, not failed or dead")
+            state = record.get(Field.STATE)
+            if state not in (JobState.FAILED.value, JobState.DEAD.value):
+                raise ValueError(f"job {job_id}: state is {state}, not failed or dead")
             first = _retry_step(record)
             pipe = self.redis.pipeline()
             key = job_key(job_id)
             pipe.hdel(key, *RESET_FIELDS)
-            pipe.hset(key, mapping={"state": JobState.QUEUED.value, "updated_at": repr(time.time())})
-            pipe.hincrby(key, "redrives", 1)
+            pipe.hset(key, mapping={Field.STATE: JobState.QUEUED.value, Field.UPDATED_AT: repr(time.time())})
+            pipe.hincrby(key, Field.REDRIVES, 1)
             pipe.persist(key)
             pipe.zrem(DEAD_KEY, job_id)
-            created = float(record.get("created_at") or time.time())
+            created = float(record.get(Field.CREATED_AT) or time.time())
             pipe.zadd(INDEX_KEY, {job_id: created})
             pipe.zadd(ACTIVE_KEY, {job_id: created})
             pipe.execute()
@@ -82,10 +86,10 @@ class DeadLetters:
         ids = _job_ids(self.redis.zrangebyscore(DEAD_KEY, 0, cutoff))  # type: ignore[arg-type]
         for job_id in ids:
             record = self.up.store.get(job_id) or {}
-            if record.get("staged_owned") == "1":
+            if record.get(Field.STAGED_OWNED) == "1":
                 staging.remove_job_dir(self.up.settings.staging_dir, job_id)
             pipe = self.redis.pipeline()
-            pipe.delete(job_key(job_id), f"{job_key(job_id)}:blocks")
+            pipe.delete(job_key(job_id), block_journal_key(job_id))
             pipe.zrem(DEAD_KEY, job_id)
             pipe.zrem(INDEX_KEY, job_id)
             pipe.execute()
@@ -110,7 +114,7 @@ def _retry_step(record: dict[str, str]) -> str:
     (finishing a job removes its upload URL)."""
     if first_step(record) is not None:  # a recurring-files flow starts its one step again
         return resume_step(record)
-    if record.get("route") == "multipart":
+    if record.get(Field.ROUTE) == "multipart":
         return "multipart"
     return "link" if resume_step(record) == "link" else "generate"
 

@@ -21,23 +21,15 @@ import redis
 from celery import Celery
 
 from producers.contract import QUEUE_CALLBACKS, TASK_DELIVER_CALLBACK
-from producers.records import ENDED_KEY, job_key
+from producers.job_record import Field
+from producers.keys import ENDED_KEY, batch_key, job_key
+from producers.redis_text import as_str
 
 log = logging.getLogger("awork.endings")
 
 _ANNOUNCE = Path(__file__).with_name("endings.lua").read_text()
 # Older entries are a worker's that died before announcing: the sweeper takes them over.
 STALE_SECONDS = 30.0
-
-
-def batch_key(batch_id: str) -> str:
-    """Hash: total, open (jobs not yet ended), callback_url, signer, workspace, created_at."""
-    return f"awork:batch:{batch_id}"
-
-
-def batch_jobs_key(batch_id: str) -> str:
-    """Zset: job id -> its position in the batch request (pages of GET /v1/batches/{id})."""
-    return f"awork:batch:{batch_id}:jobs"
 
 
 def event_id(kind: str, ident: str, ended_at: str) -> str:
@@ -52,10 +44,10 @@ def announce(client: redis.Redis, app: Celery, job_ids: Iterable[str]) -> int:
     sent = 0
     for job_id in job_ids:
         # both read before the script, which changes neither (it marks the batch, not these)
-        raw_batch, raw_ended = client.hmget(job_key(job_id), ["batch_id", "finished_at"])
-        batch_id, ended_at = _s(raw_batch or b""), _s(raw_ended or b"")
+        raw_batch, raw_ended = client.hmget(job_key(job_id), [Field.BATCH_ID, Field.FINISHED_AT])
+        batch_id, ended_at = as_str(raw_batch or b""), as_str(raw_ended or b"")
         keys = [job_key(job_id), ENDED_KEY, batch_key(batch_id) if batch_id else ""]
-        what = [_s(w) for w in script(keys=keys, args=[job_id])]
+        what = [as_str(w) for w in script(keys=keys, args=[job_id])]
         for kind in what:
             ident = job_id if kind == "job" else batch_id
             kwargs = {"kind": kind, "id": ident, "event_id": event_id(kind, ident, ended_at)}
@@ -71,10 +63,6 @@ def announce_stale(client: redis.Redis, app: Celery, now: float | None = None, l
     ids = client.zrangebyscore(ENDED_KEY, "-inf", cutoff, start=0, num=limit)
     if not ids:
         return 0
-    found = [_s(i) for i in ids]  # type: ignore[arg-type]
+    found = [as_str(i) for i in ids]  # type: ignore[arg-type]
     log.info("announcing %d job end(s) a dead process left behind", len(found))
     return announce(client, app, found)
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

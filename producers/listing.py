@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import redis
 
-from producers.endings import batch_jobs_key
 from producers.job_ids import is_job_id
-from producers.records import INDEX_KEY, Job, JobStore
+from producers.job_record import read
+from producers.keys import INDEX_KEY, batch_jobs_key
+from producers.records import Job, JobStore
 
 SLICE = 500
 MAX_SCAN = 20_000  # ids looked at per page at most: a rare filter answers a short page and a cursor
@@ -47,18 +48,18 @@ def list_jobs(
         ids = [i.decode() if isinstance(i, bytes) else str(i) for i in raw]
         if not ids:
             return JobPage(out, None)
-        records = store.get_many([i for i in ids if is_job_id(i)])
-        by_id = {r["id"]: r for r in records if r is not None}
+        wanted = [i for i in ids if is_job_id(i)]
+        by_id = dict(zip(wanted, store.get_many(wanted), strict=True))
         for n, job_id in enumerate(ids):
-            record = by_id.get(job_id)
+            record = read(job_id, by_id.get(job_id))  # None: expired, or not a record we can read
             scanned += 1
             if record is None:
                 continue
-            if state is not None and record.get("state") != state:
+            if state is not None and record.state != state:
                 continue
-            if workspaces is not None and record.get("workspace") not in workspaces:
+            if workspaces is not None and record.workspace not in workspaces:
                 continue
-            out.append(Job.from_record(record))
+            out.append(record.job())
             if len(out) >= limit:
                 return JobPage(out, str(pos + n + 1))
         pos += len(ids)

@@ -1,7 +1,7 @@
 """One-way sync of a folder to an awork entity: new files uploaded, changed ones as new versions.
 
 What was last synced lives in Redis, one hash per (workspace, target, folder)
-(producers.records.sync_state_key): relative name -> JSON {size, md5, mtime_ns, file_id, job}.
+(producers.keys.sync_state_key): relative name -> JSON {size, md5, mtime_ns, file_id, job}.
 Redis rather than a state file because it is already where every job and its outcome live (a
 sync run reads its jobs' results from there), it is shared by every host that may run the sync
 (one state, not one per machine), each file's entry is written atomically, and nothing is
@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from producers.contract import JobState, SpecError, Target
-from producers.records import Job, sync_state_key
+from producers.keys import sync_state_key
+from producers.records import Job
 from producers.spec import JobSpec
 
 READ_CHUNK = 1 << 20

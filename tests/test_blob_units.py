@@ -5,26 +5,21 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import threading
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import pytest
 import requests
+from requests.adapters import HTTPAdapter
 
-from workers.blob import (
-    MAX_BLOCKS,
-    BlobUploader,
-    TransferPolicy,
-    _BlocksLost,
-    _BlocksRefused,
-    _error_from,
-    block_id,
-    check_upload_url,
-    upload_identity,
-    url_expiry,
-)
+from producers.block_digests import MAX_BLOCKS
+from workers.blob import BlobUploader, TransferPolicy, block_id, check_upload_url, upload_identity, url_expiry
+from workers.blob.errors import Aborted, BlocksLost, BlocksRefused, error_from
+from workers.blob.transport import Put, Transport
 from workers.block_journal import BlockJournal, MemoryBlockJournal, RedisBlockJournal
-from workers.errors import PermanentError, TransientError, UploadUrlExpired
+from workers.errors import AworkError, PermanentError, TransientError, UploadUrlExpired
 from workers.sources import FileSource, file_md5_b64, md5_b64
 
 
@@ -99,14 +94,14 @@ def _resp(status: int, code: str | None = None, header: bool = True) -> requests
     [
         (403, "AuthenticationFailed", "put-block", UploadUrlExpired),
         (403, "AuthorizationFailure", "put-blob", UploadUrlExpired),
-        (403, "AuthorizationPermissionMismatch", "put-block", _BlocksRefused),
+        (403, "AuthorizationPermissionMismatch", "put-block", BlocksRefused),
         (403, "AuthorizationPermissionMismatch", "put-blob", PermanentError),
-        (400, "InvalidQueryParameterValue", "put-block", _BlocksRefused),
-        (400, "UnsupportedHeader", "put-block-list", _BlocksRefused),
-        (405, None, "put-block", _BlocksRefused),
-        (501, None, "put-block", _BlocksRefused),
+        (400, "InvalidQueryParameterValue", "put-block", BlocksRefused),
+        (400, "UnsupportedHeader", "put-block-list", BlocksRefused),
+        (405, None, "put-block", BlocksRefused),
+        (501, None, "put-block", BlocksRefused),
         (400, "Md5Mismatch", "put-block", TransientError),
-        (400, "InvalidBlockList", "put-block-list", _BlocksLost),
+        (400, "InvalidBlockList", "put-block-list", BlocksLost),
         (503, "ServerBusy", "put-block", TransientError),
         (500, "OperationTimedOut", "put-blob", TransientError),
         (404, "ContainerNotFound", "put-blob", PermanentError),
@@ -115,7 +110,7 @@ def _resp(status: int, code: str | None = None, header: bool = True) -> requests
 )
 def test_error_classification(status: int, code: str | None, op: str, kind: type) -> None:
     for header in (True, False):  # the code from x-ms-error-code or from the XML body
-        err = _error_from(_resp(status, code, header), op)
+        err = error_from(_resp(status, code, header), op)
         assert type(err) is kind
         assert (err.status, err.code, err.trace_id) == (status, code, "req-1")
 
@@ -170,3 +165,82 @@ def test_file_md5_streams(tmp_path: Path) -> None:
     src = FileSource(tmp_path / "f")
     assert src.read_range(256, 10) == bytes(range(10))
     assert src.md5_b64() == expected
+
+
+class _Answers(HTTPAdapter):
+    """Answers PUTs from a list of statuses, on no network at all; counts what it was sent."""
+
+    def __init__(self, statuses: list[int]) -> None:
+        super().__init__()
+        self.statuses = statuses
+        self.sent = 0
+
+    def send(self, request: requests.PreparedRequest, *args: object, **kwargs: object) -> requests.Response:
+        resp = requests.Response()
+        resp.status_code = self.statuses[min(self.sent, len(self.statuses) - 1)]
+        resp._content = b""
+        resp.request = request
+        self.sent += 1
+        return resp
+
+
+def _transport(statuses: list[int], retries: int = 2) -> tuple[Transport, _Answers]:
+    adapter = _Answers(statuses)
+
+    def session() -> requests.Session:
+        s = requests.Session()
+        s.mount("http://", adapter)
+        return s
+
+    policy = TransferPolicy(block_retries=retries, retry_backoff=0.001, retry_backoff_max=0.001)
+    return Transport(policy, session), adapter
+
+
+def _put(**hooks: Any) -> Put:
+    url = "http://127.0.0.1:9/c/b?sig=x"
+    return Put(
+        op="put-block", label="put-block x", url=url, request_url=url, headers={}, body=lambda: b"", **hooks
+    )
+
+
+def test_one_retry_loop_retries_transient_answers_then_gives_up() -> None:
+    t, host = _transport([503, 503, 503, 503], retries=2)
+    failures: list[int | None] = []
+    retries: list[int] = []
+    with pytest.raises(TransientError):
+        t.put(
+            _put(on_failure=lambda err, body: failures.append(err.status), on_retry=lambda: retries.append(1))
+        )
+    assert host.sent == 3 and failures == [503, 503, 503] and len(retries) == 2
+
+
+def test_one_retry_loop_returns_the_accepted_answer_after_a_retry() -> None:
+    t, host = _transport([500, 201])
+    assert t.put(_put(ok=(201,))).status_code == 201 and host.sent == 2
+
+
+def test_one_retry_loop_stops_at_a_permanent_answer_and_lets_hooks_replace_it() -> None:
+    t, host = _transport([404, 201])
+    with pytest.raises(PermanentError):
+        t.put(_put())
+    assert host.sent == 1
+
+    def verify(resp: requests.Response) -> AworkError | None:
+        return TransientError("server MD5 differs", code="Md5Mismatch")
+
+    def refuse(err: AworkError, body: object) -> None:
+        raise PermanentError("the file changed", code="source-changed")
+
+    t, host = _transport([201])
+    with pytest.raises(PermanentError) as info:
+        t.put(_put(verify=verify, on_failure=refuse))
+    assert info.value.code == "source-changed" and host.sent == 1
+
+
+def test_one_retry_loop_sends_nothing_once_aborted() -> None:
+    t, host = _transport([201])
+    abort = threading.Event()
+    abort.set()
+    with pytest.raises(Aborted):
+        t.put(_put(abort=abort))
+    assert host.sent == 0

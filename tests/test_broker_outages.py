@@ -1,4 +1,4 @@
-"""A worker never hangs (issue #12): Redis restarts, dropped connections and a network black hole
+"""A worker never hangs: Redis restarts, dropped connections and a network black hole
 under load, with three real workers that reach Redis through a TCP proxy (ops/tcp_proxy.py).
 
 Each round enqueues 30 small uploads (the sandbox slows PUTs and links a little, so steps are in
@@ -13,7 +13,7 @@ that comes back within 30 s comes back through the worker that held it (workers/
 not through the sweeper. Its idle rule is shortened (15 s) as the net for the one case no
 worker can see: a message BRPOP took from its queue while the reply to the worker was lost.
 
-The short form runs in `make test`; the long form (the numbers in README "Broker outages"):
+The short form runs in `make test`; the long form (its figures are in ops/bench/README.md, "Broker outages"):
 
     AWORK_OUTAGE_RESTARTS=20 AWORK_OUTAGE_DROPS=20 AWORK_OUTAGE_HOLES=3 \\
         .venv/bin/pytest tests/test_broker_outages.py -q -s -p no:cacheprovider

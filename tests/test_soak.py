@@ -3,7 +3,7 @@
 It runs `python -m ops.soak --jobs 500` as its own process (its own redis-server, sandbox and
 workers) and checks its verdict: the last line, and the exit status (0 only on PASS). About two
 minutes on two cores. The long form (`--jobs 2000`) is run by hand; its figures are in
-ops/README.md ("Fault soak").
+ops/soak/README.md.
 """
 
 from __future__ import annotations

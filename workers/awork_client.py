@@ -56,7 +56,7 @@ class AworkClient:
     # -- the calls ---------------------------------------------------------------------------
     def generate_upload_url(self) -> tuple[str, str]:
         """POST /files/generateuploadurl -> (uploadId, uploadURL); the key is read case-insensitively."""
-        body = self._request("POST", "/files/generateuploadurl", idempotent=True)
+        body = self._request("POST", "/files/generateuploadurl")
         fields = {k.lower(): v for k, v in body.items()} if isinstance(body, dict) else {}
         upload_id, upload_url = fields.get("uploadid"), fields.get("uploadurl")
         if not upload_id or not upload_url:
@@ -67,13 +67,13 @@ class AworkClient:
         self, path: str, upload_id: str, file_name: str, description: str | None
     ) -> dict[str, Any]:
         body = {"uploadId": upload_id, "fileName": file_name, "description": description}
-        result = self._request("POST", path, json=body, idempotent=False)
+        result = self._request("POST", path, json=body)
         return result if isinstance(result, dict) else {}
 
     def add_file_by_url(self, path: str, url: str, name: str, description: str | None) -> dict[str, Any]:
         """POST .../files/byurl: awork fetches `url` itself (FilePostForm)."""
         body = {"url": url, "name": name, "description": description}
-        result = self._request("POST", path, json=body, idempotent=False)
+        result = self._request("POST", path, json=body)
         return result if isinstance(result, dict) else {}
 
     def multipart_upload(
@@ -82,7 +82,7 @@ class AworkClient:
         headers = {"Content-Type": content_type}
         if content_length is not None:
             headers["Content-Length"] = str(content_length)
-        result = self._request("POST", path, data=body, headers=headers, idempotent=False)
+        result = self._request("POST", path, data=body, headers=headers)
         return result if isinstance(result, dict) else {}
 
     def list_files(
@@ -98,7 +98,7 @@ class AworkClient:
         for page in range(1, max_pages + 1):
             if before_each is not None:
                 before_each()
-            batch = self._request("GET", path, params={"page": page, "pageSize": page_size}, idempotent=True)
+            batch = self._request("GET", path, params={"page": page, "pageSize": page_size})
             if not isinstance(batch, list):
                 break
             out.extend(b for b in batch if isinstance(b, dict))
@@ -111,9 +111,9 @@ class AworkClient:
         key = self._api_key
         return key if isinstance(key, Secret) else key()
 
-    def _request(self, method: str, path: str, idempotent: bool, **kwargs: Any) -> Any:
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         token = self._token()
-        resp = self._send(method, path, idempotent, token, kwargs)
+        resp = self._send(method, path, token, kwargs)
         if resp.status_code == 401 and self.on_unauthorized is not None:
             # An OAuth token awork no longer takes (revoked, or lapsed in flight): the request had
             # no effect, so it is sent once more with a fresh token (or NeedsReconnect parks it).
@@ -121,7 +121,7 @@ class AworkClient:
             if fresh is not None and fresh.reveal() != token.reveal():
                 if not _replayable(kwargs):  # a streamed body: the step's retry sends it again
                     raise TransientError(f"{method} {path}: token refreshed after a 401", status=401)
-                resp = self._send(method, path, idempotent, fresh, kwargs)
+                resp = self._send(method, path, fresh, kwargs)
         if resp.status_code < 300:
             if not resp.content:
                 return None
@@ -129,13 +129,11 @@ class AworkClient:
                 return resp.json()
             except ValueError:
                 raise TransientError(
-                    f"{method} {path}: answer is not JSON", status=resp.status_code, outcome_unknown=True
+                    f"{method} {path}: answer is not JSON", status=resp.status_code
                 ) from None
         raise classify(method, path, resp)
 
-    def _send(
-        self, method: str, path: str, idempotent: bool, token: Secret, kwargs: dict[str, Any]
-    ) -> requests.Response:
+    def _send(self, method: str, path: str, token: Secret, kwargs: dict[str, Any]) -> requests.Response:
         url = f"{self.api_url}{path}"
         headers = {**(kwargs.get("headers") or {}), "Authorization": f"Bearer {token.reveal()}"}
         rest = {k: v for k, v in kwargs.items() if k != "headers"}
@@ -144,12 +142,10 @@ class AworkClient:
         except requests.exceptions.ConnectTimeout as exc:
             raise TransientError(f"{method} {path}: connect timeout ({type(exc).__name__})") from None
         except requests.exceptions.ReadTimeout:
-            raise TransientError(f"{method} {path}: read timeout", outcome_unknown=not idempotent) from None
+            raise TransientError(f"{method} {path}: read timeout") from None
         except requests.exceptions.RequestException as exc:
             # The request may have reached awork before the connection broke.
-            raise TransientError(
-                f"{method} {path}: connection error ({type(exc).__name__})", outcome_unknown=not idempotent
-            ) from None
+            raise TransientError(f"{method} {path}: connection error ({type(exc).__name__})") from None
         if self.on_response is not None:
             self.on_response(resp.status_code, resp.headers, resp.elapsed.total_seconds())
         return resp

@@ -12,6 +12,8 @@ from __future__ import annotations
 import threading
 from typing import Any, Protocol, runtime_checkable
 
+from producers.keys import block_journal_key
+
 # A week is what Azure keeps uncommitted blocks; the upload URL rarely lives that long, so acks
 # older than two days are not worth trusting (or storing).
 DEFAULT_TTL_SECONDS = 2 * 24 * 3600
@@ -76,7 +78,7 @@ def _text(value: Any) -> str:
 
 
 class RedisBlockJournal:
-    """Acks in the Redis hash `awork:job:{job_id}:blocks`, expiring `ttl` seconds after the last ack.
+    """Acks in the Redis hash `producers.keys.block_journal_key`, expiring `ttl` seconds after the last ack.
 
     `client` is a redis-py client (either `decode_responses` setting works). Every write
     refreshes the expiry, so a long upload never loses its journal half-way.
@@ -86,7 +88,7 @@ class RedisBlockJournal:
         self.client = client
         self.job_id = job_id
         self.ttl = int(ttl)
-        self.key = f"awork:job:{job_id}:blocks"
+        self.key = block_journal_key(job_id)
 
     def begin(self, upload_key: str) -> None:
         current = self.client.hget(self.key, _KEY_FIELD)

@@ -38,9 +38,10 @@ from celery.exceptions import Ignore
 from producers.api_tokens import ApiTokens
 from producers.callback_url import callback_refused
 from producers.contract import QUEUE_CALLBACKS, TASK_DELIVER_CALLBACK
-from producers.endings import batch_key
 from producers.job_ids import is_job_id
-from producers.records import Job
+from producers.job_record import Field, JobRecord
+from producers.keys import batch_key
+from producers.redis_text import as_str
 from producers.source_url import parse_http_url
 from workers.celery_app import app
 from workers.runtime import Runtime, runtime
@@ -121,16 +122,21 @@ def deliver_callback(
 def _event(rt: Runtime, kind: str, ident: str, event_id: str) -> tuple[dict[str, Any] | None, dict[str, str]]:
     """The event body and where it goes (callback_url, on_done, signer)."""
     if kind == "job":
-        record = rt.store.get(ident)
-        if record is None:
+        raw_record = rt.store.get(ident)
+        if raw_record is None:
             return None, {}
-        job = Job.from_record(record).to_json()
-        target = {k: record.get(k, "") for k in ("callback_url", "on_done", "signer")}
+        record = JobRecord.decode(raw_record, ident)
+        job = record.job().to_json()
+        target = {
+            Field.CALLBACK_URL.value: record.callback_url or "",
+            Field.ON_DONE.value: record.on_done or "",
+            Field.SIGNER.value: record.signer or "",
+        }
         return {"id": event_id, "type": f"job.{job['state']}", "timestamp": time.time(), "data": job}, target
     raw = rt.redis.hgetall(batch_key(ident))
     if not raw:
         return None, {}
-    info = {_s(k): _s(v) for k, v in raw.items()}
+    info = {as_str(k): as_str(v) for k, v in raw.items()}
     from producers.batches import BatchStore
 
     page = BatchStore(rt.redis, rt.store).page(ident, 0, 1)
@@ -207,7 +213,3 @@ def _note(rt: Runtime, kind: str, ident: str, **fields: object) -> None:
             rt.redis.hset(batch_key(ident), mapping={k: str(v) for k, v in fields.items()})
     except Exception:
         log.debug("could not note the callback state", exc_info=True)
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -31,12 +31,9 @@ class TransientError(AworkError):
     """Worth retrying: 429, 5xx, timeouts, dropped connections, concurrency conflicts.
 
     `retry_after` (seconds) is set when the server said how long to wait.
-    `outcome_unknown` is set when the request may have reached the server (a read timeout or a
-    connection dropped after sending): a non-idempotent call must check before repeating.
     """
 
     retry_after: float | None = None
-    outcome_unknown: bool = False
 
 
 @dataclass(eq=False)

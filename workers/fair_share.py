@@ -55,10 +55,9 @@ from pathlib import Path
 import redis
 
 from producers.config import ConfigError, env_float
+from producers.keys import FAIR_PREFIX, JOB_PREFIX, fair_waiting_key
 from producers.priority import Priority
-from producers.records import JOB_PREFIX
 
-PREFIX = "awork:fair:"
 REGISTER_EVERY_SECONDS = 10.0
 REGISTRATION_TTL_SECONDS = 35.0
 # A dispatched job's message must start within this long, else its reserved slot lapses.
@@ -72,7 +71,7 @@ _SCRIPT = Path(__file__).with_name("fair_share.lua").read_text()
 
 def waiting_key(workspace: str) -> str:
     """Sorted set: jobs of the workspace waiting for a transfer slot -> rank."""
-    return f"{PREFIX}wait:{workspace}"
+    return fair_waiting_key(workspace)
 
 
 @dataclass(frozen=True)
@@ -154,7 +153,7 @@ class FairShare:
         argv = [
             mode,
             repr(time.time() if now is None else now),
-            PREFIX,
+            FAIR_PREFIX,
             JOB_PREFIX,
             repr(self.lease_seconds),
             repr(RESERVE_SECONDS),
@@ -197,7 +196,7 @@ class FairShare:
         """Take up to `limit` jobs off the waiting lists, whatever the shares: with the fair
         share turned off, nothing else would ever dispatch them."""
         out: list[tuple[str, str]] = []
-        prefix = f"{PREFIX}wait:"
+        prefix = fair_waiting_key("")
         for key in self.redis.scan_iter(match=f"{prefix}*", count=100):
             name = _s(key)
             popped: list[tuple[bytes, float]] = self.redis.zpopmin(name, limit - len(out))  # type: ignore[assignment]

@@ -20,7 +20,7 @@ each reconnect attempt is bounded by the broker socket timeouts (producers/broke
 retries them for ever.
 
 `awork_uploads_consumer_loop_tick_age_seconds` (workers/metrics.py) exposes the age, and the
-runbook (ops/README.md, "Liveness") shows how to wire a liveness probe to it.
+runbook (ops/RUNBOOK.md, "Liveness") shows how to wire a liveness probe to it.
 
 Test-only hook: `AWORK_TEST_BLOCK_LOOP_FILE=<path>`: once that file exists, the next tick blocks
 the consumer loop for good (a stand-in for a hang). Never set it in production.

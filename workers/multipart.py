@@ -22,7 +22,8 @@ from typing import Any
 from requests_toolbelt.multipart.encoder import MultipartEncoder, MultipartEncoderMonitor
 
 from producers.contract import MULTIPART_MAX_BYTES
-from workers.blob import ProgressFn, _Body, _Progress
+from workers.blob.body import StreamBody
+from workers.blob.progress import Progress, ProgressFn
 from workers.errors import PermanentError
 from workers.sources import ByteSource, FileSource, SourceReader
 
@@ -88,13 +89,13 @@ def multipart_body(
     read: Callable[[int], bytes] = reader.read
     if isinstance(source, FileSource) and source.known_md5 is not None:
         read = verified_reads(reader, size, source.known_md5, source.label)
-    stream = _Body(read, size, lambda n: None) if size else b""
+    stream = StreamBody(read, size, lambda n: None) if size else b""
     if not size:
         reader.close()
     encoder = MultipartEncoder(fields={"File": (file_name, stream, content_type)})
     body: MultipartEncoder | MultipartEncoderMonitor = encoder
     if progress is not None:
-        tracker = _Progress(progress, 0.25)
+        tracker = Progress(progress, 0.25)
         tracker.reset(encoder.len)
         last = [0]
 

@@ -2,7 +2,7 @@
 
 Two jobs that both look up `report.pdf` on a task, find nothing and both create it would leave
 two files. So the lookup and whatever the job then does (a version, a new file through the
-three steps) are done by one job at a time: the lock (producers.records.name_lock_key) holds the
+three steps) are done by one job at a time: the lock (producers.keys.name_lock_key) holds the
 job id that owns the name. The next job takes it over as soon as the owner's record shows it
 ended (done, failed, dead) or is gone, so every way a job ends (a step, the sweeper, an
 operator's purge) frees the name without a hook; a job that ends done in a step
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import redis
 
-from producers.records import JOB_PREFIX, name_lock_key
+from producers.keys import JOB_PREFIX, name_lock_key
 
 LOCK_TTL_SECONDS = 24 * 3600
 

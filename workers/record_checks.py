@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 from producers import text_rules
 from producers.contract import SpecError
+from producers.job_record import Field
 from producers.spec import check_content_type
 from workers.errors import PermanentError
 
@@ -20,13 +21,14 @@ from workers.errors import PermanentError
 def check_record(job_id: str, record: Mapping[str, str]) -> None:
     """PermanentError (`record-invalid`) naming the first field that would not pass validation."""
     try:
-        if record.get("id") != job_id:
-            raise SpecError("id", "the record's id is not the job's id")
-        name = record.get("file_name", "")
-        if text_rules.file_name(name, "file_name") != name:
-            raise SpecError("file_name", "not in normal form (NFC, no surrounding spaces)")
-        text_rules.description(record.get("description") or None)
-        if record.get("content_type"):
-            check_content_type(record["content_type"])
+        if record.get(Field.ID) != job_id:
+            raise SpecError(Field.ID, "the record's id is not the job's id")
+        name = record.get(Field.FILE_NAME, "")
+        if text_rules.file_name(name, Field.FILE_NAME) != name:
+            raise SpecError(Field.FILE_NAME, "not in normal form (NFC, no surrounding spaces)")
+        text_rules.description(record.get(Field.DESCRIPTION) or None)
+        content_type = record.get(Field.CONTENT_TYPE)
+        if content_type:
+            check_content_type(content_type)
     except SpecError as exc:
         raise PermanentError(f"job record field {exc}", code="record-invalid") from None

@@ -192,7 +192,7 @@ def _multipart(ctx: StepContext) -> dict[str, Any]:
     sent_before = record.get("multipart_sent") == "1"
     if sent_before:
         # Companies have no file list in awork's API: there a lost answer may mean a second
-        # file when the request is sent again (documented in the README).
+        # file when the request is sent again (README.md, "How it works").
         found = reconcile(ctx, target)
         if found:
             return found
@@ -249,7 +249,7 @@ def file_done(ctx: StepContext, info: dict[str, Any], evidence: str = "") -> dic
     unknown."""
     file_id = str(info.get("id") or "")
     if not file_id and not evidence:
-        raise TransientError("awork answered without a file id", outcome_unknown=True)
+        raise TransientError("awork answered without a file id")
     if evidence:
         return finish_done(ctx, file_id, None, done_evidence=evidence)
     return finish_done(ctx, file_id, latest_size(info))

@@ -60,8 +60,8 @@ from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, STEPS, JobStore, 
 from producers.redrive import canvas_from, resume_step
 from workers import fair_gate
 from workers.fair_share import FairSettings, FairShare, waiting_key
-from workers.metrics import BrokerLayout
 from workers.orphan_staging import remove_orphan_staging
+from workers.queue_metrics import BrokerLayout
 from workers.step_lock import DEFAULT_LOCK_TTL_SECONDS
 from workers.sweeper_rules import (
     DEFAULT_TIMINGS,

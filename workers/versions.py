@@ -60,7 +60,7 @@ def _add_version(ctx: StepContext) -> dict[str, Any]:
             return finish_done(ctx, file_id, _size(found), "version", version_id=found.get("id", ""))
     info = send_multipart(ctx, path, "version_sent")
     if not info.get("id"):
-        raise TransientError("awork answered a version without an id", outcome_unknown=True)
+        raise TransientError("awork answered a version without an id")
     return finish_done(ctx, file_id, _size(info), "version", version_id=info["id"])
 
 

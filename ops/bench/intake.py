@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         argv_api = [
             sys.executable,
             "-m",
-            "producers.cli",
+            "ops.cli",
             "api",
             "--port",
             str(port),

@@ -15,7 +15,7 @@ one core fully given to it can serve, even when other work shares the machine.
 
 PUT: one file of random bytes, `curl -T` to the sandbox's blob host and to Azurite (npm
 package `azurite`, started here on a private port and directory) in alternating rounds, each
-to a fresh SAS URL; neither is pinned. Prints a Markdown summary for ops/README.md.
+to a fresh SAS URL; neither is pinned. Prints a Markdown summary for ops/bench/README.md.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from xml.sax.saxutils import escape
 
 AWORK_DOCS_LINK = "https://developers.awork.com"
 
-# awork error codes used by the sandbox (see ops/README.md for when each is sent).
+# awork error codes used by the sandbox (see ops/sandbox/README.md for when each is sent).
 NOT_FOUND = "not-found"
 VALIDATION_FAILED = "validation-failed"
 INVALID_OPERATION = "invalid-operation"

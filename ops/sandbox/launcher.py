@@ -29,7 +29,7 @@ class SandboxStartError(RuntimeError):
 
 
 class SandboxProcess:
-    """`with SandboxProcess(api_keys={"key": "ws"}) as sb: ...`; see ops/README.md."""
+    """`with SandboxProcess(api_keys={"key": "ws"}) as sb: ...`; see ops/sandbox/README.md."""
 
     def __init__(
         self,

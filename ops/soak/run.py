@@ -24,8 +24,8 @@ bytes of done jobs are gone. The last line printed gives the counts and PASS or 
 status is 0 only on PASS.
 
 Targets without a file list in awork (companies, profile images) are left out: there a link or
-multipart request whose answer was lost cannot be checked before it is sent again (see the
-README), so duplicate-on-relink would rightly make second files.
+multipart request whose answer was lost cannot be checked before it is sent again (see
+ops/soak/README.md), so duplicate-on-relink would rightly make second files.
 
 The workers run with short recovery timings (lock TTL 10 s, sweeper every 2 s) and retry
 backoff (0.5 s base, 5 s cap) so that a soak takes minutes, not hours; the mechanisms are the
@@ -58,6 +58,7 @@ from ops.processes import Child, stop_all
 from ops.redis_server import RedisServer
 from ops.sandbox.launcher import SandboxProcess
 from ops.stack import wait_for_workers, worker_argv
+from producers import keys as key_names
 from producers.client import PublishFailed, RedisUnavailable, Uploads
 from producers.config import SharedSettings
 from producers.spec import JobSpec
@@ -497,14 +498,14 @@ class Soak:
             problems.append(f"{len(stale)} done job(s) still have staged bytes")
         client = redis.Redis.from_url(self.redis.url, decode_responses=True)
         try:
-            no_ttl = sum(1 for j in done if client.ttl(f"awork:job:{j}") < 0)
+            no_ttl = sum(1 for j in done if client.ttl(key_names.job_key(j)) < 0)
             if no_ttl:
                 problems.append(f"{no_ttl} done record(s) without an expiry")
-            journals = sum(1 for j in done if client.exists(f"awork:job:{j}:blocks"))
+            journals = sum(1 for j in done if client.exists(key_names.block_journal_key(j)))
             if journals:
                 problems.append(f"{journals} done job(s) kept their block journal")
-            unacked = client.hlen("unacked")
-            locks = len(list(client.scan_iter("awork:job:*:lock:*", count=1000)))
+            unacked = client.hlen(key_names.KOMBU_UNACKED_KEY)
+            locks = len(list(client.scan_iter(key_names.STEP_LOCK_PATTERN, count=1000)))
             mem_end = int(client.info("memory")["used_memory"])
             keys = client.dbsize()
         finally:

@@ -1,4 +1,4 @@
-"""Starting and stopping: the CLI, the launcher, the seed document's curl commands."""
+"""Starting and stopping: the CLI, the launcher, the three curl commands of an upload."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def test_cli_help_and_flags() -> None:
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
 def test_the_seed_document_curl_commands(tmp_path: Path) -> None:
-    """ops/README.md's three curl commands, as a person would type them."""
+    """ops/sandbox/README.md's three curl commands, as a person would type them."""
     with SandboxProcess(api_keys={"KEY": "default"}, seed_demo=True) as sb:
         task = sb.entities["tasks"][0]
         png = tmp_path / "file.png"

@@ -19,7 +19,9 @@ import redis
 from producers.config import ConfigError
 from producers.connections import ConnectionInfo, ConnectionRegistry, check_name
 from producers.contract import JobState, SpecError
-from producers.records import ACTIVE_KEY, JobStore
+from producers.job_record import read
+from producers.keys import ACTIVE_KEY
+from producers.records import JobStore
 from workers.api_url import api_url_from_env, insecure_api_allowed
 from workers.command_run import EXIT_FAILED, EXIT_OK, command_redis, run_command
 from workers.connections.crypto import SecretBox
@@ -132,8 +134,9 @@ def active_jobs(client: redis.Redis, name: str) -> list[str]:
     store = JobStore(client)
     ids = [i.decode() if isinstance(i, bytes) else str(i) for i in client.zrange(ACTIVE_KEY, 0, -1)]
     out = []
-    for job_id, rec in zip(ids, store.get_many(ids), strict=True):
-        if rec and rec.get("workspace") == name and not JobState(rec.get("state", "queued")).finished:
+    for job_id, raw in zip(ids, store.get_many(ids), strict=True):
+        rec = read(job_id, raw)
+        if rec is not None and rec.workspace == name and not rec.finished:
             out.append(job_id)
     return out
 

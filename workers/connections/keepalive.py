@@ -14,9 +14,10 @@ from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 
+from producers.keys import KEEPALIVE_LEASE_KEY
+
 log = logging.getLogger("awork.connections")
 
-LEASE_KEY = "awork:connections:keepalive-lease"
 INTERVAL_SECONDS = 60.0
 
 
@@ -34,10 +35,10 @@ class Keepalive:
         if conns is None or conns.oauth is None:
             return 0
         ttl = max(2, int(self.interval * 2))
-        if not rt.redis.set(LEASE_KEY, self.token, nx=True, ex=ttl):
-            if rt.redis.get(LEASE_KEY) != self.token.encode():
+        if not rt.redis.set(KEEPALIVE_LEASE_KEY, self.token, nx=True, ex=ttl):
+            if rt.redis.get(KEEPALIVE_LEASE_KEY) != self.token.encode():
                 return 0
-            rt.redis.expire(LEASE_KEY, ttl)
+            rt.redis.expire(KEEPALIVE_LEASE_KEY, ttl)
         done = conns.keepalive(rt.connection_settings.keepalive_seconds)
         if done:
             log.info("keepalive: refreshed %d idle OAuth grant(s)", done)

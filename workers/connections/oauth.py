@@ -26,12 +26,8 @@ import redis
 import requests
 
 from producers.config import ConfigError
-from producers.connections import (
-    OAUTH_PENDING_TTL_SECONDS,
-    ConnectionInfo,
-    check_name,
-    oauth_pending_key,
-)
+from producers.connections import OAUTH_PENDING_TTL_SECONDS, ConnectionInfo, check_name
+from producers.keys import oauth_pending_key
 from workers.connections.store import ConnectionStore, TokenSet
 from workers.errors import PermanentError, TransientError
 from workers.secret_files import secret_from_env

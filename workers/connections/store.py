@@ -9,7 +9,7 @@ compare it to drop what they cached.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,18 +17,21 @@ import redis
 
 from producers.config import ConfigError
 from producers.connections import (
-    CHANGES_CHANNEL,
-    CONNECTIONS_KEY,
-    OAUTH_PENDING_PREFIX,
-    REFRESHED_KEY,
     SECRET_FIELD,
     ConnectionInfo,
     ConnectionRegistry,
     ConnState,
     Kind,
     check_name,
+)
+from producers.keys import (
+    CONNECTION_CHANGES_CHANNEL,
+    CONNECTIONS_KEY,
+    CONNECTIONS_REFRESHED_KEY,
+    OAUTH_PENDING_PREFIX,
     connection_key,
 )
+from producers.redis_text import as_str
 from workers.connections.crypto import SecretBox
 from workers.fair_share import check_share
 from workers.limits_config import WorkspaceLimits, limits_from_table
@@ -93,7 +96,7 @@ class ConnectionStore:
         pipe.hset(key, mapping=mapping)
         pipe.hincrby(key, "version", 1)
         pipe.sadd(CONNECTIONS_KEY, name)
-        pipe.publish(CHANGES_CHANNEL, name)
+        pipe.publish(CONNECTION_CHANGES_CHANNEL, name)
         pipe.execute()
 
     def add_api_key(
@@ -109,7 +112,7 @@ class ConnectionStore:
             **plan_fields(limits or {}),
         }
         self._write(name, fields, clear=("reason", "access_expires_at", "refreshed_at", *PLAN_FIELDS))
-        self.redis.zrem(REFRESHED_KEY, name)
+        self.redis.zrem(CONNECTIONS_REFRESHED_KEY, name)
         return self._info(name)
 
     def add_oauth(
@@ -145,7 +148,7 @@ class ConnectionStore:
             fields.update(plan_fields(limits))
             clear += PLAN_FIELDS
         self._write(name, fields, clear=clear)
-        self.redis.zadd(REFRESHED_KEY, {name: now})
+        self.redis.zadd(CONNECTIONS_REFRESHED_KEY, {name: now})
         return self._info(name)
 
     def store_tokens(self, name: str, tokens: TokenSet) -> None:
@@ -173,7 +176,7 @@ class ConnectionStore:
         )
         pipe.hincrby(key, "refreshes", 1)
         pipe.hincrby(key, "version", 1)
-        pipe.zadd(REFRESHED_KEY, {name: now})
+        pipe.zadd(CONNECTIONS_REFRESHED_KEY, {name: now})
         pipe.execute()
 
     def mark_needs_reconnect(self, name: str, reason: str) -> None:
@@ -188,8 +191,8 @@ class ConnectionStore:
             },
         )
         pipe.hincrby(key, "version", 1)
-        pipe.zrem(REFRESHED_KEY, name)
-        pipe.publish(CHANGES_CHANNEL, name)
+        pipe.zrem(CONNECTIONS_REFRESHED_KEY, name)
+        pipe.publish(CONNECTION_CHANGES_CHANNEL, name)
         pipe.execute()
 
     def remove(self, name: str) -> bool:
@@ -209,7 +212,7 @@ class ConnectionStore:
         with self.redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(key)
+                    _watch(pipe, key)
                     raw = pipe.hget(key, SECRET_FIELD)
                     if raw is None:
                         pipe.unwatch()
@@ -226,7 +229,7 @@ class ConnectionStore:
         with self.redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(key)
+                    _watch(pipe, key)
                     raw = pipe.get(key)
                     ttl = pipe.pttl(key)
                     if raw is None:
@@ -254,7 +257,7 @@ class ConnectionStore:
         raw = self.redis.hgetall(connection_key(name))
         if not raw:
             return None
-        h = {_s(k): _s(v) for k, v in raw.items()}
+        h = {as_str(k): as_str(v) for k, v in raw.items()}
         kind = Kind(h.get("kind", Kind.API_KEY.value))
         secret = self.box.open(h[SECRET_FIELD]) if h.get(SECRET_FIELD) else {}
         limits = limits_from_table(
@@ -285,8 +288,8 @@ def remove_connection(client: redis.Redis, name: str) -> bool:
     pipe = client.pipeline()
     pipe.delete(connection_key(name))
     pipe.srem(CONNECTIONS_KEY, name)
-    pipe.zrem(REFRESHED_KEY, name)
-    pipe.publish(CHANGES_CHANNEL, name)
+    pipe.zrem(CONNECTIONS_REFRESHED_KEY, name)
+    pipe.publish(CONNECTION_CHANGES_CHANNEL, name)
     return bool(pipe.execute()[0])
 
 
@@ -294,5 +297,7 @@ def _num(raw: str) -> int | float:
     return float(raw) if "." in raw else int(raw)
 
 
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _watch(pipe: redis.client.Pipeline, key: Any) -> None:
+    """WATCH `key` on `pipe` (redis-py leaves Pipeline.watch without annotations)."""
+    watch: Callable[[Any], object] = pipe.watch
+    watch(key)
