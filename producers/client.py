@@ -50,6 +50,7 @@ from producers.messages import Rendered, Templates, fast_path_supported, publish
 from producers.public_source import by_url_checked
 from producers.records import Job, JobStore, job_key
 from producers.recurring import flow_canvas
+from producers.redis_conn import redis_client
 from producers.spec import JobSpec, ValidSpec, check_idempotency_key, validate
 
 log = logging.getLogger("awork.producer")
@@ -109,7 +110,7 @@ class Uploads:
     def __init__(self, settings: SharedSettings, redis_retry_seconds: float = 10.0) -> None:
         self.settings = settings
         self.redis_retry_seconds = redis_retry_seconds
-        self.redis = redis.Redis.from_url(
+        self.redis = redis_client(
             settings.redis_url, socket_connect_timeout=3, socket_timeout=10, decode_responses=False
         )
         self.store = JobStore(self.redis, settings.record_ttl_seconds)

@@ -1,0 +1,141 @@
+"""REDIS_URL=sentinel://...: configuration, the Celery settings it gives, and a client that
+keeps working through a real failover (master + replica + 3 sentinels on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from ops.redis_ha import RedisHA
+from producers.broker import celery_config
+from producers.config import ConfigError, SharedSettings, redact_url
+from producers.messages import fast_path_supported
+from producers.redis_conn import (
+    async_redis_client,
+    check_redis_url,
+    failover_retry,
+    redis_client,
+    sentinel_target,
+)
+
+URL = "sentinel://:mpw@10.0.0.1:26379/2;sentinel://10.0.0.2;sentinel://10.0.0.3:26380"
+
+
+@pytest.fixture
+def sentinel_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_SENTINEL_MASTER", "mymaster")
+    monkeypatch.setenv("REDIS_SENTINEL_PASSWORD", "spw")
+
+
+def test_sentinel_url_parsed_in_celery_form(sentinel_env: None) -> None:
+    target = sentinel_target(URL)
+    assert target.sentinels == (("10.0.0.1", 26379), ("10.0.0.2", 26379), ("10.0.0.3", 26380))
+    assert (target.master, target.db) == ("mymaster", 2)
+    assert (target.password, target.sentinel_password) == ("mpw", "spw")
+    assert "mpw" not in repr(target) and "spw" not in repr(target)
+
+
+def test_celery_config_gets_kombu_sentinel_options(sentinel_env: None) -> None:
+    conf = celery_config(URL)
+    assert conf["broker_url"] == URL
+    options = conf["broker_transport_options"]
+    assert options["master_name"] == "mymaster"
+    assert options["sentinel_kwargs"] == {"password": "spw"}
+    assert options["visibility_timeout"] > 0  # the Redis transport's options stay
+    assert "master_name" not in celery_config("redis://127.0.0.1:6379/0")["broker_transport_options"]
+    assert fast_path_supported(URL)
+
+
+def test_redact_every_part() -> None:
+    assert redact_url(URL) == "sentinel://:***@10.0.0.1:26379/2;sentinel://10.0.0.2;sentinel://10.0.0.3:26380"
+
+
+@pytest.mark.parametrize(
+    ("url", "env", "names"),
+    [
+        (URL, {}, "REDIS_SENTINEL_MASTER"),
+        ("sentinel://h:1;redis://h:2", {"REDIS_SENTINEL_MASTER": "m"}, "REDIS_URL"),
+        ("sentinel://h:notaport", {"REDIS_SENTINEL_MASTER": "m"}, "REDIS_URL"),
+        ("sentinel://h:1/x", {"REDIS_SENTINEL_MASTER": "m"}, "REDIS_URL"),
+        ("http://h:1", {}, "REDIS_URL"),
+    ],
+)
+def test_bad_configuration_names_the_variable(url: str, env: dict[str, str], names: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        check_redis_url(url, env)
+    assert str(err.value).startswith(names + ":")
+    assert "mpw" not in str(err.value)
+
+
+def test_shared_settings_accept_sentinel(monkeypatch: pytest.MonkeyPatch, sentinel_env: None) -> None:
+    monkeypatch.setenv("REDIS_URL", URL)
+    assert SharedSettings.from_env().redis_url == URL
+    monkeypatch.delenv("REDIS_SENTINEL_MASTER")
+    with pytest.raises(ConfigError, match=r"^REDIS_SENTINEL_MASTER:"):
+        SharedSettings.from_env()
+
+
+def test_failover_retry_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWORK_REDIS_FAILOVER_SECONDS", "5")
+    short = failover_retry().get_retries()
+    monkeypatch.setenv("AWORK_REDIS_FAILOVER_SECONDS", "20")
+    long = failover_retry().get_retries()
+    assert 0 < short < long < 60
+
+
+@pytest.fixture(scope="module")
+def ha(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisHA]:
+    with RedisHA(tmp_path_factory.mktemp("ha")) as cluster:
+        yield cluster
+
+
+def test_clients_follow_the_master_through_a_failover(ha: RedisHA, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes before, during and after a master SIGKILL: the client finds the promoted replica
+    by itself, and a command issued while no master is up waits (bounded) instead of failing."""
+    monkeypatch.setenv("REDIS_SENTINEL_MASTER", ha.master_name)
+    assert ha.sentinel_password is not None
+    monkeypatch.setenv("REDIS_SENTINEL_PASSWORD", ha.sentinel_password)
+    client = redis_client(ha.url, socket_timeout=2, socket_connect_timeout=1, decode_responses=True)
+    client.set("before", "1")
+    client.wait(1, 2000)  # on the replica too: async replication, made sure for the test
+    old = ha.kill_master()
+    started = time.monotonic()
+    client.incr("during")  # issued with no master: retried until the replica is promoted
+    took = time.monotonic() - started
+    new = ha.wait_failover(old)
+    assert new != old
+    assert client.get("before") == "1" and client.get("during") == "1"
+    assert client.connection_pool.get_master_address()[1] == new  # type: ignore[attr-defined]
+    assert took < 15, f"the first write after the kill took {took:.1f} s"
+
+    async def read() -> str | None:
+        aclient = async_redis_client(ha.url, socket_timeout=2, decode_responses=True)
+        try:
+            return await aclient.get("during")
+        finally:
+            await aclient.aclose()
+
+    assert asyncio.run(read()) == "1"
+
+
+def test_wrong_sentinel_password_is_an_error_not_a_hang(ha: RedisHA, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_SENTINEL_MASTER", ha.master_name)
+    monkeypatch.setenv("REDIS_SENTINEL_PASSWORD", "wrong")
+    monkeypatch.setenv("AWORK_REDIS_FAILOVER_SECONDS", "1")
+    started = time.monotonic()
+    with pytest.raises(redis.RedisError):
+        redis_client(ha.url, socket_timeout=1, socket_connect_timeout=1).ping()
+    assert time.monotonic() - started < 10
+
+
+def test_ha_files_stay_private(ha: RedisHA) -> None:
+    """The sentinels' configs hold the passwords (and sentinels rewrite them): private folders."""
+    folders = [p for p in Path(ha.root).iterdir() if p.is_dir()]
+    assert len(folders) == 5
+    for folder in folders:
+        assert folder.stat().st_mode & 0o077 == 0, folder
