@@ -23,6 +23,7 @@ from producers.redis_conn import (
     sentinel_target,
 )
 
+REPO = Path(__file__).resolve().parent.parent
 URL = "sentinel://:mpw@10.0.0.1:26379/2;sentinel://10.0.0.2;sentinel://10.0.0.3:26380"
 
 
@@ -139,3 +140,81 @@ def test_ha_files_stay_private(ha: RedisHA) -> None:
     assert len(folders) == 5
     for folder in folders:
         assert folder.stat().st_mode & 0o077 == 0, folder
+
+
+def test_compose_ha_profile_has_the_same_shape() -> None:
+    """compose's `ha` profile: the `redis` master, one replica of it, three sentinels, and every
+    app service's REDIS_URL switchable to the sentinels (AWORK_REDIS_URL)."""
+    import yaml
+
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
+    services = compose["services"]
+    ha = {name for name, svc in services.items() if "ha" in (svc.get("profiles") or [])}
+    assert ha == {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+    replica = " ".join(str(c) for c in services["redis-replica"]["command"])
+    assert "--replicaof redis 6379" in replica and "--appendonly yes" in replica
+    volumes = set()
+    for n in (1, 2, 3):
+        sentinel = services[f"sentinel-{n}"]
+        assert sentinel["entrypoint"][-1].endswith("/sentinel-start.sh")
+        volumes |= {v.split(":")[0] for v in sentinel["volumes"] if v.endswith(":/data")}
+    assert len(volumes) == 3, "each sentinel keeps its own config"
+    for name in ("worker", "flower", "api", "producer"):
+        env = services[name]["environment"]
+        assert env["REDIS_URL"].startswith("${AWORK_REDIS_URL:-redis://"), name
+        assert {"REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_PASSWORD"} <= set(env), name
+
+
+def test_sentinel_start_script_runs_a_sentinel_without_secrets_in_argv(tmp_path: Path) -> None:
+    """ops/sentinel-start.sh for real (docker-entrypoint.sh shimmed as `exec "$@"`) against a
+    password-protected redis-server on a free port: the sentinel watches it, its config is
+    private, no password is in its command line or environment."""
+    import os
+    import subprocess
+
+    from ops.redis_server import RedisServer, find_redis_server, free_port
+
+    shim = tmp_path / "bin" / "docker-entrypoint.sh"
+    shim.parent.mkdir()
+    shim.write_text('#!/bin/sh\nexec "$@"\n')
+    shim.chmod(0o755)
+    password, sentinel_password, port = os.urandom(8).hex(), os.urandom(8).hex(), free_port()
+    with RedisServer(tmp_path / "master", password=password, appendonly=False) as master:
+        env = {
+            "PATH": f"{shim.parent}:{Path(find_redis_server()).parent}:/usr/bin:/bin",
+            "REDIS_PASSWORD": password,
+            "REDIS_SENTINEL_PASSWORD": sentinel_password,
+            "SENTINEL_DIR": str(tmp_path / "sentinel"),
+            "SENTINEL_PORT": str(port),
+            "SENTINEL_MASTER_HOST": "127.0.0.1",
+            "SENTINEL_MASTER_PORT": str(master.port),
+        }
+        script = REPO / "ops" / "sentinel-start.sh"
+        proc = subprocess.Popen(["/bin/sh", str(script)], env=env, stdout=subprocess.DEVNULL)
+        try:
+            client = redis.Redis(
+                port=port, password=sentinel_password, socket_timeout=1, decode_responses=True
+            )
+            deadline = time.monotonic() + 15
+            while True:
+                assert proc.poll() is None, "sentinel-start.sh exited"
+                try:
+                    state = client.sentinel_master("mymaster")
+                    if state.get("flags") == "master" or state.get("is_master"):
+                        break
+                except redis.RedisError:
+                    pass
+                assert time.monotonic() < deadline, "the sentinel does not see its master"
+                time.sleep(0.1)
+            assert int(state["port"]) == master.port
+            for secret in (password, sentinel_password):
+                assert secret not in Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode()
+                assert secret.encode() not in Path(f"/proc/{proc.pid}/environ").read_bytes()
+            conf = tmp_path / "sentinel" / "sentinel.conf"
+            assert conf.stat().st_mode & 0o777 == 0o600
+            client.close()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    bad = subprocess.run(["/bin/sh", str(script)], env={**env, "REDIS_PASSWORD": "a b"}, capture_output=True)
+    assert bad.returncode == 2 and b"REDIS_PASSWORD" in bad.stderr
