@@ -41,12 +41,14 @@ class StackConfig:
     sandbox_args: list[str] = field(default_factory=list)
     worker_env: dict[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
+    ha: bool = False  # --ha: Redis master + replica + 3 sentinels (ops/redis_ha.py)
 
 
 @dataclass
 class Stack:
     config: StackConfig
     redis: RedisServer | None = None
+    ha: Any = None  # ops.redis_ha.RedisHA, with --ha
     sandbox: Any = None  # ops.sandbox.launcher.SandboxProcess
     workers: list[Child] = field(default_factory=list)
     flower: Child | None = None
@@ -62,6 +64,12 @@ class Stack:
         env = dict(os.environ)
         env.update(self.config.worker_env)
         try:
+            if self.config.ha:
+                from ops.redis_ha import RedisHA
+
+                self.ha = RedisHA(data / "ha").start()
+                env.update(self.ha.env)
+                os.environ.update(self.ha.env)  # this process pings the workers: a client too
             if not env.get("REDIS_URL"):
                 password = secrets.token_urlsafe(16)
                 self.redis = RedisServer(data / "redis", password=password, appendfsync="always").start()
@@ -128,7 +136,8 @@ class Stack:
 
     def _write_env_file(self) -> None:
         path = self.config.data_dir / STACK_ENV_FILE.name
-        lines = [f"REDIS_URL={self.env['REDIS_URL']}", f"STAGING_DIR={self.env['STAGING_DIR']}"]
+        names = ("REDIS_URL", "REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_PASSWORD", "STAGING_DIR")
+        lines = [f"{name}={self.env[name]}" for name in names if self.env.get(name)]
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
@@ -142,7 +151,8 @@ class Stack:
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "redis": redact_url(self.env.get("REDIS_URL", "")),
-            "embedded_redis": self.redis is not None,
+            "embedded_redis": self.redis is not None or self.ha is not None,
+            "redis_ha": self.ha is not None,
             "workers": len(self.workers),
             "staging_dir": self.env.get("STAGING_DIR"),
             "api_url": self.env.get("AWORK_API_URL"),
@@ -161,6 +171,8 @@ class Stack:
             self.sandbox.stop()
         if self.redis is not None:
             self.redis.stop()
+        if self.ha is not None:
+            self.ha.stop()
         with contextlib.suppress(FileNotFoundError):
             (self.config.data_dir / STACK_ENV_FILE.name).unlink()
 
@@ -229,6 +241,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=Path("var"), help="where Redis, logs and staging live")
     p.add_argument("--flower-port", type=int, default=5555)
     p.add_argument("--no-flower", action="store_true")
+    p.add_argument("--ha", action="store_true", help="Redis Sentinel: a master, a replica and 3 sentinels")
     p.add_argument("--json", action="store_true", help="print the stack's description as JSON")
     return p.parse_args(list(argv))
 
@@ -240,6 +253,7 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         data_dir=args.data_dir,
         flower=not args.no_flower,
         flower_port=args.flower_port,
+        ha=args.ha,
     )
 
 

@@ -218,3 +218,31 @@ def test_sentinel_start_script_runs_a_sentinel_without_secrets_in_argv(tmp_path:
             proc.wait(timeout=10)
     bad = subprocess.run(["/bin/sh", str(script)], env={**env, "REDIS_PASSWORD": "a b"}, capture_output=True)
     assert bad.returncode == 2 and b"REDIS_PASSWORD" in bad.stderr
+
+
+@pytest.mark.slow
+def test_stack_ha_runs_the_fleet_on_sentinel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`awork-uploads stack --ha`: the workers and other shells (stack.env) get the sentinel
+    settings; stop leaves none of the five Redis processes behind."""
+    from ops.stack import Stack, config_from_args, parse_args
+
+    for name in ("REDIS_URL", "REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_PASSWORD", "AWORK_API_URL"):
+        monkeypatch.delenv(name, raising=False)
+    args = parse_args(["--ha", "--workers", "1", "--no-flower", "--data-dir", str(tmp_path)])
+    stack = Stack(config_from_args(args))
+    try:
+        stack.start()
+        stack.wait_ready()
+        assert stack.describe()["redis_ha"] is True
+        assert "***" in stack.describe()["redis"]
+        env_file = dict(line.split("=", 1) for line in (tmp_path / "stack.env").read_text().splitlines())
+        assert env_file["REDIS_URL"].startswith("sentinel://")
+        assert env_file["REDIS_SENTINEL_MASTER"] == "mymaster"
+        client = redis_client(env_file["REDIS_URL"], socket_timeout=2)
+        assert client.ping()
+        client.close()
+        nodes = [*stack.ha.nodes, *stack.ha.sentinels]
+    finally:
+        stack.stop()
+    assert not (tmp_path / "stack.env").exists()
+    assert len(nodes) == 5 and not any(n.alive() for n in nodes)
