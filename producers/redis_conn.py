@@ -29,9 +29,10 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.asyncio.sentinel import SentinelManagedConnection as AsyncSentinelManagedConnection
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from producers.config import ConfigError, env_float
 
@@ -139,6 +140,36 @@ def failover_retry() -> Retry:
     )
 
 
+class FailoverConnection(SentinelManagedConnection):
+    """A master connection that asks the sentinels again whenever it reconnects.
+
+    redis-py (8.x) reconnects a connection that dropped *during* a command (the retry sends the
+    command again on the same connection object) through `connect_check_health`, with the
+    address it had: the dead master's, for the whole retry budget, although the replica was
+    promoted seconds after the kill. Only `connect()` looks the master up; this makes the other
+    path look it up too, and leaves the retrying to the command's own (bounded) retry."""
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        if not self._sock and retry_socket_connect and self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+            retry_socket_connect = False
+        super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
+
+
+class AsyncFailoverConnection(AsyncSentinelManagedConnection):
+    """`FailoverConnection` for redis.asyncio (the same reconnect path)."""
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if not self.is_connected and retry_socket_connect and self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+            retry_socket_connect = False
+        await super().connect_check_health(
+            check_health=check_health, retry_socket_connect=retry_socket_connect
+        )
+
+
 def _sentinel_kwargs(target: SentinelTarget, kwargs: Mapping[str, Any], retry: object) -> dict[str, Any]:
     """What the connections *to the sentinels* get: the same socket bounds, their password, and
     no retry of their own (the master client's failover retry asks them all again; redis-py's
@@ -170,6 +201,7 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis:
     target = sentinel_target(url)
     master = _master_kwargs(target, kwargs)
     master.setdefault("retry", failover_retry())
+    master.setdefault("connection_class", FailoverConnection)
     ask_once = _sentinel_kwargs(target, kwargs, Retry(NoBackoff(), 0))
     sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=ask_once)
     return sentinel.master_for(target.master, redis_class=redis.Redis, **master)
@@ -188,6 +220,7 @@ def async_redis_client(url: str, **kwargs: Any) -> aioredis.Redis:
             _retries(failover_seconds()),
         ),
     )
+    master.setdefault("connection_class", AsyncFailoverConnection)
     ask_once = _sentinel_kwargs(target, kwargs, AsyncRetry(NoBackoff(), 0))
     sentinel = AsyncSentinel(list(target.sentinels), sentinel_kwargs=ask_once)
     return sentinel.master_for(target.master, redis_class=aioredis.Redis, **master)

@@ -124,6 +124,42 @@ def test_clients_follow_the_master_through_a_failover(ha: RedisHA, monkeypatch: 
     assert asyncio.run(read()) == "1"
 
 
+def test_a_command_in_flight_at_the_kill_goes_to_the_promoted_master(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command whose connection drops mid-way is sent again on a connection to the *new*
+    master: redis-py alone reconnects that connection to the dead master's address for the
+    whole retry budget (producers.redis_conn.FailoverConnection)."""
+    import threading
+
+    with RedisHA(tmp_path / "ha") as cluster:
+        assert cluster.sentinel_password is not None
+        monkeypatch.setenv("REDIS_SENTINEL_MASTER", cluster.master_name)
+        monkeypatch.setenv("REDIS_SENTINEL_PASSWORD", cluster.sentinel_password)
+        monkeypatch.setenv("AWORK_REDIS_FAILOVER_SECONDS", "10")
+        client = redis_client(cluster.url, socket_timeout=5, socket_connect_timeout=1)
+        client.ping()
+        outcome: list[object] = []
+
+        def blocked() -> None:
+            try:
+                outcome.append(client.blpop(["nothing"], 2))
+            except redis.RedisError as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=blocked)
+        started = time.monotonic()
+        thread.start()
+        time.sleep(0.3)  # BLPOP is waiting on the master
+        old = cluster.kill_master()
+        thread.join(30)
+        took = time.monotonic() - started
+        assert outcome == [None], outcome  # BLPOP timed out normally, on the new master
+        assert cluster.master_port() != old
+        assert took < 9, f"{took:.1f} s: the retry kept dialling the dead master"
+        client.close()
+
+
 def test_wrong_sentinel_password_is_an_error_not_a_hang(ha: RedisHA, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REDIS_SENTINEL_MASTER", ha.master_name)
     monkeypatch.setenv("REDIS_SENTINEL_PASSWORD", "wrong")
