@@ -24,9 +24,9 @@ from celery import Celery
 
 from ops.flower import CONTROL_ENV, FlowerProcess, control_allowed
 from ops.flower_server import REFUSAL
+from ops.local_fleet import worker_argv
 from ops.processes import Child
 from ops.redis_server import RedisServer
-from ops.stack import worker_argv
 from producers.broker import celery_config
 from producers.config import ConfigError
 
