@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ops.local_fleet import FleetOptions, FlowerOptions, LocalFleet, SandboxOptions
+from ops.local_fleet import ping_workers as ping_workers  # where they were first: still importable
+from ops.local_fleet import worker_argv as worker_argv
 from producers.config import STACK_ENV_FILE, redact_url
 
 
