@@ -25,7 +25,7 @@ from workers.connections.tokens import Connections, UnknownConnection
 from workers.fair_share import FairSettings, FairShare
 from workers.limits_config import WorkspaceLimits
 from workers.ratelimit import RateLimiter
-from workers.settings import Secret, WorkerSettings, transfer_policy_from_env
+from workers.settings import Secret, WorkerSettings
 from workers.step_lock import LOCK_TTL_SECONDS, StepLocks
 
 log = logging.getLogger("awork.runtime")
@@ -89,7 +89,7 @@ class Runtime:
         # The fleet learns together which upload hosts refuse block uploads.
         return BlobUploader(
             self.settings.upload_hosts,
-            transfer_policy_from_env(),
+            self.settings.transfer,
             fallback_store=RedisFallbackStore(self.redis),
         )
 
