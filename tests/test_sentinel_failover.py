@@ -11,27 +11,21 @@ last job done:
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
-import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from ops.demo_files import random_file
-from ops.processes import Child, stop_all
+from ops.local_fleet import FleetOptions, LocalFleet, SandboxOptions
 from ops.redis_ha import RedisHA
-from ops.sandbox.launcher import SandboxProcess
-from ops.stack import ping_workers, worker_argv
-from producers.client import Uploads
-from producers.config import SharedSettings
 
 pytestmark = pytest.mark.slow
 
@@ -56,51 +50,32 @@ LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): .*outcome=ok"
 
 @dataclass
 class HAFleet:
-    root: Path
     ha: RedisHA
-    sandbox: SandboxProcess
-    env: dict[str, str]
-    workers: list[Child] = field(default_factory=list)
+    fleet: LocalFleet
 
     def entity(self) -> str:
         task = str(uuid.uuid4())
-        self.sandbox.seed("tasks", task)
+        assert self.fleet.sandbox is not None
+        self.fleet.sandbox.seed("tasks", task)
         return task
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HAFleet]:
+def ha_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HAFleet]:
     root = tmp_path_factory.mktemp("failover")
     with pytest.MonkeyPatch.context() as mp, RedisHA(root / "ha") as ha:
-        sandbox = SandboxProcess(
-            api_keys={API_KEY: "default"}, admin_token=secrets.token_hex(8), data_dir=root / "sandbox"
-        )
-        sandbox.start()
-        env = {
-            **ha.env,
-            "STAGING_DIR": str(root / "staging"),
-            "AWORK_API_URL": sandbox.api_url,
-            "AWORK_API_KEY": API_KEY,
-            "AWORK_UPLOAD_HOSTS": sandbox.upload_host,
-            **ENV,
-        }
-        for name, value in env.items():  # this process (the producer, ping) and the workers
+        for name, value in ha.env.items():  # this process is a client too (producer, ping)
             mp.setenv(name, value)
-        mp.delenv("AWORK_WORKSPACES_FILE", raising=False)
-        f = HAFleet(root, ha, sandbox, env)
-        try:
-            for n in (1, 2):
-                argv = worker_argv(4, f"w{n}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}")
-                log = root / "logs" / f"w{n}.log"
-                f.workers.append(Child(f"worker-{n}", argv, dict(os.environ), log).start())
-            deadline = time.monotonic() + 60
-            while ping_workers(env) < len(f.workers):
-                assert time.monotonic() < deadline, f"workers did not answer ping; logs in {root / 'logs'}"
-                time.sleep(0.3)
-            yield f
-        finally:
-            stop_all(f.workers, grace=10)
-            sandbox.stop()
+        options = FleetOptions(
+            root=root,
+            workers=2,
+            concurrency=4,
+            env={**ha.env, **ENV},
+            redis_url=ha.url,
+            sandbox=SandboxOptions(api_keys={API_KEY: "default"}, admin_token=secrets.token_hex(8)),
+        )
+        with LocalFleet(options) as fleet:
+            yield HAFleet(ha, fleet)
 
 
 def first_step_after(log: Path, since: float) -> float | None:
@@ -114,11 +89,13 @@ def first_step_after(log: Path, since: float) -> float | None:
     return None
 
 
-def test_master_sigkill_mid_run(fleet: HAFleet, tmp_path: Path) -> None:
+def test_master_sigkill_mid_run(ha_fleet: HAFleet, tmp_path: Path) -> None:
+    fleet, ha = ha_fleet.fleet, ha_fleet.ha
+    assert fleet.sandbox is not None
     fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 200}, "link": {"latency_ms": 100}}})
-    uploads = Uploads(SharedSettings.from_env())
+    uploads = fleet.producer()
     try:
-        entities = [fleet.entity() for _ in range(JOBS)]
+        entities = [ha_fleet.entity() for _ in range(JOBS)]
         jobs = [
             uploads.enqueue(random_file(tmp_path / f"f{i}.bin", 3000 + i), to=f"task:{e}")
             for i, e in enumerate(entities)
@@ -131,12 +108,12 @@ def test_master_sigkill_mid_run(fleet: HAFleet, tmp_path: Path) -> None:
         ids = [j.id for j in jobs]
         done_at_kill = {j.id for j in uploads.statuses(ids) if j.state.value == "done"}
         killed_wall, killed = time.time(), time.monotonic()
-        old = fleet.ha.kill_master()
+        old = ha.kill_master()
         promoted: list[float] = []
         new: list[int] = []
 
         def watch() -> None:
-            new.append(fleet.ha.wait_failover(old, timeout=BOUND))
+            new.append(ha.wait_failover(old, timeout=BOUND))
             promoted.append(time.monotonic() - killed)
 
         watcher = threading.Thread(target=watch, daemon=True)
@@ -154,7 +131,7 @@ def test_master_sigkill_mid_run(fleet: HAFleet, tmp_path: Path) -> None:
         all_done = time.monotonic() - killed
         stats = fleet.sandbox.stats()
         stuck = [(j.id, j.state.value, j.error) for j in final if j.state.value != "done"]
-        assert not stuck, f"jobs not done {BOUND:.0f} s after the kill: {stuck}; logs in {fleet.root}"
+        assert not stuck, f"jobs not done {BOUND:.0f} s after the kill: {stuck}; logs in {fleet.logs}"
         for job in final:
             record = uploads.store.get(job.id) or {}
             assert stats["links"][record["upload_id"]] == 1, job.id
