@@ -95,6 +95,7 @@ def ha(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisHA]:
         yield cluster
 
 
+@pytest.mark.slow  # a real master, replica and sentinels (make test, not test-fast)
 def test_clients_follow_the_master_through_a_failover(ha: RedisHA, monkeypatch: pytest.MonkeyPatch) -> None:
     """Writes before, during and after a master SIGKILL: the client finds the promoted replica
     by itself, and a command issued while no master is up waits (bounded) instead of failing."""
@@ -124,6 +125,7 @@ def test_clients_follow_the_master_through_a_failover(ha: RedisHA, monkeypatch: 
     assert asyncio.run(read()) == "1"
 
 
+@pytest.mark.slow  # a real master, replica and sentinels (make test, not test-fast)
 def test_a_command_in_flight_at_the_kill_goes_to_the_promoted_master(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -160,6 +162,7 @@ def test_a_command_in_flight_at_the_kill_goes_to_the_promoted_master(
         client.close()
 
 
+@pytest.mark.slow  # a real master, replica and sentinels (make test, not test-fast)
 def test_wrong_sentinel_password_is_an_error_not_a_hang(ha: RedisHA, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REDIS_SENTINEL_MASTER", ha.master_name)
     monkeypatch.setenv("REDIS_SENTINEL_PASSWORD", "wrong")
@@ -170,6 +173,7 @@ def test_wrong_sentinel_password_is_an_error_not_a_hang(ha: RedisHA, monkeypatch
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.slow  # a real master, replica and sentinels (make test, not test-fast)
 def test_ha_files_stay_private(ha: RedisHA) -> None:
     """The sentinels' configs hold the passwords (and sentinels rewrite them): private folders."""
     folders = [p for p in Path(ha.root).iterdir() if p.is_dir()]
@@ -201,6 +205,7 @@ def test_compose_ha_profile_has_the_same_shape() -> None:
         assert {"REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_PASSWORD"} <= set(env), name
 
 
+@pytest.mark.slow  # a real master, replica and sentinels (make test, not test-fast)
 def test_sentinel_start_script_runs_a_sentinel_without_secrets_in_argv(tmp_path: Path) -> None:
     """ops/sentinel-start.sh for real (docker-entrypoint.sh shimmed as `exec "$@"`) against a
     password-protected redis-server on a free port: the sentinel watches it, its config is
