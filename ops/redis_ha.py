@@ -258,6 +258,11 @@ def _until(check: object, timeout: float, what: str) -> None:
 
 __all__ = ["MASTER_NAME", "RedisHA"]
 
-if __name__ == "__main__":  # pragma: no cover - manual use
-    ha = RedisHA(Path(os.environ.get("DATA_DIR", "var/ha"))).start()
-    print("\n".join(f"{k}={v}" for k, v in ha.env.items()), flush=True)
+if __name__ == "__main__":  # pragma: no cover - manual use: prints the settings, Ctrl-C stops all
+    with RedisHA(Path(os.environ.get("DATA_DIR", "var/ha"))) as ha:
+        print("\n".join(f"{k}={v}" for k, v in ha.env.items()), flush=True)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
