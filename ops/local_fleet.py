@@ -40,6 +40,7 @@ from ops.tcp_proxy import TcpProxy
 from producers.client import Uploads
 from producers.config import SharedSettings
 from producers.contract import QUEUE_API, QUEUE_CALLBACKS, QUEUE_TRANSFER
+from producers.redis_conn import redis_client
 
 if TYPE_CHECKING:
     from ops.flower import FlowerProcess  # imports tornado: loaded only when Flower runs
@@ -187,7 +188,7 @@ class LocalFleet:
 
     def _start_redis(self) -> None:
         if self.options.redis_url:
-            client = redis.Redis.from_url(self.options.redis_url, socket_connect_timeout=5)
+            client = redis_client(self.options.redis_url, socket_connect_timeout=5)
             try:
                 client.ping()
             finally:
@@ -325,7 +326,7 @@ class LocalFleet:
         return client
 
     def redis_client(self, decode_responses: bool = True) -> redis.Redis:
-        return redis.Redis.from_url(self.env["REDIS_URL"], decode_responses=decode_responses)
+        return redis_client(self.env["REDIS_URL"], decode_responses=decode_responses)
 
     # -- stop --------------------------------------------------------------------------------
     def stop(self, grace: float | None = None) -> None:

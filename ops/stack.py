@@ -42,6 +42,7 @@ class StackConfig:
     sandbox_args: list[str] = field(default_factory=list)
     worker_env: dict[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
+    ha: bool = False  # --ha: Redis master + replica + 3 sentinels (ops/redis_ha.py)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Stack:
 
     config: StackConfig
     fleet: LocalFleet | None = None
+    ha: Any = None  # ops.redis_ha.RedisHA, with --ha
     flower_auth: str | None = None
     flower_auth_generated: bool = False
 
@@ -89,17 +91,28 @@ class Stack:
     # -- start -------------------------------------------------------------------------------
     def start(self) -> Stack:
         """Start everything without waiting for it (wait_ready does); on failure, stop and raise."""
-        self.fleet = LocalFleet(self.options()).start(wait=False)
         try:
+            if self.config.ha:
+                self._start_ha()
+            self.fleet = LocalFleet(self.options()).start(wait=False)
             self._write_env_file()
         except BaseException:
             self.stop()
             raise
         return self
 
+    def _start_ha(self) -> None:
+        """--ha: the fleet's Redis is a master, a replica and three sentinels (REDIS_URL=sentinel://)."""
+        from ops.redis_ha import RedisHA
+
+        self.ha = RedisHA(self.config.data_dir.resolve() / "ha").start()
+        self.config.worker_env.update(self.ha.env)
+        os.environ.update(self.ha.env)  # this process pings the workers: a client too
+
     def _write_env_file(self) -> None:
         path = self.config.data_dir / STACK_ENV_FILE.name
-        lines = [f"REDIS_URL={self.env['REDIS_URL']}", f"STAGING_DIR={self.env['STAGING_DIR']}"]
+        names = ("REDIS_URL", "REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_PASSWORD", "STAGING_DIR")
+        lines = [f"{name}={self.env[name]}" for name in names if self.env.get(name)]
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
@@ -128,7 +141,8 @@ class Stack:
         fleet = self.fleet
         out: dict[str, Any] = {
             "redis": redact_url(self.env.get("REDIS_URL", "")),
-            "embedded_redis": fleet is not None and fleet.redis is not None,
+            "embedded_redis": (fleet is not None and fleet.redis is not None) or self.ha is not None,
+            "redis_ha": self.ha is not None,
             "workers": len(fleet.workers) if fleet is not None else 0,
             "staging_dir": self.env.get("STAGING_DIR"),
             "api_url": self.env.get("AWORK_API_URL"),
@@ -145,6 +159,8 @@ class Stack:
             if self.fleet is not None:
                 self.fleet.stop(grace)
         finally:
+            if self.ha is not None:
+                self.ha.stop()
             with contextlib.suppress(FileNotFoundError):
                 (self.config.data_dir / STACK_ENV_FILE.name).unlink()
 
@@ -162,6 +178,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=Path("var"), help="where Redis, logs and staging live")
     p.add_argument("--flower-port", type=int, default=5555)
     p.add_argument("--no-flower", action="store_true")
+    p.add_argument("--ha", action="store_true", help="Redis Sentinel: a master, a replica and 3 sentinels")
     p.add_argument("--json", action="store_true", help="print the stack's description as JSON")
     return p.parse_args(list(argv))
 
@@ -173,6 +190,7 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         data_dir=args.data_dir,
         flower=not args.no_flower,
         flower_port=args.flower_port,
+        ha=args.ha,
     )
 
 
