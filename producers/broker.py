@@ -83,7 +83,10 @@ def broker_transport_options() -> dict[str, Any]:
 
 
 def celery_config(redis_url: str) -> dict[str, Any]:
-    transport = broker_transport_options()
+    from producers.redis_conn import broker_sentinel_options
+
+    # a sentinel:// URL adds kombu's sentinel options (master_name, sentinel_kwargs)
+    transport = {**broker_transport_options(), **broker_sentinel_options(redis_url)}
     return {
         "broker_url": redis_url,
         "broker_transport_options": transport,

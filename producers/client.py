@@ -37,6 +37,7 @@ from producers.prepare import Prepared, discard_staging, prepare
 from producers.public_source import by_url_checked
 from producers.publish import PublishFailed, publish
 from producers.records import Job, JobStore
+from producers.redis_conn import redis_client
 from producers.redis_retry import RedisUnavailable
 from producers.redis_text import as_str
 from producers.spec import JobSpec, ValidSpec, check_idempotency_key, validate
@@ -68,7 +69,7 @@ class Uploads(JobQueries):
     def __init__(self, settings: SharedSettings, redis_retry_seconds: float = 10.0) -> None:
         self.settings = settings
         self.redis_retry_seconds = redis_retry_seconds
-        self.redis = redis.Redis.from_url(
+        self.redis = redis_client(
             settings.redis_url, socket_connect_timeout=3, socket_timeout=10, decode_responses=False
         )
         self.store = JobStore(self.redis, settings.record_ttl_seconds)

@@ -15,8 +15,9 @@ left out: the `task-sent` event per message (Flower shows a task from the worker
 
 `publish_rendered` writes the messages with one LPUSH per queue: the layout of kombu's Redis
 transport (a list named after the queue, JSON envelopes, priority 0). That is one transport's
-internals, so it is used only for redis://, rediss:// and unix:// brokers; any other broker
-(RabbitMQ, sentinel://) gets Celery's own publish (`fast_path_supported`).
+internals, so it is used only for redis://, rediss://, unix:// and sentinel:// brokers (kombu's
+sentinel transport keeps the same lists, on the current master); any other broker (RabbitMQ)
+gets Celery's own publish (`fast_path_supported`).
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ def kwargs_repr(kwargs: Mapping[str, str]) -> str:
 
 
 def fast_path_supported(broker_url: str) -> bool:
-    """Only kombu's Redis transport is written to directly."""
-    return broker_url.split("://", 1)[0] in ("redis", "rediss", "unix")
+    """Only kombu's Redis transport is written to directly (through Sentinel too: the same lists,
+    on the current master)."""
+    return broker_url.split("://", 1)[0] in ("redis", "rediss", "unix", "sentinel")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from producers.redis_conn import redis_client
 from workers.metrics import PREFIX
 
 log = logging.getLogger("awork.metrics")
@@ -73,7 +74,7 @@ class QueueDepthCollector(Collector):
     def _redis(self) -> redis.Redis:
         with self._lock:
             if self._client is None:
-                self._client = redis.Redis.from_url(
+                self._client = redis_client(
                     self.redis_url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
                 )
             return self._client

@@ -16,6 +16,7 @@ import redis
 
 from producers.config import ConfigError
 from producers.records import JobStore
+from producers.redis_conn import redis_client
 from workers.awork_client import AworkClient, TokenSource, Unauthorized
 from workers.blob import BlobUploader, RedisFallbackStore
 from workers.connections.settings import ConnectionSettings
@@ -42,7 +43,7 @@ class Runtime:
 
     @cached_property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(
+        return redis_client(
             self.settings.shared.redis_url,
             socket_connect_timeout=5,
             socket_timeout=30,
