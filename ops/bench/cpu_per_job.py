@@ -47,10 +47,10 @@ from celery import Celery, chain
 
 from ops.bench.pipeline_vs_direct import direct_upload
 from ops.demo_files import random_file
+from ops.local_fleet import ping_workers, worker_argv
 from ops.processes import Child
 from ops.redis_server import RedisServer
 from ops.sandbox.launcher import SandboxProcess
-from ops.stack import ping_workers, worker_argv
 from producers.broker import celery_config
 from producers.client import Uploads
 from producers.config import SharedSettings
