@@ -256,7 +256,7 @@ class JobStore:
         """Mark a step as running (and the job's state), removing the `clear` fields (a wait that
         is over), in one round trip; return its attempt."""
         now = _now()
-        pipe = self.redis.pipeline()
+        pipe = self.redis.pipeline(transaction=False)  # one hash, in order: no MULTI needed
         pipe.hincrby(job_key(job_id), f"attempts_{step}", 1)
         pipe.hset(
             job_key(job_id), mapping={"state": state, "running": step, "heartbeat_at": now, "updated_at": now}
@@ -265,8 +265,11 @@ class JobStore:
             pipe.hdel(job_key(job_id), *clear)
         return int(pipe.execute()[0])
 
-    def finish(self, job_id: str, state: JobState, notify: bool = False, **fields: object) -> None:
-        """End a job: set the final state, start its expiry, keep failures in the dead letters.
+    def finish(
+        self, job_id: str, state: JobState, notify: bool = False, drop: Sequence[str] = (), **fields: object
+    ) -> None:
+        """End a job: set the final state, start its expiry, keep failures in the dead letters;
+        `drop`: keys of no more use once it has ended (deleted in the same transaction).
 
         `notify` (the record's `notify` field: a callback or a batch waits for the job's end):
         the job joins ENDED_KEY in the same transaction, so its announcement survives a crash
@@ -287,6 +290,8 @@ class JobStore:
             pipe.zrem(DEAD_KEY, job_id)
         if notify:
             pipe.zadd(ENDED_KEY, {job_id: now})
+        if drop:
+            pipe.delete(*drop)
         pipe.publish(EVENTS_CHANNEL, json.dumps({"id": job_id, "state": state.value}))
         pipe.execute()
 

@@ -167,11 +167,12 @@ def test_drain_takes_every_waiting_job_when_the_fair_share_is_off(fair: FairShar
 def test_the_sweeper_leaves_a_job_waiting_for_a_slot_alone(redis_url: str) -> None:
     from producers.records import ACTIVE_KEY, job_key
     from workers.fair_gate import WAIT_REASON
-    from workers.sweeper import IDLE_SECONDS, Sweeper
+    from workers.sweeper import Sweeper
+    from workers.sweeper_rules import SweeperTimings
 
     client = redis.Redis.from_url(redis_url)
     job = "0" * 31 + "1"
-    old = NOW - 10 * IDLE_SECONDS
+    old = NOW - 10 * SweeperTimings().idle
     record = {
         "id": job,
         "state": "requesting_url",
@@ -206,9 +207,9 @@ def test_a_metrics_scrape_renews_a_lease_by_the_step_lock_ttl(
     import time
 
     from producers.records import step_lock_key
-    from workers import fair_metrics, step_lock
+    from workers import fair_metrics
 
-    monkeypatch.setattr(step_lock, "LOCK_TTL_SECONDS", 4)
+    monkeypatch.setenv("AWORK_LOCK_TTL_SECONDS", "4")
     client = redis.Redis.from_url(redis_url)
     fair = FairShare(client, lease_seconds=4)
     then = time.time() - 10

@@ -35,7 +35,6 @@ from producers.config import SharedSettings
 from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, job_key
 from producers.redrive import canvas_from
 from tests.fleet import FAST, Fleet, holder_of, wait_until
-from workers import sweeper as sweeper_module
 from workers.queue_metrics import BrokerLayout
 from workers.sweeper import (
     MAYBE_LOST,
@@ -45,6 +44,7 @@ from workers.sweeper import (
     remove_orphan_staging,
     stalled_reason,
 )
+from workers.sweeper_rules import SweeperTimings
 
 NO_FAULTS = {
     "routes": {
@@ -64,12 +64,8 @@ NO_FAULTS = {
 def test_stalled_reason_rules() -> None:
     now = 10_000.0
     base = {"state": "uploading", "published": "1", "updated_at": str(now - 1000), "heartbeat_at": ""}
-    stall, lost, orphan, idle = (
-        sweeper_module.STALL_SECONDS,
-        sweeper_module.LOST_COUNTDOWN_SECONDS,
-        sweeper_module.ORPHAN_MESSAGE_SECONDS,
-        sweeper_module.IDLE_SECONDS,
-    )
+    t = SweeperTimings()
+    stall, lost, orphan, idle = t.stall, t.lost_countdown, t.orphan_message, t.idle
     assert stalled_reason({**base, "state": "done"}, False, now) is None
     # a running step: lost only when its lock is gone and its heartbeat is old
     running = {**base, "running": "put", "heartbeat_at": str(now - stall - 1)}
@@ -118,7 +114,7 @@ def test_a_sweep_reads_the_step_locks_of_a_batch_in_one_round_trip(
     publishes stays far below one per job)."""
     client = redis.Redis.from_url(redis_url)
     now = time.time()
-    old = now - 10 * sweeper_module.IDLE_SECONDS
+    old = now - 10 * SweeperTimings().idle
     jobs = {name: uuid.uuid4().hex for name in ("running", "next", "lost")}
     locked = [(jobs["running"], "put")] + [(uuid.uuid4().hex, "put") for _ in range(100)]
     locked.append((jobs["next"], "link"))  # no `running` mark: every step's lock is looked at
@@ -628,3 +624,24 @@ def test_kombu_guards_turn_closed_channel_errors_into_warnings() -> None:
     qos.channel = Gone()
     qos._delivered = {"tag-3": object()}  # type: ignore[assignment]
     assert kombu_redis.QoS.restore_unacked(qos) is None
+
+
+def test_an_idle_sweeper_costs_a_redis_call_a_pass(redis_url: str) -> None:
+    """With no unfinished job, no message in a worker's hands and nothing to announce, a pass is
+    one EXISTS: at the default 15 s interval, four Redis calls a minute."""
+    client = redis.Redis.from_url(redis_url)
+    sweeper = Sweeper(client, redis_url, timings=SweeperTimings(interval=0.05))
+
+    def calls() -> int:
+        stats = client.info("commandstats")
+        return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+
+    before = calls()
+    for _ in range(20):
+        sweeper.pass_once()
+    assert calls() - before == 20
+    client.zadd(ACTIVE_KEY, {"0" * 32: time.time()})  # a job to look at: a full pass
+    before = calls()
+    sweeper.pass_once()
+    assert calls() - before > 3
+    client.close()

@@ -3,18 +3,19 @@ and its late release leaves the new holder's lock and `running` mark alone."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 import redis
 
 from producers.records import job_key
-from workers.step_lock import LOCK_TTL_SECONDS, LeaseLost, StepLocks, lock_key
+from workers.step_lock import LeaseLost, LockTimings, StepLocks, lock_key
 
 
 def _frozen(locks: StepLocks, token: str) -> None:
     """As after a SIGSTOP: the lock was last known ours longer ago than half its TTL."""
-    locks._held[token].renewed -= LOCK_TTL_SECONDS  # the clock is what a freeze moves
+    locks._held[token].renewed -= locks.timings.ttl  # the clock is what a freeze moves
 
 
 def test_a_fresh_lock_passes_the_fence_without_asking_redis(redis_url: str) -> None:
@@ -145,3 +146,45 @@ def test_a_lock_taken_by_a_first_send_whose_answer_was_lost_is_ours(
     locks.release("j6", "generate", token)
     assert client.get(lock_key("j6", "generate")) is None
     client.close()
+
+
+def _calls(client: redis.Redis, command: str) -> int:
+    stats = client.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_the_heartbeat_renews_only_locks_a_heartbeat_old(redis_url: str) -> None:
+    """One timer per process, and a lock younger than a heartbeat costs no Redis call: short
+    steps (most of them) are never renewed, a long one is, once a heartbeat, well within its TTL."""
+    client = redis.Redis.from_url(redis_url)
+    locks = StepLocks(client, LockTimings(ttl=6, heartbeat=1.0))
+    old, _ = locks.acquire_and_read("j10", "put")
+    time.sleep(0.6)
+    young, _ = locks.acquire_and_read("j11", "put")
+    assert old is not None and young is not None
+    assert threading.active_count() >= 2 and locks._thread is not None
+    scripts = _calls(client, "evalsha")
+    time.sleep(0.7)  # the first lock is now a heartbeat old, the second is not
+    assert _calls(client, "evalsha") - scripts == 1
+    assert client.hget(job_key("j10"), "heartbeat_at") is not None
+    assert client.hget(job_key("j11"), "heartbeat_at") is None
+    assert client.ttl(lock_key("j10", "put")) > 5
+    time.sleep(0.6)  # and then the second one
+    assert client.hget(job_key("j11"), "heartbeat_at") is not None
+    locks.release("j10", "put", old)
+    locks.release("j11", "put", young)
+    threads = {t.name for t in threading.enumerate()}
+    assert sum(name == "awork-heartbeat" for name in threads) <= 1
+
+
+def test_an_idle_heartbeat_makes_no_redis_call(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    locks = StepLocks(client, LockTimings(ttl=3, heartbeat=0.2))
+    for n in range(20):  # steps shorter than a heartbeat, one after another
+        token, _ = locks.acquire_and_read(f"j2{n}", "link")
+        assert token is not None
+        locks.release(f"j2{n}", "link", token)
+    before = _calls(client, "evalsha")
+    time.sleep(1.0)  # five heartbeats with nothing held
+    assert _calls(client, "evalsha") == before
+    assert locks.beat_once(time.monotonic()) == 0

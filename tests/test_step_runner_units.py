@@ -30,7 +30,7 @@ from workers.fair_share import FairSettings, FairShare
 from workers.limits_config import limits_for_workspace
 from workers.runtime import Runtime
 from workers.settings import RetryPolicy, Secret, WorkerSettings, Workspace
-from workers.step_lock import LOCK_TTL_SECONDS
+from workers.step_lock import DEFAULT_LOCK_TTL_SECONDS as LOCK_TTL_SECONDS
 from workers.step_runner import LOCKED_RECHECK_SECONDS, JobEnded, RateWait, StepContext, run_step
 
 JOB = "0123456789abcdef0123456789abcdef"

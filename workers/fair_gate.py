@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 from celery import Celery
@@ -26,9 +26,7 @@ from producers.records import JobStore
 from producers.redrive import canvas_from, resume_step
 from workers.fair_share import REGISTER_EVERY_SECONDS, FairShare
 from workers.metrics import PREFIX
-
-if TYPE_CHECKING:
-    from workers.step_runner import StepContext
+from workers.step_context import StepContext
 
 log = logging.getLogger("awork.steps")
 

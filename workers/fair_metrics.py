@@ -43,7 +43,7 @@ class FairShareCollector(Collector):
                     self.redis_url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
                 )
                 # a snapshot renews the leases whose step lock lives: by the lock's TTL, as a step does
-                self._fair = FairShare(client, lease_seconds=step_lock.LOCK_TTL_SECONDS)
+                self._fair = FairShare(client, lease_seconds=step_lock.LockTimings.from_env().ttl)
             return self._fair
 
     def collect(self) -> Iterable[Metric]:

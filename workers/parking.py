@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from celery.exceptions import Retry
 from prometheus_client import Counter
@@ -19,9 +18,7 @@ from prometheus_client import Counter
 from producers.connections import ConnState
 from producers.contract import JobState
 from workers.metrics import PREFIX
-
-if TYPE_CHECKING:
-    from workers.step_runner import StepContext
+from workers.step_context import StepContext
 
 log = logging.getLogger("awork.steps")
 

@@ -26,7 +26,7 @@ from workers.fair_share import FairSettings, FairShare
 from workers.limits_config import WorkspaceLimits
 from workers.ratelimit import RateLimiter
 from workers.settings import Secret, WorkerSettings
-from workers.step_lock import LOCK_TTL_SECONDS, StepLocks
+from workers.step_lock import StepLocks
 
 log = logging.getLogger("awork.runtime")
 # "off" runs without the shared limiter: for the comparison in ops/bench/ratelimit_fleet.py only.
@@ -57,12 +57,12 @@ class Runtime:
 
     @cached_property
     def locks(self) -> StepLocks:
-        return StepLocks(self.redis)
+        return StepLocks(self.redis, self.settings.locks)
 
     @cached_property
     def fair(self) -> FairShare:
         """The fleet's transfer slots shared across workspaces (AWORK_FAIR_SHARE)."""
-        return FairShare(self.redis, LOCK_TTL_SECONDS, FairSettings.from_env())
+        return FairShare(self.redis, self.settings.locks.ttl, FairSettings.from_env())
 
     def share(self, workspace: str) -> float:
         """The workspace's weight: `share` in its table, else in its registered connection."""
@@ -190,10 +190,3 @@ def runtime() -> Runtime:
         if _runtime is None:
             _runtime = Runtime(WorkerSettings.from_env())
         return _runtime
-
-
-def reset_runtime() -> None:
-    """Forget the cached runtime (after a fork, or in tests that change the environment)."""
-    global _runtime
-    with _runtime_lock:
-        _runtime = None

@@ -23,6 +23,8 @@ from workers.api_url import api_url_from_env, check_api_url, insecure_api_allowe
 from workers.blob import TransferPolicy
 from workers.limits_config import WorkspaceLimits
 from workers.secret_files import read_secret_file
+from workers.step_lock import LockTimings
+from workers.sweeper_rules import SweeperTimings
 
 
 class Secret:
@@ -83,6 +85,9 @@ class WorkerSettings:
     # Completion callbacks (workers/callbacks.py): AWORK_CALLBACK_MAX_AGE, AWORK_CALLBACK_RETRY_BASE.
     callback_max_age: float = 24 * 3600.0
     callback_retry_base: float = 5.0
+    # Step locks and the sweeper: AWORK_LOCK_TTL_SECONDS, AWORK_HEARTBEAT_SECONDS, AWORK_SWEEPER_*.
+    locks: LockTimings = field(default_factory=LockTimings)
+    sweeper: SweeperTimings = field(default_factory=SweeperTimings)
 
     @classmethod
     def from_env(cls) -> WorkerSettings:
@@ -129,6 +134,8 @@ class WorkerSettings:
             transfer=transfer_policy_from_env(),
             callback_max_age=env_float("AWORK_CALLBACK_MAX_AGE", 24 * 3600.0),
             callback_retry_base=env_float("AWORK_CALLBACK_RETRY_BASE", 5.0),
+            locks=LockTimings.from_env(),
+            sweeper=SweeperTimings.from_env(),
         )
 
     def workspace(self, name: str) -> Workspace:

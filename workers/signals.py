@@ -9,6 +9,7 @@ from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from producers.config import ConfigError
 from producers.keys import WORKSPACES_KEY
+from workers import event_batching  # noqa: F401  (installs the batched task events)
 
 log = logging.getLogger("awork.worker")
 
@@ -25,6 +26,16 @@ def refuse_bad_settings(**_: Any) -> None:
     except ConfigError as exc:
         log.critical("configuration error, not starting: %s", exc)
         raise SystemExit(2) from None
+
+
+@worker_init.connect(weak=False, dispatch_uid="awork-worker-events")
+def events_flower_needs(sender: Any = None, **_: Any) -> None:
+    """No `task-sent` event for what a worker publishes (the next step of a chain, a retry):
+    Flower shows that task from its `task-received` on, as it does for the producers' messages
+    (producers.messages), and each event is a PUBLISH plus its encoding on the hot path."""
+    app = getattr(sender, "app", None)
+    if app is not None:
+        app.conf.task_send_sent_event = False
 
 
 @worker_ready.connect
@@ -49,7 +60,10 @@ def start_sweeper(**_: Any) -> None:
     from workers.sweeper import Sweeper
 
     rt = runtime()
-    _sweeper = Sweeper(rt.redis, rt.settings.shared.redis_url, rt.settings.shared.staging_dir)
+    settings = rt.settings
+    _sweeper = Sweeper(
+        rt.redis, settings.shared.redis_url, settings.shared.staging_dir, settings.sweeper, settings.locks.ttl
+    )
     _sweeper.start()
 
 

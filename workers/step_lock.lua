@@ -5,7 +5,7 @@ local holder = redis.call("GET", KEYS[1])
 if holder == ARGV[1] then
   redis.call("DEL", KEYS[1])
 end
-if (holder == ARGV[1] or not holder) and redis.call("EXISTS", KEYS[2]) == 1 then
-  redis.call("HDEL", KEYS[2], "running")
+if holder == ARGV[1] or not holder then
+  redis.call("HDEL", KEYS[2], "running")  -- a no-op on a record that is gone
 end
 return 1

@@ -1,12 +1,14 @@
 """Step locks: at most one copy of a step runs per job, kept alive by one heartbeat thread.
 
-A lock expires LOCK_TTL_SECONDS after its holder stops beating (a dead worker), so a
-redelivery or the sweeper can take over. One thread per process refreshes every lock the
-process holds and stamps `heartbeat_at` in the job records, instead of a thread per step.
+A lock expires its TTL after its holder stops beating (a dead worker), so a redelivery or the
+sweeper can take over. One timer thread per process renews the locks the process holds (and
+stamps `heartbeat_at` in their job records) once each is a heartbeat old: steps shorter than a
+heartbeat, most of them, cost no renewal at all.
 
 Both figures bound how fast a step lost with a SIGKILLed worker resumes elsewhere (the sweeper
 waits for the lock to lapse): AWORK_LOCK_TTL_SECONDS (default 60) and AWORK_HEARTBEAT_SECONDS
-(default 10; keep it well under the TTL). Tests and the fault soak shorten them.
+(default 10; keep it well under the TTL), read once when the worker starts (LockTimings, in
+WorkerSettings). Tests and the fault soak shorten them.
 
 A holder that was frozen (SIGSTOP, a paused VM or container, a long stall) while its lock lapsed
 must not act on a job another worker has taken over. Before every request with an effect (an
@@ -18,6 +20,7 @@ step before the request (it is looked at again later, and then finds the work do
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
@@ -32,8 +35,8 @@ from producers.records import job_key, step_lock_key
 log = logging.getLogger("awork.steps")
 
 
-LOCK_TTL_SECONDS = max(2, int(env_float("AWORK_LOCK_TTL_SECONDS", 60)))
-HEARTBEAT_SECONDS = min(env_float("AWORK_HEARTBEAT_SECONDS", 10.0), LOCK_TTL_SECONDS / 3)
+DEFAULT_LOCK_TTL_SECONDS = 60
+DEFAULT_HEARTBEAT_SECONDS = 10.0
 RELEASE_RETRY_SECONDS = 1.0
 RELEASE_INLINE_SECONDS = 3.0  # a failed release is retried this long before the step goes on
 
@@ -50,6 +53,20 @@ if redis.call("GET", KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+@dataclass(frozen=True)
+class LockTimings:
+    """How long a lock lives without its holder (ttl) and how often a held lock is renewed."""
+
+    ttl: int = DEFAULT_LOCK_TTL_SECONDS
+    heartbeat: float = DEFAULT_HEARTBEAT_SECONDS
+
+    @classmethod
+    def from_env(cls) -> LockTimings:
+        """AWORK_LOCK_TTL_SECONDS and AWORK_HEARTBEAT_SECONDS (at most a third of the TTL)."""
+        ttl = max(2, int(env_float("AWORK_LOCK_TTL_SECONDS", DEFAULT_LOCK_TTL_SECONDS)))
+        return cls(ttl, min(env_float("AWORK_HEARTBEAT_SECONDS", DEFAULT_HEARTBEAT_SECONDS), ttl / 3))
 
 
 def lock_key(job_id: str, step: str) -> str:
@@ -73,8 +90,9 @@ class _Held:
 
 
 class StepLocks:
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, timings: LockTimings | None = None) -> None:
         self.redis = client
+        self.timings = timings or LockTimings()
         self._release = client.register_script(_RELEASE)
         self._refresh = client.register_script(_REFRESH)
         self._held: dict[str, _Held] = {}  # by token
@@ -83,12 +101,13 @@ class StepLocks:
         self._unreleased: dict[str, tuple[str, str]] = {}  # token -> (job id, step)
         self._mutex = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._wake = threading.Event()  # set only when a release has failed
 
     def acquire_and_read(self, job_id: str, step: str) -> tuple[str | None, dict[str, str] | None]:
         """Try the lock and read the job record in one round trip: (token or None, record)."""
         token = uuid.uuid4().hex
         pipe = self.redis.pipeline(transaction=False)
-        pipe.set(lock_key(job_id, step), token, nx=True, ex=LOCK_TTL_SECONDS)
+        pipe.set(lock_key(job_id, step), token, nx=True, ex=self.timings.ttl)
         # Who holds it now: redis-py sends the pipeline again when the connection broke before
         # the answer, and then the SET that did take the lock reports it taken (by us).
         pipe.get(lock_key(job_id, step))
@@ -121,6 +140,7 @@ class StepLocks:
                 with self._mutex:
                     self._unreleased[token] = (job_id, step)
                     self._ensure_thread()
+                self._wake.set()  # the timer may sleep a heartbeat: retry within a second
                 return
             time.sleep(RELEASE_RETRY_SECONDS / 5)
 
@@ -152,27 +172,49 @@ class StepLocks:
             self._thread.start()
 
     def _beat(self) -> None:
-        renewed_at = time.monotonic()
+        """The one timer of the process: it sleeps until the oldest lock is a heartbeat old (or
+        a heartbeat at most, when none is held) and renews only the locks that are due; a lock
+        younger than a heartbeat costs no Redis call and no wake-up. A lock taken while it
+        sleeps is renewed at most two heartbeats after it was taken, well within its TTL
+        (a heartbeat is at most a third of it)."""
         while True:
-            time.sleep(min(HEARTBEAT_SECONDS, RELEASE_RETRY_SECONDS))
+            self._wake.wait(self._until_due(time.monotonic()))
+            self._wake.clear()
             if self._unreleased:
                 self._retry_releases()
-            if time.monotonic() - renewed_at < HEARTBEAT_SECONDS:
-                continue
-            renewed_at = time.monotonic()
-            with self._mutex:
-                held = list(self._held.items())
-            for token, h in held:
-                try:
-                    self._renew(h.job_id, h.step, token)
-                except redis.exceptions.RedisError:
-                    log.debug("heartbeat failed", exc_info=True)
+            self.beat_once(time.monotonic())
+
+    def _until_due(self, now: float) -> float:
+        """Seconds until a held lock is due for renewal (a pending release: within a second)."""
+        beat = self.timings.heartbeat
+        with self._mutex:
+            oldest = min((h.renewed for h in self._held.values() if h.renewed > -math.inf), default=now)
+            pending = bool(self._unreleased)
+        # a floor, so that a renewal that failed (Redis away) is retried, not spun on
+        wait = max(min(beat, oldest + beat - now), min(beat, RELEASE_RETRY_SECONDS) / 4)
+        return min(wait, RELEASE_RETRY_SECONDS) if pending else wait
+
+    def beat_once(self, now: float) -> int:
+        """Renew the locks last renewed a heartbeat or more ago; returns how many were."""
+        with self._mutex:
+            # a lock known lost is not renewed: its step meets LeaseLost at its next fence
+            due = [
+                (t, h)
+                for t, h in self._held.items()
+                if h.renewed > -math.inf and now - h.renewed >= self.timings.heartbeat
+            ]
+        for token, h in due:
+            try:
+                self._renew(h.job_id, h.step, token)
+            except redis.exceptions.RedisError:
+                log.debug("heartbeat failed", exc_info=True)
+        return len(due)
 
     def _renew(self, job_id: str, step: str, token: str) -> bool:
         """Extend the lock if it is still ours; note when it last was."""
         started = time.monotonic()
         keys = [lock_key(job_id, step), job_key(job_id)]
-        answer = int(self._refresh(keys=keys, args=[token, LOCK_TTL_SECONDS, repr(time.time())]))
+        answer = int(self._refresh(keys=keys, args=[token, self.timings.ttl, repr(time.time())]))
         ours = answer > 0
         with self._mutex:
             held = self._held.get(token)
@@ -191,7 +233,7 @@ class StepLocks:
             canceled = held is not None and held.canceled
         if canceled:
             raise CancelRequested(f"job {job_id} was canceled during its {step} step")
-        if time.monotonic() - renewed < LOCK_TTL_SECONDS / 2:
+        if time.monotonic() - renewed < self.timings.ttl / 2:
             return
         if not self._renew(job_id, step, token):
             raise LeaseLost(f"the {step} lock of job {job_id} lapsed and is no longer ours")

@@ -9,22 +9,18 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import redis
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
-from celery.signals import worker_init
 from kombu.exceptions import OperationalError
 
 from producers import staging
 from producers.broker import MAX_COUNTDOWN_SECONDS
-from producers.contract import API_STEPS, JobState
+from producers.contract import API_STEPS, TASK_GENERATE_UPLOAD_URL, TASK_PUT_FILE, JobState
 from producers.endings import announce
 from producers.job_ids import is_job_id
 from workers import fair_gate, metrics
@@ -36,6 +32,13 @@ from workers.parking import connection_usable, park
 from workers.ratelimit import suggested_countdown
 from workers.record_checks import check_record
 from workers.runtime import Runtime, runtime
+from workers.step_context import (
+    MAX_INLINE_WAIT_SECONDS,
+    RateWait,
+    StepContext,
+    inline_waiters,
+    max_inline_waiters,
+)
 from workers.step_lock import CancelRequested, LeaseLost
 
 log = logging.getLogger("awork.steps")
@@ -44,135 +47,14 @@ log = logging.getLogger("awork.steps")
 LOCKED_RECHECK_SECONDS = 20
 # Redis unreachable (a restart, a network drop): the step's message goes back to the queue.
 UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OperationalError)
-# Waits this short are slept in place; longer ones are deferred with a countdown.
-MAX_INLINE_WAIT_SECONDS = 1.0
-# Steps whose first action is an awork API request: they take their token before they start.
-# At most half the threads of a worker process sleep for one workspace's tokens at a time; that
-# workspace's other steps are deferred, so that a backlog in one workspace cannot hold every
-# thread while others have budget. Their countdown grows with the job's deferrals of this kind
-# (full jitter, capped), so that a deep backlog does not cycle through the broker in a hot loop.
-INLINE_WAITERS_SHARE = 0.5
-_pool_size = 8  # the worker's --concurrency, set by _remember_pool_size when it starts
+# A step deferred because the workspace's waiting slots in this process are taken (see
+# step_context.max_inline_waiters): full jitter under a ceiling that doubles per such deferral.
 CONTENDED_BACKOFF_BASE_SECONDS = 0.5
 CONTENDED_BACKOFF_MAX_SECONDS = 30.0
-_inline_waiters: Counter[str] = Counter()  # workspace -> threads of this process sleeping for it
-_inline_waiters_lock = threading.Lock()
-
-
-@worker_init.connect(weak=False, dispatch_uid="awork-step-runner-pool-size")
-def _remember_pool_size(sender: Any = None, **_: Any) -> None:
-    global _pool_size
-    size = getattr(sender, "concurrency", None)
-    if isinstance(size, int) and size > 0:
-        _pool_size = size
-
-
-def max_inline_waiters() -> int:
-    """How many threads of this process may sleep for one workspace's tokens at once."""
-    return max(1, int(_pool_size * INLINE_WAITERS_SHARE))
 
 
 class JobEnded(Exception):
     """The job reached `failed` or `dead`: the chain stops here. Listed in the tasks' `throws`."""
-
-
-@dataclass(eq=False)
-class RateWait(Exception):
-    """No rate token now: defer the step by `seconds` (does not count as an error)."""
-
-    seconds: float
-    # Short wait, but enough threads of this process already wait for this workspace.
-    contended: bool = False
-
-
-@dataclass
-class StepContext:
-    """What a step body gets: its job record and the shared resources."""
-
-    task: Task
-    job_id: str
-    step: str
-    record: dict[str, str]
-    rt: Runtime
-    _last_progress: float = field(default=0.0)
-    _last_sent: int = 0
-    started: float = 0.0
-    task_id: str | None = None
-    hostname: str | None = None
-    # A token taken before the step started (see _token_or_defer), used by the first take_token().
-    token_held: bool = False
-    lock_token: str | None = None  # this run's step lock (see fence)
-
-    @property
-    def workspace(self) -> str:
-        return self.record["workspace"]
-
-    def update(self, **fields: object) -> None:
-        self.rt.store.update(self.job_id, **fields)
-        self.record.update({k: "" if v is None else str(v) for k, v in fields.items()})
-
-    def fence(self) -> None:
-        """Raise LeaseLost if this run's step lock has lapsed: call it right before a request
-        with an effect, so a worker that was frozen past its lock acts on nothing."""
-        if self.lock_token is not None:
-            self.rt.locks.fence(self.job_id, self.step, self.lock_token)
-
-    def take_token(self) -> None:
-        """Before one awork API request: a rate token (or RateWait when the wait is long), then
-        the fence."""
-        self._take_rate_token()
-        self.fence()
-
-    def _take_rate_token(self) -> None:
-        if self.token_held:
-            self.token_held = False
-            return
-        if not self.rt.limiter_enabled:
-            return
-        name = self.workspace
-        limits = self.rt.limits(name)
-        limiter = self.rt.limiter
-        with _inline_waiters_lock:
-            may_sleep = _inline_waiters[name] < max_inline_waiters()
-            if may_sleep:
-                _inline_waiters[name] += 1
-        if not may_sleep:  # a token if one is free now, else defer: no thread of ours sleeps
-            wait = limiter.acquire(name, limits)
-            if wait > 0:
-                raise RateWait(wait, contended=wait <= MAX_INLINE_WAIT_SECONDS)
-            return
-        try:
-            wait = limiter.wait_for_token(name, limits, max_wait=MAX_INLINE_WAIT_SECONDS)
-        finally:
-            with _inline_waiters_lock:
-                _inline_waiters[name] -= 1
-        if wait > 0:
-            raise RateWait(wait)
-
-    def progress(self, sent: int, total: int) -> None:
-        """Byte progress into the record and, as a custom PROGRESS state, into Flower."""
-        now = time.monotonic()
-        if now - self._last_progress < 0.5 and sent < total:
-            return
-        self._last_progress = now
-        if sent > self._last_sent:
-            metrics.bytes_uploaded(self.workspace, sent - self._last_sent)
-            self._last_sent = sent
-        self.rt.store.update(self.job_id, bytes_sent=sent, bytes_total=total)
-        try:
-            # Called from the uploader's block threads, where Celery's (thread-local) request is
-            # empty: send with the task id and hostname captured in the task's own thread.
-            # Flower shows a task's `result` (a repr, as Celery sends it on success) on its task
-            # page and in /api/tasks: while PROGRESS, that is the byte count. The last event
-            # goes out before the step returns, so the success event's result replaces it.
-            figures = {"bytes_sent": sent, "bytes_total": total}
-            app = self.task.app
-            with app.events.default_dispatcher(hostname=self.hostname) as dispatcher:
-                dispatcher.send(
-                    "task-progress", uuid=self.task_id, job_id=self.job_id, result=repr(figures), **figures
-                )
-        except Exception:  # events are best effort; the record is the truth
-            log.debug("could not send progress event", exc_info=True)
 
 
 def run_step(
@@ -352,7 +234,7 @@ def _token_or_defer(ctx: StepContext) -> None:
         ctx.token_held = True
         return
     contended = decision.wait <= MAX_INLINE_WAIT_SECONDS
-    if contended and _inline_waiters[ctx.workspace] < max_inline_waiters():
+    if contended and inline_waiters(ctx.workspace) < max_inline_waiters():
         return
     countdown = _defer_for_rate(ctx, decision.wait, contended)
     attempts = int(ctx.record.get(f"attempts_{ctx.step}") or 0)
@@ -410,10 +292,12 @@ def _renew_url(ctx: StepContext, attempt: int, exc: UploadUrlExpired) -> BaseExc
         _end(ctx, JobState.DEAD, AworkError(f"upload URL refused {renewals} times: {exc.message}"))
     ctx.rt.store.clear(ctx.job_id, "upload_id", "upload_url", "upload_url_expires")
     _log(ctx, attempt, "url_expired", exc)
-    from workers.steps import generate_upload_url, put_file
-
     kwargs = dict(ctx.task.request.kwargs or {})
-    sig = generate_upload_url.si(**kwargs) | put_file.si(**kwargs)
+    app = ctx.task.app
+    # by task name, as producers.redrive builds a chain: the runner does not import the steps
+    sig = app.signature(TASK_GENERATE_UPLOAD_URL, kwargs=kwargs, immutable=True) | app.signature(
+        TASK_PUT_FILE, kwargs=kwargs, immutable=True
+    )
     return ctx.task.replace(sig)
 
 
@@ -429,7 +313,7 @@ def _record_error(ctx: StepContext, err: AworkError) -> None:
     )
 
 
-def _end(ctx: StepContext, state: JobState, err: AworkError) -> None:
+def _end(ctx: StepContext, state: JobState, err: AworkError) -> NoReturn:
     """Finish the job as failed/dead and stop the chain.
 
     The staged bytes stay, so `awork-uploads dead retry` can re-drive the job; `dead purge`

@@ -275,8 +275,10 @@ def finish_done(
         # between leaves no done job with staged bytes behind. (A multipart or version job keeps
         # them until it is done: a redelivered step that cannot find its file sends them again.)
         cleanup_staging(ctx)
-        RedisBlockJournal(ctx.rt.redis, ctx.job_id).reset()
-    ctx.rt.store.finish(ctx.job_id, JobState.DONE, notify=ctx.record.get("notify") == "1", **fields)
+    # a link's block acks go in the transaction that marks the job done
+    drop = [RedisBlockJournal(ctx.rt.redis, ctx.job_id).key] if linked else []
+    notify = ctx.record.get("notify") == "1"
+    ctx.rt.store.finish(ctx.job_id, JobState.DONE, notify=notify, drop=drop, **fields)
     metrics.job_finished(JobState.DONE.value, ctx.workspace)
     if not linked:
         cleanup_staging(ctx)

@@ -4,19 +4,19 @@ Redis only hands an unacknowledged message to another worker after the visibilit
 (hours, since it must stay above the longest step). So every worker runs this loop, and one at a
 time (a Redis lease) looks at the unfinished jobs:
 
-- a step marked `running` whose lock has expired and whose heartbeat is older than STALL_SECONDS:
+- a step marked `running` whose lock has expired and whose heartbeat is older than `stall`:
   its worker died mid-step;
-- a countdown (rate wait or error retry) whose `wait_until` passed LOST_COUNTDOWN_SECONDS ago
+- a countdown (rate wait or error retry) whose `wait_until` passed `lost_countdown` ago
   with no activity since: the worker holding the deferred message died;
-- a message delivered to a worker (in kombu's `unacked` hash) more than ORPHAN_MESSAGE_SECONDS
+- a message delivered to a worker (in kombu's `unacked` hash) more than `orphan_message`
   ago, for a job with no step locked, no countdown pending and no activity since: its worker
   died after taking the message and before marking the step running (or while it held the
   message for a thread);
-- a record still `published=0` after UNPUBLISHED_SECONDS: its producer died between record and
+- a record still `published=0` after `unpublished`: its producer died between record and
   message;
 - (a job waiting in its workspace's fair-share list for a transfer slot has no message on
   purpose: it is left alone while it is listed there; workers/fair_share.py)
-- a job with no activity for IDLE_SECONDS, no step locked, no countdown pending, no message in
+- a job with no activity for `idle`, no step locked, no countdown pending, no message in
   a worker's hands and none in the queues (the queues are read only when such a job exists):
   its message was lost some other way (a worker that died between taking a message from the
   queue and registering it as unacknowledged, a failure acknowledged while Redis was away).
@@ -35,17 +35,13 @@ letters (PRUNE_BATCH a pass), unacknowledged messages of jobs that have ended ar
 staged bytes of jobs that are done, or whose record is gone, are removed (every
 ORPHAN_EVERY_PASSES passes).
 
-Timings come from the environment (seconds), for tests and the fault soak:
-AWORK_SWEEPER_INTERVAL (15), AWORK_SWEEPER_STALL (45), AWORK_SWEEPER_LOST_COUNTDOWN (120),
-AWORK_SWEEPER_UNPUBLISHED (60), AWORK_SWEEPER_IDLE (180), AWORK_SWEEPER_COOLDOWN (300: a job is
-re-driven at most once in this long). With the step lock's defaults (TTL 60 s, heartbeat 10 s)
-a step lost with a SIGKILLed worker resumes elsewhere within about 75 s.
+The rules and their timings (SweeperTimings) are in workers/sweeper_rules.py. With the step
+lock's defaults (TTL 60 s, heartbeat 10 s) a step lost with a SIGKILLed worker resumes elsewhere
+within about 75 s.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import threading
 import time
@@ -56,34 +52,29 @@ from typing import Any
 import redis
 from celery import Celery
 
-from producers import staging
-from producers.block_digests import SUFFIX as SIDECAR_SUFFIX
 from producers.broker import celery_config
-from producers.config import env_float
-from producers.contract import QUEUE_API, QUEUE_TRANSFER, JobState
-from producers.endings import announce_stale
+from producers.contract import QUEUE_API, QUEUE_TRANSFER
+from producers.endings import ENDED_KEY, announce_stale
 from producers.job_ids import is_job_id
 from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, STEPS, JobStore, job_key, step_lock_key
 from producers.redrive import canvas_from, resume_step
 from workers import fair_gate
 from workers.fair_share import FairSettings, FairShare, waiting_key
+from workers.orphan_staging import remove_orphan_staging
 from workers.queue_metrics import BrokerLayout
-from workers.step_lock import LOCK_TTL_SECONDS
+from workers.step_lock import DEFAULT_LOCK_TTL_SECONDS
+from workers.sweeper_rules import (
+    DEFAULT_TIMINGS,
+    MAYBE_LOST,
+    SweeperTimings,
+    message_job_id,
+    payload_job_id,
+    stalled_reason,
+)
 
 log = logging.getLogger("awork.sweeper")
 
 
-INTERVAL_SECONDS = env_float("AWORK_SWEEPER_INTERVAL", 15.0)
-STALL_SECONDS = env_float("AWORK_SWEEPER_STALL", 45.0)  # a heartbeat this old: the worker is gone
-LOST_COUNTDOWN_SECONDS = env_float("AWORK_SWEEPER_LOST_COUNTDOWN", 120.0)  # a countdown this overdue
-UNPUBLISHED_SECONDS = env_float("AWORK_SWEEPER_UNPUBLISHED", 60.0)
-REDRIVE_COOLDOWN_SECONDS = env_float("AWORK_SWEEPER_COOLDOWN", 300.0)
-IDLE_SECONDS = env_float("AWORK_SWEEPER_IDLE", 180.0)  # no sign of life and no message anywhere
-# A message held this long by a worker with nothing to show for it in the record is lost. Above
-# the 20 s countdown a step takes when it finds its lock held elsewhere (which sets no
-# `wait_until`), so a live worker's deferred copy is not taken for a lost one.
-ORPHAN_MESSAGE_SECONDS = max(STALL_SECONDS, 30.0)
-ORPHAN_AGE_SECONDS = 3600.0
 ORPHAN_EVERY_PASSES = 40  # about every 10 minutes at the default interval
 LEASE_KEY = "awork:sweeper:lease"
 BATCH = 500
@@ -92,9 +83,6 @@ PRUNE_BATCH = 500
 # routing key]) and their delivery times (tag -> unix time).
 UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"
-
-
-MAYBE_LOST = "maybe-lost"
 
 
 @dataclass
@@ -108,78 +96,17 @@ class SweepResult:
     announced: int = 0  # callbacks of ended jobs that a dead process had not announced
 
 
-def _f(record: dict[str, str], name: str) -> float:
-    try:
-        return float(record.get(name) or 0)
-    except ValueError:
-        return 0.0
-
-
-def stalled_reason(
-    record: dict[str, str], lock_held: bool, now: float, oldest_message: float | None = None
-) -> str | None:
-    """Why this unfinished job needs re-driving, or None.
-
-    `oldest_message`: when the oldest message of this job that sits unacknowledged in a
-    worker's hands was delivered (None: no such message).
-    """
-    if record.get("state") in ("done", "failed", "dead", "canceled"):
-        return None
-    if now - _f(record, "redriven_at") < REDRIVE_COOLDOWN_SECONDS:
-        return None
-    last_activity = max(_f(record, "heartbeat_at"), _f(record, "updated_at"))
-    if record.get("published") == "0":
-        if now - _f(record, "created_at") > UNPUBLISHED_SECONDS:
-            return "unpublished"
-        return None
-    if lock_held:
-        return None
-    if record.get("running"):
-        if now - last_activity > STALL_SECONDS:
-            return f"lost-{record['running']}"
-        return None
-    wait_until = _f(record, "wait_until")
-    if wait_until and now - wait_until <= LOST_COUNTDOWN_SECONDS:
-        return None  # a countdown that may still be pending
-    if wait_until and last_activity < wait_until:
-        # The countdown is long over and nothing ran since: the worker holding the deferred
-        # message died (or, with no message held anywhere, it waits in a queue or is lost).
-        return "lost-countdown" if oldest_message is not None else MAYBE_LOST
-    if oldest_message is not None:
-        if now - oldest_message > ORPHAN_MESSAGE_SECONDS and now - last_activity > ORPHAN_MESSAGE_SECONDS:
-            return "lost-message"
-        return None
-    if now - last_activity > IDLE_SECONDS:
-        return MAYBE_LOST  # lost, unless its message waits in a queue
-    return None
-
-
-def payload_job_id(raw: bytes | str | dict[str, Any]) -> str | None:
-    """The job id of a kombu message as it sits in a queue (our steps take it as job_id)."""
-    try:
-        payload = json.loads(raw) if isinstance(raw, bytes | str) else raw
-        body = payload["body"]
-        if payload.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        decoded = json.loads(body)
-        kwargs = decoded[1] if isinstance(decoded, list) else {}
-        job_id = kwargs.get("job_id")
-        return job_id if is_job_id(job_id) else None
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        return None
-
-
-def message_job_id(raw: bytes | str) -> str | None:
-    """The job id of a kombu `unacked` entry ([payload, exchange, routing key])."""
-    try:
-        return payload_job_id(json.loads(raw)[0])
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None
-
-
 class Sweeper:
-    def __init__(self, client: redis.Redis, redis_url: str, staging_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        redis_url: str,
+        staging_dir: Path | None = None,
+        timings: SweeperTimings = DEFAULT_TIMINGS,
+        lock_ttl: int = DEFAULT_LOCK_TTL_SECONDS,
+    ) -> None:
         self.redis = client
+        self.timings = timings
         self.staging_dir = staging_dir
         self.app = Celery("awork-sweeper", set_as_current=False)
         self.app.conf.update(celery_config(redis_url))
@@ -187,7 +114,7 @@ class Sweeper:
         self._stop = threading.Event()
         self._prune_offsets: dict[str, int] = {}
         self._conn: Any = None
-        self.fair = FairShare(client, LOCK_TTL_SECONDS, FairSettings.from_env())
+        self.fair = FairShare(client, lock_ttl, FairSettings.from_env())
 
     # -- one pass ----------------------------------------------------------------------------
     def sweep_once(self, now: float | None = None) -> SweepResult:
@@ -225,7 +152,7 @@ class Sweeper:
                 job_id = record["id"]
                 messages = held.get(job_id, [])
                 oldest = min((t for _, t in messages), default=None)
-                reason = stalled_reason(record, locked, now, oldest)
+                reason = stalled_reason(record, locked, now, oldest, self.timings)
                 if reason is None:
                     continue
                 if reason == MAYBE_LOST:
@@ -250,7 +177,7 @@ class Sweeper:
 
     def forget_finished(self, held: dict[str, list[tuple[str, float]]], now: float) -> int:
         """Drop unacknowledged messages of jobs that have ended (or whose record is gone), held
-        longer than ORPHAN_MESSAGE_SECONDS: left behind by a worker that died or lost its
+        longer than `orphan_message`: left behind by a worker that died or lost its
         connection before its ack. Delivered again they would only be skipped; without this they
         would sit in Redis until the visibility timeout."""
         if not held:
@@ -265,7 +192,7 @@ class Sweeper:
             for job_id, state in zip(jobs, pipe.execute(), strict=True)
             if state is None or _s(state) in finished
             for tag, delivered in held[job_id]
-            if now - delivered > ORPHAN_MESSAGE_SECONDS
+            if now - delivered > self.timings.orphan_message
         ]
         if tags:
             pipe = self.redis.pipeline(transaction=True)
@@ -408,7 +335,7 @@ class Sweeper:
     # -- the loop ----------------------------------------------------------------------------
     def _lease(self) -> bool:
         """One sweeper at a time across the fleet; the lease lapses if its holder dies."""
-        ttl = max(2, int(INTERVAL_SECONDS * 2))
+        ttl = max(2, int(self.timings.interval * 2))
         if self.redis.set(LEASE_KEY, self.token, nx=True, ex=ttl):
             return True
         if self.redis.get(LEASE_KEY) == self.token.encode():
@@ -418,21 +345,34 @@ class Sweeper:
 
     def run(self) -> None:
         passes = 0
-        while not self._stop.wait(INTERVAL_SECONDS):
+        while not self._stop.wait(self.timings.interval):
+            passes += 1
             try:
-                if self._lease():
-                    passes += 1
-                    res = self.sweep_once()
-                    if self.dispatch_slots():
-                        log.info("sweeper: jobs dispatched into free transfer slots")
-                    if res.redriven or res.republished or res.pruned or res.forgotten or res.announced:
-                        log.info("sweeper: %s", res)
-                    if self.staging_dir is not None and passes % ORPHAN_EVERY_PASSES == 0:
-                        remove_orphan_staging(self.redis, self.staging_dir)
+                self.pass_once(housekeeping=passes % ORPHAN_EVERY_PASSES == 0)
             except Exception:
                 log.warning("sweeper pass failed", exc_info=True)
                 self._close_conn()
         self._close_conn()
+
+    def idle(self) -> bool:
+        """Nothing for a pass to look at (one EXISTS): no unfinished job (a job waiting for a
+        transfer slot is one), no message in a worker's hands, no ended job to announce."""
+        return not self.redis.exists(ACTIVE_KEY, UNACKED_INDEX_KEY, ENDED_KEY)
+
+    def pass_once(self, housekeeping: bool = False) -> None:
+        """One pass, if this process holds the lease. An idle fleet's pass costs one Redis call;
+        `housekeeping` passes (pruning the indexes, orphaned staging) run even then."""
+        if not housekeeping and self.idle():
+            return
+        if not self._lease():
+            return
+        res = self.sweep_once()
+        if self.dispatch_slots():
+            log.info("sweeper: jobs dispatched into free transfer slots")
+        if res.redriven or res.republished or res.pruned or res.forgotten or res.announced:
+            log.info("sweeper: %s", res)
+        if self.staging_dir is not None and housekeeping:
+            remove_orphan_staging(self.redis, self.staging_dir)
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.run, name="awork-sweeper", daemon=True)
@@ -441,37 +381,6 @@ class Sweeper:
 
     def stop(self) -> None:
         self._stop.set()
-
-
-def remove_orphan_staging(client: redis.Redis, root: Path, min_age: float = ORPHAN_AGE_SECONDS) -> int:
-    """Remove job folders in staging (and their block MD5s) whose job is done, or whose record
-    is gone (expired or purged). Failed and dead jobs keep their bytes for `awork-uploads dead retry`.
-
-    Only folders older than `min_age`: a producer stages the bytes just before it writes the
-    record, and that moment must not look like an orphan.
-    """
-    if not root.is_dir():
-        return 0
-    cutoff = time.time() - min_age
-    found: set[str] = set()
-    for child in root.iterdir():
-        # a job's folder, or its block MD5s (producers.block_digests) left without one
-        job_id = child.name.removesuffix(SIDECAR_SUFFIX) if child.is_file() else child.name
-        ours = child.is_dir() or child.name.endswith(SIDECAR_SUFFIX)
-        if ours and is_job_id(job_id) and child.stat(follow_symlinks=False).st_mtime <= cutoff:
-            found.add(job_id)
-    candidates = sorted(found)
-    removed = 0
-    for i in range(0, len(candidates), BATCH):
-        chunk = candidates[i : i + BATCH]
-        pipe = client.pipeline(transaction=False)
-        for job_id in chunk:
-            pipe.hget(job_key(job_id), "state")
-        for job_id, state in zip(chunk, pipe.execute(), strict=True):
-            if state is None or _s(state) in (JobState.DONE.value, JobState.CANCELED.value):
-                staging.remove_job_dir(root, job_id)
-                removed += 1
-    return removed
 
 
 def _s(value: bytes | str) -> str:
