@@ -13,16 +13,19 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from producers.block_digests import DEFAULT_BLOCK_SIZE, DEFAULT_SINGLE_PUT_THRESHOLD
+
+# Re-exported: callers read settings helpers from producers.config.
+from producers.env import ConfigError as ConfigError
+from producers.env import env_flag as env_flag
+from producers.env import env_float as env_float
+from producers.env import env_int as env_int
+from producers.redis_conn import check_redis_url
 from producers.staging_mode import PRIVATE, StagingMode, StagingModeError
 
 DEFAULT_API_URL = "https://api.awork.com/api/v1"
 DEFAULT_WORKSPACE = "default"
 # Written by `awork-uploads stack` so that other shells find the running stack's Redis.
 STACK_ENV_FILE = Path("var/stack.env")
-
-
-class ConfigError(ValueError):
-    """A setting is missing or malformed. The message names the variable."""
 
 
 def load_dotenv(path: Path = Path(".env")) -> None:
@@ -55,15 +58,6 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def env_int(name: str, default: int) -> int:
-    """A whole number from the environment; blank = default; anything else names the variable."""
-    raw = os.environ.get(name, "").strip()
-    try:
-        return int(raw) if raw else default
-    except ValueError:
-        raise ConfigError(f"{name}: expected a whole number, got {raw!r}") from None
-
-
 # AWORK_MAX_SOURCE_BYTES: the most a URL source may send (workers) and the largest request body
 # the HTTP intake accepts; awork's own limits are lower still.
 DEFAULT_MAX_SOURCE_BYTES = 5 * 1024 * 1024 * 1024
@@ -75,27 +69,6 @@ def max_source_bytes_from_env() -> int:
     if cap <= 0:
         raise ConfigError(f"AWORK_MAX_SOURCE_BYTES: expected a positive number of bytes, got {cap}")
     return cap
-
-
-def env_float(name: str, default: float) -> float:
-    """A number (seconds, ratios) from the environment; blank = default."""
-    raw = os.environ.get(name, "").strip()
-    try:
-        return float(raw) if raw else default
-    except ValueError:
-        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
-
-
-def env_flag(name: str, default: bool = False) -> bool:
-    """A switch from the environment: 1/true/yes/on or 0/false/no/off; blank = default."""
-    raw = os.environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name}: expected 1 or 0 (true/false, yes/no, on/off), got {raw!r}")
 
 
 @dataclass(frozen=True)
@@ -127,7 +100,6 @@ class SharedSettings:
             raise ConfigError(
                 "REDIS_URL: not set (start `awork-uploads stack`, or point REDIS_URL at the fleet's Redis)"
             )
-        from producers.redis_conn import check_redis_url  # it imports this module
 
         check_redis_url(redis_url)
         wf = os.environ.get("AWORK_WORKSPACES_FILE", "").strip()

@@ -34,7 +34,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
-from producers.config import ConfigError, env_float
+from producers.env import ConfigError, env_float
 
 URL_ENV = "REDIS_URL"
 MASTER_ENV = "REDIS_SENTINEL_MASTER"
