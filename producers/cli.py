@@ -160,7 +160,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _add_enqueue(sub: argparse._SubParsersAction) -> None:
+def _add_enqueue(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("enqueue", help="upload files to an awork entity")
     p.add_argument("paths", nargs="+", metavar="PATH", help="local files or http(s) URLs")
     p.add_argument("--to", required=True, metavar="KIND:ID", help="task:<id>, image:projects/<id>, ...")
@@ -193,7 +193,7 @@ def _add_enqueue(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_enqueue)
 
 
-def _add_job_commands(sub: argparse._SubParsersAction) -> None:
+def _add_job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """status, jobs, cancel and dead: commands on jobs already enqueued."""
     p = sub.add_parser("status", help="show jobs by id")
     p.add_argument("jobs", nargs="+", metavar="JOB")
@@ -224,7 +224,7 @@ def _add_job_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_dead)
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The producer commands, in the order `awork-uploads --help` lists them."""
     from producers.sync_cli import add_parser as add_sync_parser
 
@@ -233,7 +233,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_job_commands(sub)
 
 
-def root_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+def root_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction[argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
         prog="awork-uploads", description="Get files into awork through a Celery fleet."
     )

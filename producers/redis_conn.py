@@ -204,7 +204,8 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis:
     master.setdefault("connection_class", FailoverConnection)
     ask_once = _sentinel_kwargs(target, kwargs, Retry(NoBackoff(), 0))
     sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=ask_once)
-    return sentinel.master_for(target.master, redis_class=redis.Redis, **master)
+    client: redis.Redis = sentinel.master_for(target.master, redis_class=redis.Redis, **master)
+    return client
 
 
 def async_redis_client(url: str, **kwargs: Any) -> aioredis.Redis:
@@ -223,7 +224,8 @@ def async_redis_client(url: str, **kwargs: Any) -> aioredis.Redis:
     master.setdefault("connection_class", AsyncFailoverConnection)
     ask_once = _sentinel_kwargs(target, kwargs, AsyncRetry(NoBackoff(), 0))
     sentinel = AsyncSentinel(list(target.sentinels), sentinel_kwargs=ask_once)
-    return sentinel.master_for(target.master, redis_class=aioredis.Redis, **master)
+    client: aioredis.Redis = sentinel.master_for(target.master, redis_class=aioredis.Redis, **master)
+    return client
 
 
 def broker_sentinel_options(url: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ DEFAULT_DEBOUNCE_MS = 1000
 WATCH_SETTLE_SECONDS = 0.2  # lets the watcher thread register with inotify before the first scan
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("sync", help="one-way sync of a folder to an entity (new files, new versions)")
     p.add_argument("folder", metavar="DIR")
     p.add_argument("--to", required=True, metavar="KIND:ID", help="task:<id>, project:<id>, ...")

@@ -86,7 +86,6 @@ STILL_LITERAL = {
     "producers/records.py",
     "producers/client.py",
     "producers/create_job.lua",
-    "workers/sweeper.py",
 }
 _LITERAL = re.compile(r"""["']awork:[a-z{*]""")
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from celery import Task
-
 from producers.contract import TASK_FETCH_BY_URL, JobState, Target
 from producers.public_source import SourceNotPublic, SourceUnreachable, public_source_size
 from workers.celery_app import app
 from workers.errors import PermanentError, TransientError
-from workers.step_runner import StepContext, run_step
+from workers.step_context import StepContext
+from workers.step_runner import run_step
 from workers.steps import StepTask, file_done, has_file_id, reconcile
 
 
@@ -52,5 +51,5 @@ def _fetch(ctx: StepContext) -> dict[str, Any]:
 
 
 @app.task(bind=True, base=StepTask, name=TASK_FETCH_BY_URL)
-def fetch_by_url(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
+def fetch_by_url(self: StepTask, /, job_id: str, **meta: Any) -> dict[str, Any]:
     return run_step(self, job_id, "byurl", JobState.UPLOADING, has_file_id, _fetch)

@@ -66,7 +66,7 @@ def backoff(attempt: int, base: float) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
-class CallbackTask(Task):
+class CallbackTask(Task[Any, Any]):
     acks_late = True
     reject_on_worker_lost = True
     max_retries = None
@@ -88,7 +88,7 @@ def _http() -> requests.Session:
 
 @app.task(bind=True, base=CallbackTask, name=TASK_DELIVER_CALLBACK, queue=QUEUE_CALLBACKS)
 def deliver_callback(
-    self: Task, kind: str, id: str, event_id: str, first_at: float | None = None, attempt: int = 0
+    self: CallbackTask, kind: str, id: str, event_id: str, first_at: float | None = None, attempt: int = 0
 ) -> None:
     if kind not in ("job", "batch") or not is_job_id(id) or not isinstance(event_id, str):
         log.warning("callback dropped: malformed message (kind=%r)", str(kind)[:20])

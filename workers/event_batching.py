@@ -54,8 +54,9 @@ def shutdown_flushed(self: Any, c: Any) -> None:
 
 
 def install() -> None:
-    Consumer.on_send_event_buffered = on_send_event_buffered
-    consumer_events.Events.shutdown = shutdown_flushed
+    # Patching Celery's classes in place (the batching is done by its own hook, on_send_event_buffered).
+    Consumer.on_send_event_buffered = on_send_event_buffered  # type: ignore[method-assign,assignment]
+    consumer_events.Events.shutdown = shutdown_flushed  # type: ignore[method-assign]
 
 
 install()

@@ -13,15 +13,14 @@ import random
 import time
 from typing import Any
 
-from celery import Task
-
 from producers.canvas import job_canvas, step_kwargs
 from producers.contract import TASK_RESOLVE_EXISTING, JobState, Target
 from producers.recurring import flow_canvas
 from workers.celery_app import app
 from workers.file_match import latest_size, newest_named, top_version
 from workers.name_lock import NameLocks, name_key
-from workers.step_runner import StepContext, run_step
+from workers.step_context import StepContext
+from workers.step_runner import run_step
 from workers.steps import StepTask, finish_done
 
 # A job waiting for another job that owns its file name looks again after this long (seconds,
@@ -62,7 +61,9 @@ def _resolve(ctx: StepContext) -> dict[str, Any]:
     if match is not None and mode == "version":
         before = top_version(match.get("fileVersions") or [])
         ctx.update(flow="version", version_of=str(match["id"]), version_before=before)
-        raise ctx.task.replace(flow_canvas(ctx.task.app, "version", kwargs))
+        version_step = flow_canvas(ctx.task.app, "version", kwargs)
+        assert version_step is not None, "the version flow has a first step"
+        raise ctx.task.replace(version_step)
     flow = "byurl" if record.get("via") == "awork" else ""
     ctx.update(flow=flow)
     canvas = flow_canvas(ctx.task.app, flow, kwargs) or job_canvas(ctx.task.app, target.three_steps, kwargs)
@@ -70,5 +71,5 @@ def _resolve(ctx: StepContext) -> dict[str, Any]:
 
 
 @app.task(bind=True, base=StepTask, name=TASK_RESOLVE_EXISTING)
-def resolve_existing(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
+def resolve_existing(self: StepTask, /, job_id: str, **meta: Any) -> dict[str, Any]:
     return run_step(self, job_id, "resolve", JobState.QUEUED, _resolved, _resolve)

@@ -69,7 +69,7 @@ class RateWait(Exception):
 class StepContext:
     """What a step body gets: its job record and the shared resources."""
 
-    task: Task
+    task: Task[Any, Any]
     job_id: str
     step: str
     record: dict[str, str]

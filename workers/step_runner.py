@@ -58,7 +58,7 @@ class JobEnded(Exception):
 
 
 def run_step(
-    task: Task,
+    task: Task[Any, Any],
     job_id: str,
     step: str,
     state: JobState,
@@ -96,8 +96,10 @@ def run_step(
     except Reject as exc:
         # Task.retry() turns a failed publish of the retry into Reject(requeue=False), which
         # would drop the only message the job has.
-        if not exc.requeue and isinstance(exc.reason, UNREACHABLE):
-            raise _requeue(step, job_id, exc.reason) from None
+        # (celery's Reject keeps requeue and reason as plain attributes its type stubs omit)
+        reason = getattr(exc, "reason", None)
+        if not getattr(exc, "requeue", True) and isinstance(reason, UNREACHABLE):
+            raise _requeue(step, job_id, reason) from None
         raise
     finally:
         if token is not None:
@@ -115,7 +117,7 @@ def _requeue(step: str, job_id: str, exc: BaseException) -> Reject:
 
 
 def _run_locked(
-    task: Task,
+    task: Task[Any, Any],
     job_id: str,
     step: str,
     state: JobState,
@@ -298,7 +300,8 @@ def _renew_url(ctx: StepContext, attempt: int, exc: UploadUrlExpired) -> BaseExc
     sig = app.signature(TASK_GENERATE_UPLOAD_URL, kwargs=kwargs, immutable=True) | app.signature(
         TASK_PUT_FILE, kwargs=kwargs, immutable=True
     )
-    return ctx.task.replace(sig)
+    replaced: BaseException = ctx.task.replace(sig)  # Celery's replace raises Ignore; typed loosely
+    return replaced
 
 
 def _record_error(ctx: StepContext, err: AworkError) -> None:
@@ -326,7 +329,7 @@ def _end(ctx: StepContext, state: JobState, err: AworkError) -> NoReturn:
     raise JobEnded(scrub(f"{state.value}: {err.code or ''} {err.message}".strip()))
 
 
-def announce_end(task: Task, rt: Runtime, job_id: str, record: dict[str, str]) -> None:
+def announce_end(task: Task[Any, Any], rt: Runtime, job_id: str, record: dict[str, str]) -> None:
     """After a job's end: its callbacks go to `awork.callbacks` (producers.endings). Best
     effort here: what fails stays in ENDED_KEY and the sweeper announces it."""
     if record.get("notify") != "1":
@@ -337,7 +340,9 @@ def announce_end(task: Task, rt: Runtime, job_id: str, record: dict[str, str]) -
         log.warning("job=%s: could not announce its end now; the sweeper will", job_id, exc_info=True)
 
 
-def end_canceled(task: Task, rt: Runtime, job_id: str, record: dict[str, str], step: str) -> NoReturn:
+def end_canceled(
+    task: Task[Any, Any], rt: Runtime, job_id: str, record: dict[str, str], step: str
+) -> NoReturn:
     """The job's producer canceled it: end it `canceled`, remove its staged copy, announce it,
     and stop the chain without an awork request (Ignore: a cancel is no failure)."""
     rt.store.finish(job_id, JobState.CANCELED, notify=record.get("notify") == "1")

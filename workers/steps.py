@@ -35,7 +35,8 @@ from workers.file_match import find_linked_file, latest_size
 from workers.multipart import multipart_body
 from workers.name_lock import release_job_name
 from workers.sources import ByteSource, FileSource
-from workers.step_runner import JobEnded, StepContext, announce_end, cleanup_staging, run_step
+from workers.step_context import StepContext
+from workers.step_runner import JobEnded, announce_end, cleanup_staging, run_step
 from workers.url_source import DEFAULT_MAX_SOURCE_BYTES, open_url_source
 
 # awork's code for "this uploadId is linked already" (a second link of the same upload).
@@ -58,7 +59,7 @@ def url_usable(record: dict[str, str], now: float | None = None) -> bool:
     return expires > (now or time.time()) + margin
 
 
-class StepTask(Task):
+class StepTask(Task[Any, Any]):
     acks_late = True
     reject_on_worker_lost = True
     max_retries = None
@@ -96,7 +97,7 @@ def _generate(ctx: StepContext) -> dict[str, Any]:
 
 
 @app.task(bind=True, base=StepTask, name=TASK_GENERATE_UPLOAD_URL)
-def generate_upload_url(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
+def generate_upload_url(self: StepTask, /, job_id: str, **meta: Any) -> dict[str, Any]:
     return run_step(self, job_id, "generate", JobState.REQUESTING_URL, url_usable, _generate)
 
 
@@ -140,7 +141,7 @@ def _put(ctx: StepContext) -> dict[str, Any]:
 
 
 @app.task(bind=True, base=StepTask, name=TASK_PUT_FILE)
-def put_file(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
+def put_file(self: StepTask, /, job_id: str, **meta: Any) -> dict[str, Any]:
     return run_step(self, job_id, "put", JobState.UPLOADING, _put_done, _put)
 
 
@@ -181,7 +182,7 @@ def _link(ctx: StepContext) -> dict[str, Any]:
 
 
 @app.task(bind=True, base=StepTask, name=TASK_LINK_FILE)
-def link_file(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
+def link_file(self: StepTask, /, job_id: str, **meta: Any) -> dict[str, Any]:
     return run_step(self, job_id, "link", JobState.LINKING, has_file_id, _link)
 
 
@@ -200,7 +201,7 @@ def _multipart(ctx: StepContext) -> dict[str, Any]:
 
 
 @app.task(bind=True, base=StepTask, name=TASK_MULTIPART_UPLOAD)
-def multipart_upload(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
+def multipart_upload(self: StepTask, /, job_id: str, **meta: Any) -> dict[str, Any]:
     return run_step(self, job_id, "multipart", JobState.UPLOADING, has_file_id, _multipart)
 
 

@@ -54,8 +54,9 @@ from celery import Celery
 
 from producers.broker import celery_config
 from producers.contract import QUEUE_API, QUEUE_TRANSFER
-from producers.endings import ENDED_KEY, announce_stale
+from producers.endings import announce_stale
 from producers.job_ids import is_job_id
+from producers.keys import ENDED_KEY, KOMBU_UNACKED_INDEX_KEY, KOMBU_UNACKED_KEY, SWEEPER_LEASE_KEY
 from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, STEPS, JobStore, job_key, step_lock_key
 from producers.redrive import canvas_from, resume_step
 from workers import fair_gate
@@ -76,13 +77,13 @@ log = logging.getLogger("awork.sweeper")
 
 
 ORPHAN_EVERY_PASSES = 40  # about every 10 minutes at the default interval
-LEASE_KEY = "awork:sweeper:lease"
+LEASE_KEY = SWEEPER_LEASE_KEY
 BATCH = 500
 PRUNE_BATCH = 500
 # kombu's Redis transport: delivered, unacknowledged messages (tag -> [payload, exchange,
 # routing key]) and their delivery times (tag -> unix time).
-UNACKED_KEY = "unacked"
-UNACKED_INDEX_KEY = "unacked_index"
+UNACKED_KEY = KOMBU_UNACKED_KEY
+UNACKED_INDEX_KEY = KOMBU_UNACKED_INDEX_KEY
 
 
 @dataclass

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Task
-
 from producers.contract import TASK_ADD_VERSION, JobState, Target
 from workers.celery_app import app
 from workers.errors import TransientError
 from workers.file_match import top_version
-from workers.step_runner import StepContext, run_step
+from workers.step_context import StepContext
+from workers.step_runner import run_step
 from workers.steps import StepTask, finish_done, has_file_id, send_multipart
 
 
@@ -69,5 +68,5 @@ def _size(info: dict[str, Any]) -> int | None:
 
 
 @app.task(bind=True, base=StepTask, name=TASK_ADD_VERSION)
-def add_version(self: Task, job_id: str, **meta: Any) -> dict[str, Any]:
+def add_version(self: StepTask, /, job_id: str, **meta: Any) -> dict[str, Any]:
     return run_step(self, job_id, "version", JobState.UPLOADING, has_file_id, _add_version)
