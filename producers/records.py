@@ -6,7 +6,6 @@ not the truth. Field names here are the contract between the two sides.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -17,47 +16,27 @@ from typing import Any
 import redis
 
 from producers.contract import FINISHED_STATES, STEP_TASKS, JobState
+
+# Re-exported: the key names readers of records have always imported from here.
+from producers.keys import ACTIVE_KEY as ACTIVE_KEY
+from producers.keys import DEAD_KEY as DEAD_KEY
+from producers.keys import ENDED_KEY as ENDED_KEY
+from producers.keys import EVENTS_CHANNEL as EVENTS_CHANNEL
+from producers.keys import INDEX_KEY as INDEX_KEY
+from producers.keys import JOB_PREFIX as JOB_PREFIX
+from producers.keys import idempotency_key as idempotency_key
+from producers.keys import job_key as job_key
+from producers.keys import name_lock_key as name_lock_key
+from producers.keys import step_lock_key as step_lock_key
+from producers.keys import sync_state_key as sync_state_key
 from producers.redis_text import as_str
 
-JOB_PREFIX = "awork:job:"
-INDEX_KEY = "awork:jobs"  # zset: job id -> created_at, every job whose record still exists
-ACTIVE_KEY = "awork:jobs:active"  # zset: job id -> created_at, jobs not yet finished (the sweeper's list)
-DEAD_KEY = "awork:jobs:dead"  # zset: job id -> finished_at, failed and dead jobs (dead letters)
-# zset: job id -> ended at, jobs that ended with a callback (or a batch) still to announce
-# (producers.endings); the sweeper announces what a dead worker left here.
-ENDED_KEY = "awork:jobs:ended"
-EVENTS_CHANNEL = "awork:job-events"  # pub/sub: a JSON line when a job finishes
 IDEMPOTENCY_TTL_SECONDS = 30 * 24 * 3600
 CREATE_CHUNK = 500  # records per call of create_job.lua
 
 STEPS = tuple(STEP_TASKS)
 
 _CREATE_SCRIPT = (Path(__file__).with_name("create_job.lua")).read_text()
-
-
-def job_key(job_id: str) -> str:
-    return f"{JOB_PREFIX}{job_id}"
-
-
-def step_lock_key(job_id: str, step: str) -> str:
-    """A step's lock (workers/step_lock.py); producers read it to cancel a job no step runs for."""
-    return f"{job_key(job_id)}:lock:{step}"
-
-
-def idempotency_key(workspace: str, key: str) -> str:
-    return f"awork:idem:{workspace}:{key}"
-
-
-def name_lock_key(workspace: str, target: str, file_name: str) -> str:
-    """String: the job id that may look up and create `file_name` on `target` (workers.name_lock)."""
-    digest = hashlib.sha256(file_name.encode()).hexdigest()[:32]
-    return f"awork:namelock:{workspace}:{target}:{digest}"
-
-
-def sync_state_key(workspace: str, target: str, folder: str) -> str:
-    """Hash: relative path -> what `awork-uploads sync` last sent from `folder` (producers.sync)."""
-    digest = hashlib.sha256(folder.encode()).hexdigest()[:32]
-    return f"awork:sync:{workspace}:{target}:{digest}"
 
 
 @dataclass(frozen=True)
@@ -187,7 +166,7 @@ class JobStore:
             before(pipe)
             skip = len(pipe.command_stack)
         for start in range(0, len(items), CREATE_CHUNK):
-            args: list[str | int] = [IDEMPOTENCY_TTL_SECONDS]
+            args: list[str | int] = [IDEMPOTENCY_TTL_SECONDS, JOB_PREFIX]
             for record, idem_key in items[start : start + CREATE_CHUNK]:
                 idem = idempotency_key(record["workspace"], idem_key) if idem_key else ""
                 args += [record["id"], record["created_at"], idem, 2 * len(record)]
