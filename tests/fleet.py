@@ -6,10 +6,12 @@ sandbox. Each test seeds its own entities, so tests share one fleet without inte
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -199,3 +201,18 @@ def holder_of(fleet: Fleet, job_id: str, timeout: float = 20) -> FleetWorker:
 
     wait_until(look, timeout, f"a worker holding job {job_id}", interval=0.1)
     return found[0]
+
+
+# A worker log line of a step that completed (workers/step_runner.py logs outcome=ok).
+LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): .*outcome=ok")
+
+
+def first_step_after(log: Path, since: float) -> float | None:
+    """Seconds from `since` (unix time) to the first step this worker completed after it."""
+    for line in log.read_text(errors="replace").splitlines():
+        m = LOG_LINE.match(line)
+        if m:
+            at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            if at >= since:
+                return at - since
+    return None

@@ -24,10 +24,8 @@ The short form runs in `make test`; the long form (its figures are in ops/bench/
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -35,7 +33,7 @@ import pytest
 from ops.demo_files import random_file
 from ops.local_fleet import ping_workers
 from producers.broker import BROKER_SOCKET_TIMEOUT_SECONDS
-from tests.fleet import Fleet, wait_until
+from tests.fleet import Fleet, first_step_after, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +48,6 @@ ENV = {
     "AWORK_SWEEPER_IDLE": "15",
     "AWORK_SHUTDOWN_GRACE": "5",
 }
-LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): .*outcome=ok")
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +66,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     f.stop()
 
 
-def first_step_after(log: Path, since: float) -> float | None:
-    """Seconds from `since` (unix time) to the first step this worker completed after it."""
-    for line in log.read_text(errors="replace").splitlines():
-        m = LOG_LINE.match(line)
-        if m:
-            at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            if at >= since:
-                return at - since
-    return None
 
 
 def one_round(fleet: Fleet, tmp_path: Path, fault: str, n: int) -> str:

@@ -11,14 +11,12 @@ last job done:
 
 from __future__ import annotations
 
-import re
 import secrets
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ import pytest
 from ops.demo_files import random_file
 from ops.local_fleet import FleetOptions, LocalFleet, SandboxOptions
 from ops.redis_ha import RedisHA
+from tests.fleet import first_step_after
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +44,6 @@ ENV = {
     "AWORK_MAX_ATTEMPTS": "8",
     "AWORK_SHUTDOWN_GRACE": "5",
 }
-LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): .*outcome=ok")
 
 
 @dataclass
@@ -78,15 +76,6 @@ def ha_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HAFleet]:
             yield HAFleet(ha, fleet)
 
 
-def first_step_after(log: Path, since: float) -> float | None:
-    """Seconds from `since` (unix time) to the first step this worker completed after it."""
-    for line in log.read_text(errors="replace").splitlines():
-        m = LOG_LINE.match(line)
-        if m:
-            at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            if at >= since:
-                return at - since
-    return None
 
 
 def test_master_sigkill_mid_run(ha_fleet: HAFleet, tmp_path: Path) -> None:
