@@ -38,6 +38,7 @@ from kombu.transport.redis import Channel as RedisChannel
 
 from producers.canvas import job_canvas
 from producers.priority import DEFAULT_PRIORITY, Priority
+from producers.transport import broker_url
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _FIELDS = ("job_id", "workspace", "target", "file_name")
@@ -74,9 +75,10 @@ def kwargs_repr(kwargs: Mapping[str, str]) -> str:
     return saferepr(d, REPR_MAXSIZE)
 
 
-def fast_path_supported(broker_url: str) -> bool:
-    """Only kombu's Redis transport is written to directly."""
-    return broker_url.split("://", 1)[0] in ("redis", "rediss", "unix")
+def fast_path_supported(redis_url: str) -> bool:
+    """Only kombu's Redis transport is written to directly, and only when the state Redis carries
+    the messages too (no BROKER_URL elsewhere: producers/transport.py)."""
+    return broker_url(redis_url) == redis_url and redis_url.split("://", 1)[0] in ("redis", "rediss", "unix")
 
 
 @dataclass(frozen=True)

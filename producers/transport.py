@@ -1,0 +1,100 @@
+"""Which broker carries the step messages: kombu's Redis transport (default) or RabbitMQ.
+
+`BROKER_URL=amqp://user:password@host:5672/vhost` moves the messages to RabbitMQ; Redis (REDIS_URL)
+still holds every piece of state (job records, locks, limiter windows, block journal,
+idempotency keys, connections). Producers and workers read the same variable through
+`celery_config` (producers/broker.py), so both sides publish and consume on the same broker.
+
+On RabbitMQ:
+- the step queues are quorum queues (`x-queue-type: quorum`, replicated over Raft) bound to
+  topic exchanges, which Celery's native delayed delivery needs;
+- countdowns (rate waits, retries, lock rechecks) go through Celery's native delayed delivery
+  (the `celery_delayed_*` quorum queues and exchanges, declared by each worker at start), so a
+  deferred message waits in RabbitMQ, not in a worker's memory;
+- publisher confirms are on: a publish returns once RabbitMQ has the message;
+- global QoS is off (quorum queues do not support it; Celery's worker_detect_quorum_queues).
+
+Which code depends on which transport:
+- Redis transport only: workers/kombu_fixes.py (kombu Redis-channel guards), workers/resume.py
+  (hands back what kombu's `unacked` hash held across a reconnect), the sweeper's duties that read
+  kombu's `unacked` hash and the queue lists (orphaned messages, finished jobs' unacked messages,
+  jobs whose message is nowhere), the producers' direct-to-list fast path
+  (producers/messages.py) and the queue-length metrics that read the lists (workers/metrics.py).
+  RabbitMQ redelivers a dead consumer's unacknowledged messages as soon as its connection
+  closes, and confirms each publish, so none of these is needed there.
+- Broker-neutral: everything else, the sweeper's other duties included (records never
+  published, steps whose worker died, overdue countdowns, fair-share slots, stale callbacks).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import urlsplit
+
+from kombu import Exchange, Queue
+
+from producers.config import ConfigError, redact_url
+
+REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+QUORUM = {"x-queue-type": "quorum"}
+# RabbitMQ connection: AMQP heartbeats find a dead peer (or a dead worker's connection, on the
+# broker's side) within about two intervals.
+AMQP_HEARTBEAT_SECONDS = 10
+AMQP_CONNECT_TIMEOUT_SECONDS = 5.0
+
+
+def broker_url(redis_url: str) -> str:
+    """BROKER_URL when set (RabbitMQ or another Redis), else the state Redis carries messages too."""
+    url = os.environ.get("BROKER_URL", "").strip()
+    if not url:
+        return redis_url
+    scheme = urlsplit(url).scheme
+    if scheme not in REDIS_SCHEMES | AMQP_SCHEMES:
+        raise ConfigError(f"BROKER_URL: expected amqp://, amqps:// or redis://, got {redact_url(url)}")
+    return url
+
+
+def is_amqp(url: str) -> bool:
+    return urlsplit(url).scheme in AMQP_SCHEMES
+
+
+def uses_redis_transport(redis_url: str) -> bool:
+    """True when step messages go through kombu's Redis transport (the Redis-only code paths)."""
+    return not is_amqp(broker_url(redis_url))
+
+
+def amqp_queues(names: tuple[str, ...]) -> list[Queue]:
+    """The step queues as quorum queues on topic exchanges of the same name."""
+    return [
+        Queue(name, Exchange(name, type="topic"), routing_key=name, queue_arguments=dict(QUORUM))
+        for name in names
+    ]
+
+
+def amqp_settings(url: str, queue_names: tuple[str, ...]) -> dict[str, Any]:
+    """What changes in the Celery configuration when the broker is RabbitMQ."""
+    return {
+        "broker_url": url,
+        "broker_transport_options": {
+            "confirm_publish": True,
+            "connect_timeout": AMQP_CONNECT_TIMEOUT_SECONDS,
+        },
+        "broker_heartbeat": AMQP_HEARTBEAT_SECONDS,
+        "task_queues": amqp_queues(queue_names),
+        "task_default_queue_type": "quorum",
+        "task_create_missing_queue_type": "quorum",
+        "task_create_missing_queue_exchange_type": "topic",
+        "task_default_exchange_type": "topic",
+        "worker_detect_quorum_queues": True,
+        "broker_native_delayed_delivery_queue_type": "quorum",
+    }
+
+
+def adjust(config: dict[str, Any], queue_names: tuple[str, ...]) -> dict[str, Any]:
+    """`config` (the Redis-transport configuration) for the broker BROKER_URL names."""
+    url = broker_url(str(config["broker_url"]))
+    if not is_amqp(url):
+        return {**config, "broker_url": url}
+    return {**config, **amqp_settings(url, queue_names)}
