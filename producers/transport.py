@@ -17,13 +17,17 @@ On RabbitMQ:
 Which code depends on which transport:
 - Redis transport only: workers/kombu_fixes.py (kombu Redis-channel guards), workers/resume.py
   (hands back what kombu's `unacked` hash held across a reconnect), the sweeper's duties that read
-  kombu's `unacked` hash and the queue lists (orphaned messages, finished jobs' unacked messages,
-  jobs whose message is nowhere), the producers' direct-to-list fast path
-  (producers/messages.py) and the queue-length metrics that read the lists (workers/metrics.py).
-  RabbitMQ redelivers a dead consumer's unacknowledged messages as soon as its connection
-  closes, and confirms each publish, so none of these is needed there.
+  kombu's `unacked` hash (orphaned messages, finished jobs' unacknowledged messages), the
+  producers' direct-to-list fast path (producers/messages.py) and the queue-length metrics that
+  read the lists (workers/metrics.py). RabbitMQ redelivers a dead consumer's unacknowledged
+  messages as soon as its connection closes, and confirms each publish, so none of these is
+  needed there.
+- Both, done differently: the sweeper's net for a quiet job whose message is nowhere (a job
+  with no sign of life, or a countdown long overdue) looks for the message in kombu's lists on
+  Redis; on RabbitMQ, whose queues cannot be searched, it acts only while the step queues are
+  empty (`ready_messages`).
 - Broker-neutral: everything else, the sweeper's other duties included (records never
-  published, steps whose worker died, overdue countdowns, fair-share slots, stale callbacks).
+  published, steps whose worker died, fair-share slots, stale callbacks).
 """
 
 from __future__ import annotations
@@ -97,4 +101,38 @@ def adjust(config: dict[str, Any], queue_names: tuple[str, ...]) -> dict[str, An
     url = broker_url(str(config["broker_url"]))
     if not is_amqp(url):
         return {**config, "broker_url": url}
+    round_up_short_countdowns()
     return {**config, **amqp_settings(url, queue_names)}
+
+
+def ready_messages(app: Any, queue_names: tuple[str, ...]) -> int | None:
+    """Messages waiting in these RabbitMQ queues (passive declares), or None when unknown.
+
+    RabbitMQ cannot be searched for a job's message the way kombu's Redis lists can, so the
+    sweeper takes a quiet job for lost only when the step queues hold nothing at all."""
+    try:
+        with app.connection_for_write() as conn:
+            channel = conn.default_channel
+            return sum(
+                int(channel.queue_declare(queue=name, passive=True).message_count) for name in queue_names
+            )
+    except Exception:
+        return None
+
+
+def round_up_short_countdowns() -> None:
+    """Celery 5.5-5.7 publishes a countdown through native delayed delivery with `int(countdown)`
+    seconds, and kombu's `calculate_routing_key` refuses 0: a countdown under one second (a
+    jittered retry, a short rate wait) raised ValueError in `apply_async`, which a retry turns
+    into Reject(requeue=False), dropping the job's only message. Such countdowns wait 1 s."""
+    import celery.app.base as celery_base
+
+    current = celery_base.calculate_routing_key
+    if getattr(current, "rounds_up", False):
+        return
+
+    def calculate_routing_key(countdown: int, routing_key: str) -> str:
+        return str(current(max(1, int(countdown)), routing_key))
+
+    calculate_routing_key.rounds_up = True  # type: ignore[attr-defined]
+    celery_base.calculate_routing_key = calculate_routing_key

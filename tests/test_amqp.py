@@ -18,6 +18,10 @@ from pathlib import Path
 import pytest
 import redis
 from kombu import Connection
+from kombu.transport.native_delayed_delivery import (
+    bind_queue_to_native_delayed_delivery_exchange,
+    declare_native_delayed_delivery_exchanges_and_queues,
+)
 
 from ops.demo_files import random_file
 from ops.rabbitmq import RabbitUnavailable, Vhost, message_stats, reachable
@@ -129,9 +133,41 @@ def test_the_sweeper_leaves_a_quiet_job_queued_in_rabbitmq_alone(
         assert result.redriven == 0 and result.republished == 0
         assert message_stats(vhost.name).get(QUEUE_API) == 1  # not published a second time
         assert client.hget(job_key(job_id), "redrives") is None
+        # once no step queue holds anything, the quiet job's message is lost: it is re-driven
+        with Connection(vhost.url) as conn:
+            conn.default_channel.queue_purge(QUEUE_API)
+        result = sweeper.sweep_once(now=time.time() + 3600)
+        assert result.redriven == 1
+        assert client.hget(job_key(job_id), "redrive_reason") == b"lost-job"
+        wait_until(lambda: message_stats(vhost.name).get(QUEUE_API) == 1, 10, "message published again")
         client.close()
     finally:
         server.stop()
+
+
+def test_a_countdown_under_a_second_is_published_not_refused(
+    vhost: Vhost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Celery truncates the countdown to whole seconds for native delayed delivery, and kombu
+    refuses 0: a 0.4 s retry raised ValueError (and the retry dropped the job's message)."""
+    monkeypatch.setenv("BROKER_URL", vhost.url)
+    app = publisher_app("redis://127.0.0.1:1/0")
+    try:
+        with app.connection_for_write() as conn:
+            declare_native_delayed_delivery_exchanges_and_queues(conn, "quorum")
+            for queue in app.conf.task_queues:
+                queue(conn.default_channel).declare()
+                bind_queue_to_native_delayed_delivery_exchange(conn, queue)
+        started = time.monotonic()
+        app.send_task(
+            "awork.generate_upload_url", kwargs={"job_id": "0" * 32}, queue=QUEUE_API, countdown=0.4
+        )
+        wait_until(lambda: message_stats(vhost.name).get(QUEUE_API) == 1, 15, "delayed message delivered")
+        assert time.monotonic() - started >= 0.9  # it went through the delay queues
+    finally:
+        app.close()
+        with Connection(vhost.url) as conn:
+            conn.default_channel.queue_purge(QUEUE_API)
 
 
 # -- a fleet on RabbitMQ -----------------------------------------------------------------------------

@@ -27,10 +27,11 @@ When there is no such message (an unpublished record; an entry lost with a Redis
 job is published again from the step its record says is next. Either way every step checks the
 record first, so a copy that turns up later finds the work done and never doubles an upload.
 
-With BROKER_URL on RabbitMQ (producers/transport.py) the duties that read kombu's Redis
-structures are off (orphaned `unacked` messages, `unacked` messages of ended jobs, jobs whose
-message is in no queue): RabbitMQ redelivers a dead consumer's messages as soon as its connection
-closes and confirms every publish. The others do not depend on the broker.
+With BROKER_URL on RabbitMQ (producers/transport.py) the duties that read kombu's `unacked` hash
+are off (orphaned messages, unacknowledged messages of ended jobs): RabbitMQ redelivers a dead
+consumer's messages as soon as its connection closes and confirms every publish. A quiet job
+whose message may be lost is re-driven there only while the step queues are empty (RabbitMQ's
+queues cannot be searched for it). The other duties do not depend on the broker.
 
 Each pass also fills free transfer slots from the fair-share waiting lists (a wake-up lost with
 a worker, or slots a new worker brought).
@@ -70,7 +71,7 @@ from producers.endings import announce_stale
 from producers.job_ids import is_job_id
 from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, STEPS, JobStore, job_key, step_lock_key
 from producers.redrive import canvas_from, resume_step
-from producers.transport import uses_redis_transport
+from producers.transport import ready_messages, uses_redis_transport
 from workers import fair_gate
 from workers.fair_share import FairSettings, FairShare, waiting_key
 from workers.metrics import BrokerLayout
@@ -194,8 +195,7 @@ class Sweeper:
         self._prune_offsets: dict[str, int] = {}
         self._conn: Any = None
         self.fair = FairShare(client, LOCK_TTL_SECONDS, FairSettings.from_env())
-        # kombu's Redis transport: read its `unacked` hash and queue lists. On RabbitMQ those
-        # duties are the broker's own (producers/transport.py); the others stay.
+        # kombu's Redis transport: read its `unacked` hash and queue lists (producers/transport.py).
         self.redis_transport = uses_redis_transport(redis_url)
 
     # -- one pass ----------------------------------------------------------------------------
@@ -246,8 +246,10 @@ class Sweeper:
                 else:
                     result.redriven += 1
                     result.restored += int(restored)
-        if maybe_lost and self.redis_transport:
-            queued = self.queued_job_ids()
+        if maybe_lost and (
+            self.redis_transport or ready_messages(self.app, (QUEUE_API, QUEUE_TRANSFER)) == 0
+        ):
+            queued = self.queued_job_ids() if self.redis_transport else set()
             for record in maybe_lost:
                 if record["id"] not in queued:
                     self._redrive(record, "lost-job", [])
