@@ -110,16 +110,21 @@ def start_fleet(args: argparse.Namespace) -> Fleet:
         AWORK_RATE_LIMIT_PER_SECOND=str(HIGH_PER_SECOND),
     )
     if vhost is not None:
-        env["BROKER_URL"] = vhost.url
+        # the workers, and this process's producer and control apps, publish there
+        env["BROKER_URL"] = os.environ["BROKER_URL"] = vhost.url
     fleet = Fleet(root, server, sandbox, env, vhost)
-    for n in range(args.workers):
-        argv = worker_argv(args.concurrency, f"cap{n}-{uuid.uuid4().hex[:4]}@%h", "WARNING")
-        fleet.workers.append(Child(f"w{n}", argv, env, root / "logs" / f"w{n}.log").start())
-    deadline = time.monotonic() + 90
-    while ping_workers(env) < args.workers:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"workers did not start; logs in {root / 'logs'}")
-        time.sleep(0.5)
+    try:
+        for n in range(args.workers):
+            argv = worker_argv(args.concurrency, f"cap{n}-{uuid.uuid4().hex[:4]}@%h", "WARNING")
+            fleet.workers.append(Child(f"w{n}", argv, env, root / "logs" / f"w{n}.log").start())
+        deadline = time.monotonic() + 90
+        while ping_workers(env) < args.workers:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers did not start; logs in {root / 'logs'}")
+            time.sleep(0.5)
+    except BaseException:
+        fleet.stop()
+        raise
     return fleet
 
 
