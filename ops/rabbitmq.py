@@ -87,8 +87,20 @@ class Vhost:
         self.delete()
 
 
+def ready_in(url: str, queue: str) -> int:
+    """Messages ready in `queue` now (a passive declare; 0 when there is no such queue). Unlike
+    rabbitmqctl's counts, which quorum queues report from periodically refreshed metrics."""
+    from kombu import Connection
+
+    from producers.transport import queue_ready
+
+    with Connection(url) as conn:
+        return queue_ready(conn, queue)
+
+
 def message_stats(vhost: str) -> dict[str, int]:
-    """Queue name -> messages in it now (ready + unacknowledged), by rabbitmqctl."""
+    """Queue name -> messages in it (ready + unacknowledged), by rabbitmqctl: every queue of the
+    vhost, but as of the broker's last metrics refresh (seconds old)."""
     out = _ctl("list_queues", "-p", vhost, "--quiet", "--no-table-headers", "name", "messages")
     stats: dict[str, int] = {}
     for line in out.splitlines():

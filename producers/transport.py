@@ -112,12 +112,23 @@ def ready_messages(app: Any, queue_names: tuple[str, ...]) -> int | None:
     sweeper takes a quiet job for lost only when the step queues hold nothing at all."""
     try:
         with app.connection_for_write() as conn:
-            channel = conn.default_channel
-            return sum(
-                int(channel.queue_declare(queue=name, passive=True).message_count) for name in queue_names
-            )
+            return sum(queue_ready(conn, name) for name in queue_names)
     except Exception:
         return None
+
+
+def queue_ready(conn: Any, name: str) -> int:
+    """Messages ready in one queue; a queue no worker has declared yet holds none."""
+    channel = conn.channel()
+    try:
+        return int(channel.queue_declare(queue=name, passive=True).message_count)
+    except conn.channel_errors:
+        return 0  # 404 NOT_FOUND (the broker closed this channel)
+    finally:
+        try:
+            channel.close()
+        except Exception:
+            pass
 
 
 def round_up_short_countdowns() -> None:

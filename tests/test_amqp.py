@@ -24,7 +24,7 @@ from kombu.transport.native_delayed_delivery import (
 )
 
 from ops.demo_files import random_file
-from ops.rabbitmq import RabbitUnavailable, Vhost, message_stats, reachable
+from ops.rabbitmq import RabbitUnavailable, Vhost, message_stats, reachable, ready_in
 from ops.redis_server import RedisServer
 from producers.broker import celery_config
 from producers.canvas import publisher_app
@@ -126,12 +126,12 @@ def test_the_sweeper_leaves_a_quiet_job_queued_in_rabbitmq_alone(
             canvas_from(app, record, "generate").apply_async()
         finally:
             app.close()
-        wait_until(lambda: message_stats(vhost.name).get(QUEUE_API) == 1, 10, "message in RabbitMQ")
+        wait_until(lambda: ready_in(vhost.url, QUEUE_API) == 1, 10, "message in RabbitMQ")
         sweeper = Sweeper(client, server.url)
         assert not sweeper.redis_transport
         result = sweeper.sweep_once(now=time.time() + 3600)
         assert result.redriven == 0 and result.republished == 0
-        assert message_stats(vhost.name).get(QUEUE_API) == 1  # not published a second time
+        assert ready_in(vhost.url, QUEUE_API) == 1  # not published a second time
         assert client.hget(job_key(job_id), "redrives") is None
         # once no step queue holds anything, the quiet job's message is lost: it is re-driven
         with Connection(vhost.url) as conn:
@@ -139,7 +139,7 @@ def test_the_sweeper_leaves_a_quiet_job_queued_in_rabbitmq_alone(
         result = sweeper.sweep_once(now=time.time() + 3600)
         assert result.redriven == 1
         assert client.hget(job_key(job_id), "redrive_reason") == b"lost-job"
-        wait_until(lambda: message_stats(vhost.name).get(QUEUE_API) == 1, 10, "message published again")
+        wait_until(lambda: ready_in(vhost.url, QUEUE_API) == 1, 10, "message published again")
         client.close()
     finally:
         server.stop()
@@ -158,11 +158,12 @@ def test_a_countdown_under_a_second_is_published_not_refused(
             for queue in app.conf.task_queues:
                 queue(conn.default_channel).declare()
                 bind_queue_to_native_delayed_delivery_exchange(conn, queue)
+            conn.default_channel.queue_purge(QUEUE_API)  # what earlier tests left there
         started = time.monotonic()
         app.send_task(
             "awork.generate_upload_url", kwargs={"job_id": "0" * 32}, queue=QUEUE_API, countdown=0.4
         )
-        wait_until(lambda: message_stats(vhost.name).get(QUEUE_API) == 1, 15, "delayed message delivered")
+        wait_until(lambda: ready_in(vhost.url, QUEUE_API) == 1, 15, "delayed message delivered")
         assert time.monotonic() - started >= 0.9  # it went through the delay queues
     finally:
         app.close()
@@ -191,8 +192,7 @@ def fleet(vhost: Vhost, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fl
 
 
 def _queues_drained(vhost: Vhost) -> bool:
-    stats = message_stats(vhost.name)
-    return all(stats.get(q, 0) == 0 for q in STEP_QUEUES)
+    return all(ready_in(vhost.url, q) == 0 for q in STEP_QUEUES)
 
 
 def test_a_fleet_on_rabbitmq_ends_every_job_done(fleet: Fleet, vhost: Vhost, tmp_path: Path) -> None:
