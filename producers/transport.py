@@ -69,6 +69,13 @@ def uses_redis_transport(redis_url: str) -> bool:
     return not is_amqp(broker_url(redis_url))
 
 
+def message_priority(level: int) -> int:
+    """A kombu priority on the Redis transport's scale (0 is read first, 9 last: producers/priority.py)
+    as the broker in use reads it. RabbitMQ reads the other way (higher first; quorum queues of
+    RabbitMQ 4 deliver 5 and above as high, 3.x ignore priorities), so it gets 9 - level there."""
+    return 9 - level if is_amqp(broker_url("")) else level
+
+
 def amqp_queues(names: tuple[str, ...]) -> list[Queue]:
     """The step queues as quorum queues on topic exchanges of the same name."""
     return [

@@ -27,10 +27,17 @@ from ops.demo_files import random_file
 from ops.rabbitmq import RabbitUnavailable, Vhost, message_stats, reachable, ready_in
 from ops.redis_server import RedisServer
 from producers.broker import celery_config
-from producers.canvas import publisher_app
+from producers.canvas import message_options, publisher_app
 from producers.config import ConfigError
-from producers.contract import QUEUE_API, QUEUE_CALLBACKS, QUEUE_TRANSFER
+from producers.contract import (
+    QUEUE_API,
+    QUEUE_CALLBACKS,
+    QUEUE_TRANSFER,
+    TASK_GENERATE_UPLOAD_URL,
+    TASK_PUT_FILE,
+)
 from producers.messages import fast_path_supported
+from producers.priority import Priority
 from producers.records import JobStore, job_key
 from producers.redrive import canvas_from
 from tests.fleet import FAST, Fleet, holder_of, wait_until
@@ -86,6 +93,30 @@ def test_without_broker_url_redis_carries_the_messages(monkeypatch: pytest.Monke
     monkeypatch.setenv("BROKER_URL", "kafka://127.0.0.1:9092")
     with pytest.raises(ConfigError, match="BROKER_URL"):
         celery_config("redis://127.0.0.1:1/0")
+
+
+def test_job_priorities_keep_their_order_on_rabbitmq(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kombu's Redis transport reads priority 0 first; RabbitMQ reads higher numbers first."""
+    steps = [
+        message_options(TASK_GENERATE_UPLOAD_URL, Priority.HIGH),
+        message_options(TASK_GENERATE_UPLOAD_URL, Priority.NORMAL),
+        message_options(TASK_PUT_FILE, Priority.NORMAL),
+        message_options(TASK_PUT_FILE, Priority.BULK),
+    ]  # first to last
+    monkeypatch.delenv("BROKER_URL", raising=False)
+    on_redis = [o["priority"] for o in steps]
+    assert on_redis == sorted(on_redis)
+    monkeypatch.setenv("BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/x")
+    on_rabbitmq = [
+        message_options(TASK_GENERATE_UPLOAD_URL, Priority.HIGH)["priority"],
+        message_options(TASK_GENERATE_UPLOAD_URL, Priority.NORMAL)["priority"],
+        message_options(TASK_PUT_FILE, Priority.NORMAL)["priority"],
+        message_options(TASK_PUT_FILE, Priority.BULK)["priority"],
+    ]
+    assert on_rabbitmq == sorted(on_rabbitmq, reverse=True)
+    assert on_rabbitmq == [9 - p for p in on_redis]
+    # RabbitMQ 4 quorum queues: 5 and above are high
+    assert on_rabbitmq[0] >= 5 and on_rabbitmq[-1] < 5
 
 
 def test_the_declared_queues_are_quorum_queues(vhost: Vhost, monkeypatch: pytest.MonkeyPatch) -> None:
