@@ -8,7 +8,7 @@ COPY producers ./producers
 COPY workers ./workers
 COPY ops ./ops
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check ".[api]"
+    && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check ".[worker,api,ops]"
 
 FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \

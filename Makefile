@@ -2,20 +2,31 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# One stamp per set of extras: `make install` (everything, tests included) writes .installed;
+# `make demo`/`sandbox`/`stack` need only the operator tools (.installed-ops).
 STAMP := $(VENV)/.installed
+OPS_STAMP := $(VENV)/.installed-ops
 NODE_STAMP := node_modules/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install node lint typecheck test demo sandbox stack bench clean
+.PHONY: install node lint typecheck test test-fast demo sandbox stack bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(BIN)/pip:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,embedded,sync,api]'
-	touch $(STAMP)
+
+# Every extra (worker, api, ops, embedded, sync) and the test tools.
+$(STAMP): pyproject.toml | $(BIN)/pip
+	$(BIN)/pip install --quiet -e '.[all,dev]'
+	touch $(STAMP) $(OPS_STAMP)
+
+# The local stack: workers, Flower, the sandbox and an embedded redis-server.
+$(OPS_STAMP): pyproject.toml | $(BIN)/pip
+	$(BIN)/pip install --quiet -e '.[ops,embedded]'
+	touch $(OPS_STAMP)
 
 # Azurite (the Azure Storage emulator) for the blob tests; skipped only where npm is missing.
 node: $(NODE_STAMP)
@@ -34,13 +45,17 @@ lint: $(STAMP)
 test: $(STAMP) node lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-demo: $(STAMP)
+# Everything but the tests marked slow (worker fleets, soaks, broker outages, Azurite).
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: $(OPS_STAMP)
 	$(BIN)/awork-uploads demo $(DEMO_ARGS)
 
-sandbox: $(STAMP)
+sandbox: $(OPS_STAMP)
 	$(BIN)/awork-uploads sandbox --seed-demo
 
-stack: $(STAMP)
+stack: $(OPS_STAMP)
 	$(BIN)/awork-uploads stack
 
 clean:

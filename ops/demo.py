@@ -23,7 +23,6 @@ from typing import Any
 from ops.demo_files import png_file, random_file
 from ops.stack import Stack, StackConfig, print_banner, run_until_signal
 from producers.client import Uploads
-from producers.config import SharedSettings
 from producers.progress import ProgressDisplay, human_bytes
 from producers.records import Job
 from producers.spec import JobSpec
@@ -138,9 +137,8 @@ def main(argv: Sequence[str]) -> int:
             print_banner(stack)
         files_dir = args.data_dir.resolve() / "demo-files"
         specs = build_batch(stack.sandbox.entities, files_dir, args.jobs, args.large_mib)
-        os.environ["REDIS_URL"] = stack.env["REDIS_URL"]
-        os.environ["STAGING_DIR"] = stack.env["STAGING_DIR"]
-        up = Uploads(SharedSettings.from_env())
+        assert stack.fleet is not None
+        up = Uploads(stack.fleet.shared_settings(("REDIS_URL", "STAGING_DIR")))
         started = time.monotonic()
         jobs = up.enqueue_many(specs)
         display = None if args.json else ProgressDisplay(sys.stdout)

@@ -18,7 +18,8 @@ umask 077
 mkdir -p "$dir"
 chmod 700 "$dir"
 conf="$dir/redis.conf"
-printf 'requirepass "%s"\n' "$REDIS_PASSWORD" > "$conf"
+# masterauth too: a replica (or a master that sentinels turned into one) syncs with it
+printf 'requirepass "%s"\nmasterauth "%s"\n' "$REDIS_PASSWORD" "$REDIS_PASSWORD" > "$conf"
 chmod 600 "$conf"
 if [ "$(id -u)" = 0 ] && id redis >/dev/null 2>&1; then
   chown -R redis:redis "$dir"

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ops.processes import Child, stop_all
-from ops.redis_server import RedisServer, free_port
+from ops.local_fleet import FleetOptions, FlowerOptions, LocalFleet, SandboxOptions
+from ops.local_fleet import ping_workers as ping_workers  # where they were first: still importable
+from ops.local_fleet import worker_argv as worker_argv
 from producers.config import STACK_ENV_FILE, redact_url
 
 
@@ -41,109 +42,108 @@ class StackConfig:
     sandbox_args: list[str] = field(default_factory=list)
     worker_env: dict[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
+    ha: bool = False  # --ha: Redis master + replica + 3 sentinels (ops/redis_ha.py)
 
 
 @dataclass
 class Stack:
+    """The fleet as the stack starts it from this shell's environment, and var/stack.env."""
+
     config: StackConfig
-    redis: RedisServer | None = None
-    sandbox: Any = None  # ops.sandbox.launcher.SandboxProcess
-    workers: list[Child] = field(default_factory=list)
-    flower: Child | None = None
-    env: dict[str, str] = field(default_factory=dict)
-    flower_url: str | None = None
+    fleet: LocalFleet | None = None
+    ha: Any = None  # ops.redis_ha.RedisHA, with --ha
     flower_auth: str | None = None
     flower_auth_generated: bool = False
 
+    def options(self) -> FleetOptions:
+        cfg = self.config
+        env = {**os.environ, **cfg.worker_env}
+        sandbox = None
+        if not env.get("AWORK_API_URL"):
+            sandbox = SandboxOptions(
+                api_keys={secrets.token_urlsafe(24): "default"},
+                admin_token=secrets.token_urlsafe(16),
+                args=["--seed-demo", *cfg.sandbox_args],
+            )
+        flower = None
+        if cfg.flower:
+            self.flower_auth = env.get("FLOWER_BASIC_AUTH", "")
+            if not self.flower_auth:
+                self.flower_auth = f"admin:{secrets.token_urlsafe(12)}"
+                self.flower_auth_generated = True
+            flower = FlowerOptions(cfg.flower_port, self.flower_auth, cfg.data_dir.resolve() / "flower.db")
+        return FleetOptions(
+            root=cfg.data_dir,
+            workers=cfg.workers,
+            concurrency=cfg.concurrency,
+            loglevel=cfg.log_level,
+            # Ctrl-C: running steps get 10 s, then go back to the queue; stop() waits 15 s.
+            env={**cfg.worker_env, "AWORK_SHUTDOWN_GRACE": env.get("AWORK_SHUTDOWN_GRACE", "10")},
+            drop_env=(),
+            redis_url=env.get("REDIS_URL") or None,
+            redis_password=True,
+            appendfsync="always",
+            staging_dir=Path(env["STAGING_DIR"]) if env.get("STAGING_DIR") else None,
+            sandbox=sandbox,
+            flower=flower,
+        )
+
     # -- start -------------------------------------------------------------------------------
     def start(self) -> Stack:
-        data = self.config.data_dir.resolve()
-        data.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env.update(self.config.worker_env)
+        """Start everything without waiting for it (wait_ready does); on failure, stop and raise."""
         try:
-            if not env.get("REDIS_URL"):
-                password = secrets.token_urlsafe(16)
-                self.redis = RedisServer(data / "redis", password=password, appendfsync="always").start()
-                env["REDIS_URL"] = self.redis.url
-            env.setdefault("STAGING_DIR", str(data / "staging"))
-            # Ctrl-C: running steps get 10 s, then go back to the queue; stop() waits 15 s.
-            env.setdefault("AWORK_SHUTDOWN_GRACE", "10")
-            if not env.get("AWORK_API_URL"):
-                self._start_sandbox(env, data)
-            self.env = env
-            for i in range(self.config.workers):
-                self.workers.append(self._worker(i + 1).start())
-            if self.config.flower:
-                self._start_flower(data)
+            if self.config.ha:
+                self._start_ha()
+            self.fleet = LocalFleet(self.options()).start(wait=False)
             self._write_env_file()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _start_sandbox(self, env: dict[str, str], data: Path) -> None:
-        from ops.sandbox.launcher import SandboxProcess
+    def _start_ha(self) -> None:
+        """--ha: the fleet's Redis is a master, a replica and three sentinels (REDIS_URL=sentinel://)."""
+        from ops.redis_ha import RedisHA
 
-        api_key = secrets.token_urlsafe(24)
-        sandbox = SandboxProcess(
-            api_keys={api_key: "default"},
-            admin_token=secrets.token_urlsafe(16),
-            data_dir=data / "sandbox",
-            extra_args=["--seed-demo", *self.config.sandbox_args],
-        )
-        sandbox.start()
-        self.sandbox = sandbox
-        env["AWORK_API_URL"] = sandbox.api_url
-        env["AWORK_API_KEY"] = api_key
-        hosts = [h for h in env.get("AWORK_UPLOAD_HOSTS", "").split(",") if h.strip()]
-        env["AWORK_UPLOAD_HOSTS"] = ",".join([*hosts, sandbox.upload_host])
-
-    def _worker(self, n: int) -> Child:
-        argv = worker_argv(self.config.concurrency, f"w{n}@%h", self.config.log_level)
-        log = self.config.data_dir.resolve() / "logs" / f"worker-{n}.log"
-        return Child(f"worker-{n}", argv, self.env, log)
-
-    def _start_flower(self, data: Path) -> None:
-        auth = self.env.get("FLOWER_BASIC_AUTH", "")
-        if not auth:
-            auth = f"admin:{secrets.token_urlsafe(12)}"
-            self.flower_auth_generated = True
-        self.flower_auth = auth
-        port = self.config.flower_port
-        if port == 0 or not _port_free(port):
-            port = free_port()
-        from ops.flower import FlowerProcess
-
-        # The auth reaches Flower through its environment: it never appears in `ps`.
-        flower = FlowerProcess(
-            self.env,
-            port=port,
-            basic_auth=auth,
-            persistent_db=data / "flower.db",
-            log_path=data / "logs" / "flower.log",
-        )
-        self.flower = flower.launch()
-        self.flower_url = flower.url
+        self.ha = RedisHA(self.config.data_dir.resolve() / "ha").start()
+        self.config.worker_env.update(self.ha.env)
+        os.environ.update(self.ha.env)  # this process pings the workers: a client too
 
     def _write_env_file(self) -> None:
         path = self.config.data_dir / STACK_ENV_FILE.name
-        lines = [f"REDIS_URL={self.env['REDIS_URL']}", f"STAGING_DIR={self.env['STAGING_DIR']}"]
+        names = ("REDIS_URL", "REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_PASSWORD", "STAGING_DIR")
+        lines = [f"{name}={self.env[name]}" for name in names if self.env.get(name)]
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write("\n".join(lines) + "\n")
 
     # -- use ---------------------------------------------------------------------------------
+    @property
+    def env(self) -> dict[str, str]:
+        return self.fleet.env if self.fleet is not None else {}
+
+    @property
+    def sandbox(self) -> Any:
+        """The sandbox (ops.sandbox.launcher.SandboxProcess), None with AWORK_API_URL set."""
+        return self.fleet.sandbox if self.fleet is not None else None
+
+    @property
+    def flower_url(self) -> str | None:
+        return self.fleet.flower.url if self.fleet is not None and self.fleet.flower is not None else None
+
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Until every worker answers ping (or raise)."""
-        wait_for_workers(self.env, self.workers, timeout, self.config.data_dir / "logs")
+        """Until every worker answers ping and Flower its health check (or raise)."""
+        assert self.fleet is not None
+        self.fleet.wait_ready(timeout)
 
     def describe(self) -> dict[str, Any]:
+        fleet = self.fleet
         out: dict[str, Any] = {
             "redis": redact_url(self.env.get("REDIS_URL", "")),
-            "embedded_redis": self.redis is not None,
-            "workers": len(self.workers),
+            "embedded_redis": (fleet is not None and fleet.redis is not None) or self.ha is not None,
+            "redis_ha": self.ha is not None,
+            "workers": len(fleet.workers) if fleet is not None else 0,
             "staging_dir": self.env.get("STAGING_DIR"),
             "api_url": self.env.get("AWORK_API_URL"),
             "flower": self.flower_url,
@@ -155,71 +155,20 @@ class Stack:
 
     # -- stop --------------------------------------------------------------------------------
     def stop(self, grace: float = 15.0) -> None:
-        children = [*self.workers, *([self.flower] if self.flower else [])]
-        stop_all(children, grace)
-        if self.sandbox is not None:
-            self.sandbox.stop()
-        if self.redis is not None:
-            self.redis.stop()
-        with contextlib.suppress(FileNotFoundError):
-            (self.config.data_dir / STACK_ENV_FILE.name).unlink()
+        try:
+            if self.fleet is not None:
+                self.fleet.stop(grace)
+        finally:
+            if self.ha is not None:
+                self.ha.stop()
+            with contextlib.suppress(FileNotFoundError):
+                (self.config.data_dir / STACK_ENV_FILE.name).unlink()
 
     def __enter__(self) -> Stack:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def worker_argv(concurrency: int, hostname: str, loglevel: str = "INFO") -> list[str]:
-    return [
-        sys.executable, "-m", "celery", "-A", "workers", "worker",
-        "--pool=threads", f"--concurrency={concurrency}",
-        "--queues=awork.api,awork.transfer,awork.callbacks", f"--hostname={hostname}",
-        f"--loglevel={loglevel}", "--without-mingle", "--without-gossip",
-    ]  # fmt: skip
-
-
-def ping_workers(env: dict[str, str]) -> int:
-    from celery import Celery
-
-    from producers.broker import celery_config
-
-    app = Celery("stack-ping", set_as_current=False)
-    app.conf.update(celery_config(env["REDIS_URL"]))
-    try:
-        replies = app.control.ping(timeout=1.0) or []
-        return len(replies)
-    except Exception:
-        return 0
-    finally:
-        app.close()
-
-
-def wait_for_workers(env: dict[str, str], workers: Sequence[Child], timeout: float, logs: Path) -> None:
-    """Until every one of `workers` answers ping; RuntimeError as soon as one has exited,
-    TimeoutError after `timeout` seconds (both name the log directory)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        dead = [w.name for w in workers if not w.alive()]
-        if dead:
-            raise RuntimeError(f"{', '.join(dead)} exited; see {logs}/")
-        if ping_workers(env) >= len(workers):
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"workers not ready after {timeout:.0f}s; see {logs}/")
-        time.sleep(0.5)
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -229,6 +178,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=Path("var"), help="where Redis, logs and staging live")
     p.add_argument("--flower-port", type=int, default=5555)
     p.add_argument("--no-flower", action="store_true")
+    p.add_argument("--ha", action="store_true", help="Redis Sentinel: a master, a replica and 3 sentinels")
     p.add_argument("--json", action="store_true", help="print the stack's description as JSON")
     return p.parse_args(list(argv))
 
@@ -240,6 +190,7 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         data_dir=args.data_dir,
         flower=not args.no_flower,
         flower_port=args.flower_port,
+        ha=args.ha,
     )
 
 

@@ -31,6 +31,7 @@ from datetime import datetime
 from typing import Any
 
 from producers.config import DEFAULT_WORKSPACE, ConfigError, SharedSettings, read_workspaces_file
+from producers.redis_conn import redis_client
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -141,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = SharedSettings.from_env()
     tables = workspace_tables(settings)
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
+    client = redis_client(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
     try:
         rows = collect(client, tables, args.names)
     except redis.exceptions.ConnectionError as exc:

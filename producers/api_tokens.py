@@ -26,6 +26,7 @@ import redis
 
 from producers.contract import SpecError
 from producers.keys import API_TOKENS_KEY, api_rate_key, api_token_key
+from producers.redis_text import as_str
 
 PREFIX = "awu_"
 _TOKEN = re.compile(r"awu_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
@@ -95,7 +96,7 @@ def auth_answer(keys: list[str], got: Any) -> Authenticated | None:
     if not got or int(got[0]) != 1:
         return None
     token_id = keys[0].rsplit(":", 1)[1]
-    count, name, workspaces, rate = int(got[1]), _s(got[2]), _s(got[3]), int(_s(got[4]) or 1)
+    count, name, workspaces, rate = int(got[1]), as_str(got[2]), as_str(got[3]), int(as_str(got[4]) or 1)
     info = TokenInfo(token_id, name, tuple(w for w in workspaces.split(",") if w), rate)
     return Authenticated(info, count > rate, 1)
 
@@ -164,7 +165,7 @@ class ApiTokens:
         return auth_answer(keys, self._auth(keys=keys, args=args))
 
     def listed(self) -> list[TokenInfo]:
-        ids = sorted(_s(i) for i in self.redis.smembers(API_TOKENS_KEY))
+        ids = sorted(as_str(i) for i in self.redis.smembers(API_TOKENS_KEY))
         pipe = self.redis.pipeline(transaction=False)
         for i in ids:
             pipe.hmget(api_token_key(i), "name", "workspaces", "rate", "created_at")
@@ -172,8 +173,9 @@ class ApiTokens:
         for i, (name, ws, rate, created) in zip(ids, pipe.execute(), strict=True):
             if name is None:
                 continue
-            workspaces = tuple(w for w in _s(ws or b"").split(",") if w)
-            out.append(TokenInfo(i, _s(name), workspaces, int(_s(rate or b"1")), float(_s(created or b"0"))))
+            workspaces = tuple(w for w in as_str(ws or b"").split(",") if w)
+            rate_n, created_at = int(as_str(rate or b"1")), float(as_str(created or b"0"))
+            out.append(TokenInfo(i, as_str(name), workspaces, rate_n, created_at))
         return out
 
     def revoke(self, id_or_name: str) -> list[str]:
@@ -190,8 +192,4 @@ class ApiTokens:
     def sealed_callback_secret(self, token_id: str) -> str | None:
         """The ciphertext of a token's callback secret (the workers open it), None if revoked."""
         raw = self.redis.hget(api_token_key(token_id), CALLBACK_SECRET_FIELD)
-        return None if raw is None else _s(raw)
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+        return None if raw is None else as_str(raw)

@@ -20,6 +20,7 @@ from producers.job_ids import is_job_id, new_job_id
 from producers.job_record import Field, read
 from producers.keys import batch_idempotency_key, batch_jobs_key, batch_key, job_key
 from producers.records import IDEMPOTENCY_TTL_SECONDS, Job, JobStore
+from producers.redis_text import as_str
 
 MAX_BATCH_JOBS = 10_000
 MAX_PAGE = 1000
@@ -108,7 +109,7 @@ class BatchStore:
         found = self.redis.get(batch_idempotency_key(scope, key))
         if found is None:
             return None
-        batch_id = _s(found)
+        batch_id = as_str(found)
         return batch_id if self.redis.exists(batch_key(batch_id)) else None
 
     def claim_idempotency_key(self, scope: str, key: str, batch_id: str) -> str | None:
@@ -130,8 +131,8 @@ class BatchStore:
         raw, members = pipe.execute()
         if not raw:
             return None
-        info = {_s(k): _s(v) for k, v in raw.items()}
-        ids = [_s(i) for i in members]
+        info = {as_str(k): as_str(v) for k, v in raw.items()}
+        ids = [as_str(i) for i in members]
         limit = max(1, min(limit, MAX_PAGE))
         chosen = ids[cursor : cursor + limit]
         for job_id in ids:
@@ -141,7 +142,7 @@ class BatchStore:
         answers = pipe.execute()
         counts: dict[str, int] = {}
         for state in answers[: len(ids)]:
-            name = "expired" if state is None else _s(state)
+            name = "expired" if state is None else as_str(state)
             counts[name] = counts.get(name, 0) + 1
         records = [read(job_id, raw) for job_id, raw in zip(chosen, answers[len(ids) :], strict=True)]
         jobs = [r.job() for r in records if r is not None]
@@ -157,7 +158,3 @@ class BatchStore:
             next_cursor=str(nxt) if nxt < len(ids) else None,
             owner=info.get("owner", ""),
         )
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

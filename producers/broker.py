@@ -84,9 +84,12 @@ def broker_transport_options() -> dict[str, Any]:
 
 
 def celery_config(redis_url: str) -> dict[str, Any]:
-    """The Celery settings; BROKER_URL, when set, moves the messages off `redis_url`
-    (producers/transport.py says what changes on RabbitMQ)."""
-    transport = broker_transport_options()
+    """The Celery settings; BROKER_URL=amqp://, when set, moves the messages off `redis_url` to
+    RabbitMQ (producers/transport.py says what changes there)."""
+    from producers.redis_conn import broker_sentinel_options
+
+    # a sentinel:// URL adds kombu's sentinel options (master_name, sentinel_kwargs)
+    transport = {**broker_transport_options(), **broker_sentinel_options(redis_url)}
     return adjust(_redis_config(redis_url, transport), (QUEUE_API, QUEUE_TRANSFER, QUEUE_CALLBACKS))
 
 

@@ -20,6 +20,7 @@ import redis
 
 from producers.keys import ACTIVE_KEY, DEAD_KEY, ENDED_KEY, EVENTS_CHANNEL, job_key, step_lock_key
 from producers.records import STEPS
+from producers.redis_text import as_str
 
 _CANCEL = (Path(__file__).with_name("cancel.lua")).read_text()
 
@@ -48,8 +49,4 @@ def cancel_script(client: redis.Redis, job_id: str, record_ttl_seconds: int) -> 
     keys += [step_lock_key(job_id, s) for s in STEPS]
     keys.append(EVENTS_CHANNEL)
     outcome, state = client.eval(_CANCEL, len(keys), *keys, job_id, repr(time.time()), record_ttl_seconds)
-    return CancelOutcome(job_id, _s(outcome), _s(state))
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return CancelOutcome(job_id, as_str(outcome), as_str(state))

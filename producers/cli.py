@@ -1,14 +1,14 @@
-"""`awork-uploads`: enqueue files, watch jobs, and run the fleet (worker, stack, demo, sandbox).
+"""The producer commands of `awork-uploads`: enqueue, sync, status, jobs, cancel, dead.
 
-The worker, stack, demo and sandbox commands live on the ops/workers side and are loaded only
-when called, so producers stay light.
+They need the base install only (Redis and the Celery client, no worker code). The
+`awork-uploads` entry point (ops/cli.py) adds the operator commands (worker, stack, demo,
+sandbox, flower, ...); `python -m producers.cli` runs the producer commands alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,23 +18,6 @@ from producers.contract import SpecError
 from producers.records import Job
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-# Commands implemented outside producers: name -> (module with main(argv), help).
-OPS_COMMANDS: dict[str, tuple[str, str]] = {
-    "sandbox": ("ops.sandbox.cli", "run the awork sandbox (see ops/sandbox/README.md)"),
-    "stack": ("ops.stack", "run Redis, the sandbox, workers and Flower on this machine"),
-    "demo": ("ops.demo", "start the stack and send a realistic batch through it"),
-    "flower": ("ops.flower", "run Flower with basic auth from FLOWER_BASIC_AUTH"),
-    "workspaces": ("ops.workspaces", "each workspace's rate limits, current use and pause [--json]"),
-    "connections": (
-        "workers.connections.cli",
-        "customer workspaces: add, list, show, test, remove, rekey, oauth-url, oauth-complete",
-    ),
-    "api-tokens": (
-        "workers.api_tokens_cli",
-        "tokens of client applications of the HTTP API: create, list, revoke",
-    ),
-    "api": ("producers.intake.server", "run the HTTP intake (needs the `api` extra)"),
-}
 
 
 def job_json(job: Job) -> str:
@@ -172,59 +155,12 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             try:
                 _print_jobs(up.cancel([job_id]), args.json)
             except CancelRefused as exc:
-                print(f"awork-uploads: error: {exc}", file=sys.stderr)
+                fail(exc)
                 failed = True
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    """Exec `celery -A workers worker` with defaults that fit this workload."""
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers",
-        "worker",
-        "--pool",
-        args.pool,
-        "--concurrency",
-        str(args.concurrency),
-        "--queues",
-        args.queues,
-        "--loglevel",
-        args.loglevel,
-        "--without-mingle",
-        "--without-gossip",
-        *args.celery_args,
-    ]
-    if args.hostname:
-        argv += ["--hostname", args.hostname]
-    if args.shutdown_grace is not None:
-        # read by the worker's Celery config (producers.broker) and its shutdown watchdog
-        os.environ["AWORK_SHUTDOWN_GRACE"] = str(args.shutdown_grace)
-    os.execv(sys.executable, argv)
-    return EXIT_OK  # not reached
-
-
-def run_ops_command(command: str, rest: list[str]) -> int:
-    """sandbox / stack / demo / workspaces / dead live in ops and parse their own flags."""
-    import importlib
-
-    module = importlib.import_module(OPS_COMMANDS[command][0])
-    return int(module.main(rest))
-
-
-def cmd_passthrough(args: argparse.Namespace) -> int:
-    return run_ops_command(args.command, args.rest)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="awork-uploads", description="Get files into awork through a Celery fleet."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_enqueue(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("enqueue", help="upload files to an awork entity")
     p.add_argument("paths", nargs="+", metavar="PATH", help="local files or http(s) URLs")
     p.add_argument("--to", required=True, metavar="KIND:ID", help="task:<id>, image:projects/<id>, ...")
@@ -256,10 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per job per line")
     p.set_defaults(func=cmd_enqueue)
 
-    from producers.sync_cli import add_parser as add_sync_parser
 
-    add_sync_parser(sub)
-
+def _add_job_commands(sub: argparse._SubParsersAction) -> None:
+    """status, jobs, cancel and dead: commands on jobs already enqueued."""
     p = sub.add_parser("status", help="show jobs by id")
     p.add_argument("jobs", nargs="+", metavar="JOB")
     p.add_argument("--json", action="store_true")
@@ -288,53 +223,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_dead)
 
-    p = sub.add_parser("worker", help="run a worker (celery -A workers worker with good defaults)")
-    p.add_argument("--pool", default="threads", help="threads (default) fits blocking HTTP")
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--queues", default="awork.api,awork.transfer,awork.callbacks")
-    p.add_argument("--loglevel", default="INFO")
-    p.add_argument("--hostname")
-    p.add_argument(
-        "--shutdown-grace",
-        type=float,
-        metavar="SECONDS",
-        help="on SIGTERM, running steps get this long to finish before they go back to the queue "
-        "(default: AWORK_SHUTDOWN_GRACE, else 60)",
-    )
-    p.add_argument("celery_args", nargs=argparse.REMAINDER, help="more celery worker options")
-    p.set_defaults(func=cmd_worker)
 
-    for name, (_, text) in OPS_COMMANDS.items():
-        p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=cmd_passthrough)
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """The producer commands, in the order `awork-uploads --help` lists them."""
+    from producers.sync_cli import add_parser as add_sync_parser
+
+    _add_enqueue(sub)
+    add_sync_parser(sub)
+    _add_job_commands(sub)
+
+
+def root_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    parser = argparse.ArgumentParser(
+        prog="awork-uploads", description="Get files into awork through a Celery fleet."
+    )
+    return parser, parser.add_subparsers(dest="command", required=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The producer commands alone (ops.cli.build_parser adds the operator commands)."""
+    parser, sub = root_parser()
+    add_commands(sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def fail(exc: BaseException, what: str = "error") -> None:
+    print(f"awork-uploads: {what}: {exc}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command; a known failure is one line on stderr and an exit code."""
     from producers.client import JobNotFound, RedisUnavailable
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in OPS_COMMANDS:
-        try:
-            return run_ops_command(argv[0], argv[1:])
-        except (ConfigError, RedisUnavailable) as exc:
-            print(f"awork-uploads: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except (SpecError, ConfigError, RedisUnavailable) as exc:
-        print(f"awork-uploads: error: {exc}", file=sys.stderr)
+        fail(exc)
         return EXIT_USAGE
     except (JobNotFound, ValueError) as exc:
-        print(f"awork-uploads: error: {exc}", file=sys.stderr)
+        fail(exc)
         return EXIT_FAILED
     except TimeoutError as exc:
-        print(f"awork-uploads: timeout: {exc}", file=sys.stderr)
+        fail(exc, "timeout")
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser().parse_args(list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

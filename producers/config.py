@@ -41,7 +41,9 @@ def load_dotenv(path: Path = Path(".env")) -> None:
 
 
 def redact_url(url: str) -> str:
-    """The URL minus its password, for messages and logs."""
+    """The URL minus its password, for messages and logs (each of a sentinel URL's `;` parts)."""
+    if ";" in url:
+        return ";".join(redact_url(part) for part in url.split(";"))
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -125,10 +127,9 @@ class SharedSettings:
             raise ConfigError(
                 "REDIS_URL: not set (start `awork-uploads stack`, or point REDIS_URL at the fleet's Redis)"
             )
-        if urlsplit(redis_url).scheme not in {"redis", "rediss", "unix"}:
-            raise ConfigError(
-                f"REDIS_URL: expected redis://, rediss:// or unix://, got {redact_url(redis_url)}"
-            )
+        from producers.redis_conn import check_redis_url  # it imports this module
+
+        check_redis_url(redis_url)
         wf = os.environ.get("AWORK_WORKSPACES_FILE", "").strip()
         hosts = os.environ.get("AWORK_SOURCE_URL_HOSTS", "")
         return cls(

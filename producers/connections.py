@@ -19,6 +19,7 @@ import redis
 from producers import keys
 from producers.contract import SpecError
 from producers.keys import CONNECTIONS_KEY, connection_key
+from producers.redis_text import as_str
 
 # Key names (producers.keys) under the names the connection modules import them by.
 REFRESHED_KEY = keys.CONNECTIONS_REFRESHED_KEY
@@ -102,13 +103,13 @@ class ConnectionRegistry:
         self.redis = client
 
     def names(self) -> set[str]:
-        return {_s(m) for m in self.redis.smembers(CONNECTIONS_KEY)}
+        return {as_str(m) for m in self.redis.smembers(CONNECTIONS_KEY)}
 
     def get(self, name: str) -> ConnectionInfo | None:
         raw = self.redis.hgetall(connection_key(name))
         if not raw:
             return None
-        fields = {_s(k): _s(v) for k, v in raw.items()}
+        fields = {as_str(k): as_str(v) for k, v in raw.items()}
         fields.pop(SECRET_FIELD, None)
         return ConnectionInfo.from_hash(name, fields)
 
@@ -120,11 +121,7 @@ class ConnectionRegistry:
         out = []
         for n, raw in zip(names, pipe.execute(), strict=True):
             if raw:
-                fields = {_s(k): _s(v) for k, v in raw.items()}
+                fields = {as_str(k): as_str(v) for k, v in raw.items()}
                 fields.pop(SECRET_FIELD, None)
                 out.append(ConnectionInfo.from_hash(n, fields))
         return out
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -23,6 +23,7 @@ from celery import Celery
 from producers.contract import QUEUE_CALLBACKS, TASK_DELIVER_CALLBACK
 from producers.job_record import Field
 from producers.keys import ENDED_KEY, batch_key, job_key
+from producers.redis_text import as_str
 
 log = logging.getLogger("awork.endings")
 
@@ -44,9 +45,9 @@ def announce(client: redis.Redis, app: Celery, job_ids: Iterable[str]) -> int:
     for job_id in job_ids:
         # both read before the script, which changes neither (it marks the batch, not these)
         raw_batch, raw_ended = client.hmget(job_key(job_id), [Field.BATCH_ID, Field.FINISHED_AT])
-        batch_id, ended_at = _s(raw_batch or b""), _s(raw_ended or b"")
+        batch_id, ended_at = as_str(raw_batch or b""), as_str(raw_ended or b"")
         keys = [job_key(job_id), ENDED_KEY, batch_key(batch_id) if batch_id else ""]
-        what = [_s(w) for w in script(keys=keys, args=[job_id])]
+        what = [as_str(w) for w in script(keys=keys, args=[job_id])]
         for kind in what:
             ident = job_id if kind == "job" else batch_id
             kwargs = {"kind": kind, "id": ident, "event_id": event_id(kind, ident, ended_at)}
@@ -62,10 +63,6 @@ def announce_stale(client: redis.Redis, app: Celery, now: float | None = None, l
     ids = client.zrangebyscore(ENDED_KEY, "-inf", cutoff, start=0, num=limit)
     if not ids:
         return 0
-    found = [_s(i) for i in ids]  # type: ignore[arg-type]
+    found = [as_str(i) for i in ids]  # type: ignore[arg-type]
     log.info("announcing %d job end(s) a dead process left behind", len(found))
     return announce(client, app, found)
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

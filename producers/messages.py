@@ -15,8 +15,9 @@ left out: the `task-sent` event per message (Flower shows a task from the worker
 
 `publish_rendered` writes the messages with one LPUSH per queue: the layout of kombu's Redis
 transport (a list named after the queue, JSON envelopes, priority 0). That is one transport's
-internals, so it is used only for redis://, rediss:// and unix:// brokers; any other broker
-(RabbitMQ, sentinel://) gets Celery's own publish (`fast_path_supported`).
+internals, so it is used only for redis://, rediss://, unix:// and sentinel:// brokers (kombu's
+sentinel transport keeps the same lists, on the current master); RabbitMQ (BROKER_URL) gets
+Celery's own publish (`fast_path_supported`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from kombu.transport.redis import Channel as RedisChannel
 
 from producers.canvas import job_canvas
 from producers.priority import DEFAULT_PRIORITY, Priority
-from producers.transport import broker_url
+from producers.transport import broker_url, is_amqp
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _FIELDS = ("job_id", "workspace", "target", "file_name")
@@ -76,9 +77,12 @@ def kwargs_repr(kwargs: Mapping[str, str]) -> str:
 
 
 def fast_path_supported(redis_url: str) -> bool:
-    """Only kombu's Redis transport is written to directly, and only when the state Redis carries
-    the messages too (no BROKER_URL elsewhere: producers/transport.py)."""
-    return broker_url(redis_url) == redis_url and redis_url.split("://", 1)[0] in ("redis", "rediss", "unix")
+    """Only kombu's Redis transport is written to directly (through Sentinel too: the same lists,
+    on the current master), and only when no BROKER_URL moves the messages to RabbitMQ
+    (producers/transport.py)."""
+    if is_amqp(broker_url(redis_url)):
+        return False
+    return redis_url.split("://", 1)[0] in ("redis", "rediss", "unix", "sentinel")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any
 import redis
 
 from producers.contract import FINISHED_STATES, STEP_TASKS, JobState
+from producers.redis_text import as_str
 
 JOB_PREFIX = "awork:job:"
 INDEX_KEY = "awork:jobs"  # zset: job id -> created_at, every job whose record still exists
@@ -195,7 +196,7 @@ class JobStore:
             pipe.eval(_CREATE_SCRIPT, 2, INDEX_KEY, ACTIVE_KEY, *args)
         out: list[tuple[str, bool]] = []
         for flat in pipe.execute()[skip:]:
-            out += [(_s(flat[i]), bool(int(flat[i + 1]))) for i in range(0, len(flat), 2)]
+            out += [(as_str(flat[i]), bool(int(flat[i + 1]))) for i in range(0, len(flat), 2)]
         return out
 
     def delete(self, job_id: str, idem_key: str | None, workspace: str) -> None:
@@ -213,18 +214,18 @@ class JobStore:
         raw = self.redis.hgetall(job_key(job_id))
         if not raw:
             return None
-        return {_s(k): _s(v) for k, v in raw.items()}
+        return {as_str(k): as_str(v) for k, v in raw.items()}
 
     def get_many(self, job_ids: Iterable[str]) -> list[dict[str, str] | None]:
         ids = list(job_ids)
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
             pipe.hgetall(job_key(job_id))
-        return [{_s(k): _s(v) for k, v in raw.items()} or None for raw in pipe.execute()]
+        return [{as_str(k): as_str(v) for k, v in raw.items()} or None for raw in pipe.execute()]
 
     def list_ids(self, limit: int = 1000, newest_first: bool = True) -> list[str]:
         ids: list[bytes] = self.redis.zrange(INDEX_KEY, 0, limit - 1, desc=newest_first)  # type: ignore[assignment]
-        return [_s(i) for i in ids]
+        return [as_str(i) for i in ids]
 
     def prune_index(self, job_ids: Iterable[str]) -> None:
         """Drop ids whose records expired from the indexes."""
@@ -306,7 +307,3 @@ def _encode(value: object) -> str:
     if isinstance(value, float):
         return repr(value)
     return str(value)
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -92,6 +92,8 @@ def validate(
     source_url_hosts: tuple[str, ...],
     callback_hosts: tuple[str, ...] = (),
 ) -> ValidSpec:
+    """Check `spec` against the job contract before anything is staged or written; a refusal
+    is a SpecError that names the field."""
     target = Target.parse(spec.to, "to")
     workspace = _workspace(spec.workspace, known_workspaces)
     idem = spec.idempotency_key
@@ -106,52 +108,17 @@ def validate(
         raise SpecError("on_done", "expected a Celery task name, optionally @queue")
     priority = check_priority(spec.priority)
 
-    path: Path | None = None
-    streamed: StreamedBody | None = None
-    url: str | None = None
-    data: bytes | None = None
-    size: int | None
-    head: bytes | None = None
-    src = spec.source
-    if isinstance(src, StreamedBody):
-        streamed = src
-        size, head = src.size, src.head
-        default_name = spec.name or src.path.name
-    elif isinstance(src, bytes | bytearray):
-        data = bytes(src)
-        if not data:
-            raise SpecError("source", "no bytes given (awork does not take empty files)")
-        if not spec.name:
-            raise SpecError("name", "required when the source is raw bytes")
-        size, head = len(data), data[:16]
-        default_name = spec.name
-    elif isinstance(src, str) and src.lower().startswith(("http://", "https://")):
-        # via awork: the workers never fetch it, so their allow-list does not apply; the public
-        # check (producers.public_source) runs at enqueue and in the worker instead
-        url = _checked_url(src) if placement.via == "awork" else _source_url(src, source_url_hosts)
-        size = None
-        default_name = Path(unquote(urlsplit(url).path)).name
-    elif isinstance(src, str | Path):
-        from producers.staging import check_local_file
-
-        path = Path(src).expanduser()
-        image = target.route.name == "IMAGE_BY_UPLOAD_ID"
-        size, first = check_local_file(path, "path", head=16 if image else 0)
-        head = first if image else None
-        default_name = path.name
-    else:
-        raise SpecError("source", f"expected a path, bytes or an http(s) URL, got {type(src).__name__}")
-
-    file_name = text_rules.file_name(spec.name or default_name)
-    if size is not None and size > target.max_bytes:
+    src = _read_source(spec, target, placement, source_url_hosts)
+    file_name = text_rules.file_name(spec.name or src.default_name)
+    if src.size is not None and src.size > target.max_bytes:
         raise SpecError(
             "path",
-            f"{size} bytes is over the {target.max_bytes} byte cap of the {target.route.value} route",
+            f"{src.size} bytes is over the {target.max_bytes} byte cap of the {target.route.value} route",
         )
     content_type = _content_type(spec.content_type, file_name)
     if target.route.name == "IMAGE_BY_UPLOAD_ID":
-        sniffed = sniff_image(head) if head is not None else None
-        if head is not None and sniffed is None:
+        sniffed = sniff_image(src.head) if src.head is not None else None
+        if src.head is not None and sniffed is None:
             raise SpecError("path", f"{file_name}: not an image (PNG, JPEG, GIF or WebP) for {target}")
         if sniffed and not spec.content_type:
             content_type = sniffed
@@ -162,16 +129,58 @@ def validate(
         description=description,
         idempotency_key=idem,
         content_type=content_type,
-        size=size,
-        path=path,
-        url=url,
-        data=data,
+        size=src.size,
+        path=src.path,
+        url=src.url,
+        data=src.data,
         placement=placement,
-        streamed=streamed,
+        streamed=src.streamed,
         callback_url=callback_url,
         on_done=on_done,
         priority=priority,
     )
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A spec's source, checked: exactly one of path, url, data and streamed is set. `head`: the
+    first bytes where an image route must sniff them; `default_name`: the name it suggests."""
+
+    default_name: str
+    size: int | None
+    head: bytes | None = None
+    path: Path | None = None
+    url: str | None = None
+    data: bytes | None = None
+    streamed: StreamedBody | None = None
+
+
+def _read_source(
+    spec: JobSpec, target: Target, placement: Placement, source_url_hosts: tuple[str, ...]
+) -> _Source:
+    src = spec.source
+    if isinstance(src, StreamedBody):
+        return _Source(spec.name or src.path.name, src.size, src.head, streamed=src)
+    if isinstance(src, bytes | bytearray):
+        data = bytes(src)
+        if not data:
+            raise SpecError("source", "no bytes given (awork does not take empty files)")
+        if not spec.name:
+            raise SpecError("name", "required when the source is raw bytes")
+        return _Source(spec.name, len(data), data[:16], data=data)
+    if isinstance(src, str) and src.lower().startswith(("http://", "https://")):
+        # via awork: the workers never fetch it, so their allow-list does not apply; the public
+        # check (producers.public_source) runs at enqueue and in the worker instead
+        url = _checked_url(src) if placement.via == "awork" else _source_url(src, source_url_hosts)
+        return _Source(Path(unquote(urlsplit(url).path)).name, None, url=url)
+    if isinstance(src, str | Path):
+        from producers.staging import check_local_file
+
+        path = Path(src).expanduser()
+        image = target.route.name == "IMAGE_BY_UPLOAD_ID"
+        size, first = check_local_file(path, "path", head=16 if image else 0)
+        return _Source(path.name, size, first if image else None, path=path)
+    raise SpecError("source", f"expected a path, bytes or an http(s) URL, got {type(src).__name__}")
 
 
 def check_idempotency_key(idem: object, field: str = "idempotency_key") -> str:

@@ -1,7 +1,7 @@
 """Which broker carries the step messages: kombu's Redis transport (default) or RabbitMQ.
 
-`BROKER_URL=amqp://user:password@host:5672/vhost` moves the messages to RabbitMQ; Redis (REDIS_URL)
-still holds every piece of state (job records, locks, limiter windows, block journal,
+`BROKER_URL=amqp://user:password@host:5672/vhost` moves the messages to RabbitMQ; Redis (REDIS_URL,
+plain or Sentinel) still holds every piece of state (job records, locks, limiter windows, block journal,
 idempotency keys, connections). Producers and workers read the same variable through
 `celery_config` (producers/broker.py), so both sides publish and consume on the same broker.
 
@@ -15,8 +15,9 @@ On RabbitMQ:
 - global QoS is off (quorum queues do not support it; Celery's worker_detect_quorum_queues).
 
 Which code depends on which transport:
-- Redis transport only: workers/kombu_fixes.py (kombu Redis-channel guards), workers/resume.py
-  (hands back what kombu's `unacked` hash held across a reconnect), the sweeper's duties that read
+- Redis transport only (installed or included only without BROKER_URL): workers/kombu_fixes.py
+  (kombu Redis-channel guards), workers/resume.py's ResumeStep (hands back what kombu's
+  `unacked` hash held across a reconnect), the sweeper's duties that read
   kombu's `unacked` hash (orphaned messages, finished jobs' unacknowledged messages), the
   producers' direct-to-list fast path (producers/messages.py) and the queue-length metrics that
   read the lists (workers/metrics.py). RabbitMQ redelivers a dead consumer's unacknowledged
@@ -40,7 +41,6 @@ from kombu import Exchange, Queue
 
 from producers.config import ConfigError, redact_url
 
-REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
 QUORUM = {"x-queue-type": "quorum"}
 # RabbitMQ connection: AMQP heartbeats find a dead peer (or a dead worker's connection, on the
@@ -50,14 +50,21 @@ AMQP_CONNECT_TIMEOUT_SECONDS = 5.0
 
 
 def broker_url(redis_url: str) -> str:
-    """BROKER_URL when set (RabbitMQ or another Redis), else the state Redis carries messages too."""
+    """BROKER_URL (RabbitMQ) when set, else `redis_url`: the state Redis carries the messages too."""
     url = os.environ.get("BROKER_URL", "").strip()
     if not url:
         return redis_url
-    scheme = urlsplit(url).scheme
-    if scheme not in REDIS_SCHEMES | AMQP_SCHEMES:
-        raise ConfigError(f"BROKER_URL: expected amqp://, amqps:// or redis://, got {redact_url(url)}")
+    if urlsplit(url).scheme not in AMQP_SCHEMES:
+        raise ConfigError(
+            f"BROKER_URL: expected amqp:// or amqps:// (RabbitMQ), got {redact_url(url)}; "
+            "leave it unset and REDIS_URL carries the messages"
+        )
     return url
+
+
+def amqp_broker() -> bool:
+    """True when BROKER_URL sends the step messages to RabbitMQ (reads only BROKER_URL)."""
+    return is_amqp(broker_url(""))
 
 
 def is_amqp(url: str) -> bool:
@@ -73,7 +80,7 @@ def message_priority(level: int) -> int:
     """A kombu priority on the Redis transport's scale (0 is read first, 9 last: producers/priority.py)
     as the broker in use reads it. RabbitMQ reads the other way (higher first; quorum queues of
     RabbitMQ 4 deliver 5 and above as high, 3.x ignore priorities), so it gets 9 - level there."""
-    return 9 - level if is_amqp(broker_url("")) else level
+    return 9 - level if amqp_broker() else level
 
 
 def amqp_queues(names: tuple[str, ...]) -> list[Queue]:
@@ -107,7 +114,7 @@ def adjust(config: dict[str, Any], queue_names: tuple[str, ...]) -> dict[str, An
     """`config` (the Redis-transport configuration) for the broker BROKER_URL names."""
     url = broker_url(str(config["broker_url"]))
     if not is_amqp(url):
-        return {**config, "broker_url": url}
+        return config
     round_up_short_countdowns()
     return {**config, **amqp_settings(url, queue_names)}
 

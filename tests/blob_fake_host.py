@@ -9,9 +9,7 @@ and serve GET sources that break mid-stream (with or without Range support).
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import hashlib
 import re
 import threading
 import time
@@ -20,6 +18,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from workers.sources import md5_b64
 
 
 @dataclass
@@ -54,10 +54,6 @@ class Switches:
     echo_md5: bool = True  # Put Blob answers with the Content-MD5 it computed
     echo_wrong_md5: bool = False
     lose_blocks_once: bool = False  # first Put Block List: 400 InvalidBlockList, blocks gone
-
-
-def _md5(data: bytes) -> str:
-    return base64.b64encode(hashlib.md5(data).digest()).decode()
 
 
 class FakeBlobHost:
@@ -154,7 +150,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         src.gets += 1
         data = src.data
-        etag = f'"{_md5(data)}"'
+        etag = f'"{md5_b64(data)}"'
         start = 0
         status = 200
         rng = self.headers.get("Range")
@@ -246,7 +242,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if corrupt:
                 data = bytes([data[0] ^ 0xFF]) + data[1:]
-            if "content-md5" in headers and headers["content-md5"] != _md5(data):
+            if "content-md5" in headers and headers["content-md5"] != md5_b64(data):
                 log(400)
                 self._error(400, "Md5Mismatch")
                 return
@@ -256,11 +252,11 @@ class _Handler(BaseHTTPRequestHandler):
                 if sw.expire_after_blocks is not None and n >= sw.expire_after_blocks:
                     fake.revoked.add(sig)
             log(201)
-            self._reply(201, {"Content-MD5": _md5(data)})
+            self._reply(201, {"Content-MD5": md5_b64(data)})
             return
 
         if comp == "blocklist":
-            if "content-md5" in headers and headers["content-md5"] != _md5(data):
+            if "content-md5" in headers and headers["content-md5"] != md5_b64(data):
                 log(400)
                 self._error(400, "Md5Mismatch")
                 return
@@ -302,18 +298,18 @@ class _Handler(BaseHTTPRequestHandler):
             sw.corrupt_put_blob_once = False
         if corrupt and data:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
-        if "content-md5" in headers and headers["content-md5"] != _md5(data):
+        if "content-md5" in headers and headers["content-md5"] != md5_b64(data):
             log(400)
             self._error(400, "Md5Mismatch")
             return
         with fake.lock:
             fake.blobs[parts.path] = (
                 data,
-                {"content-type": headers.get("content-type", ""), "content-md5": _md5(data)},
+                {"content-type": headers.get("content-type", ""), "content-md5": md5_b64(data)},
             )
             fake.uncommitted.pop(parts.path, None)
         log(201)
         reply: dict[str, str] = {}
         if sw.echo_md5:
-            reply["Content-MD5"] = _md5(b"x" + data) if sw.echo_wrong_md5 else _md5(data)
+            reply["Content-MD5"] = md5_b64(b"x" + data) if sw.echo_wrong_md5 else md5_b64(data)
         self._reply(201, reply)

@@ -10,6 +10,17 @@ import redis
 
 from ops.redis_server import RedisServer
 
+# `make test-fast` runs `pytest -m "not slow"`. A test that starts worker processes (a `fleet`
+# fixture) or Azurite is slow wherever it lives, whether its module marks it or not.
+SLOW_FIXTURES = frozenset({"fleet", "azurite"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:

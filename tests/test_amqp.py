@@ -90,9 +90,10 @@ def test_without_broker_url_redis_carries_the_messages(monkeypatch: pytest.Monke
     assert conf["broker_transport_options"]["visibility_timeout"] > 0
     assert all(q.exchange.type == "direct" and not q.queue_arguments for q in conf["task_queues"])
     assert fast_path_supported("redis://127.0.0.1:1/0")
-    monkeypatch.setenv("BROKER_URL", "kafka://127.0.0.1:9092")
-    with pytest.raises(ConfigError, match="BROKER_URL"):
-        celery_config("redis://127.0.0.1:1/0")
+    for other in ("kafka://127.0.0.1:9092", "redis://127.0.0.1:2/0"):
+        monkeypatch.setenv("BROKER_URL", other)
+        with pytest.raises(ConfigError, match="BROKER_URL"):
+            celery_config("redis://127.0.0.1:1/0")
 
 
 def test_job_priorities_keep_their_order_on_rabbitmq(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,8 +9,8 @@ import pytest
 import redis
 from cryptography.fernet import Fernet
 
+from ops.cli import main as cli_main
 from producers.api_tokens import ApiTokens
-from producers.cli import main as cli_main
 
 
 def test_create_list_revoke(
@@ -30,7 +30,7 @@ def test_create_list_revoke(
     assert token.startswith("awu_") and secret.startswith("whsec_")
     client = redis.Redis.from_url(producer_env["REDIS_URL"])
     stored = b" ".join(v for k in client.keys("awork:api-token:*") for v in client.hgetall(k).values())
-    assert token.encode() not in stored and token.split("_")[2].encode() not in stored
+    assert token.encode() not in stored and token.split("_", 2)[2].encode() not in stored
     assert secret.encode() not in stored
     sealed = ApiTokens(client).sealed_callback_secret(made["id"])
     assert sealed and json.loads(Fernet(key.encode()).decrypt(sealed.encode()))["callback_secret"] == secret

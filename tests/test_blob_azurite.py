@@ -5,8 +5,6 @@ Small policy (threshold 1 MiB, blocks 256 KiB) so the files stay small and the t
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,7 +22,7 @@ from tests.blob_policies import SMALL, KiB, MiB, staged_digests
 from workers.blob import BlobUploader, MemoryFallbackStore, TransferPolicy
 from workers.block_journal import MemoryBlockJournal
 from workers.errors import PermanentError, TransientError, UploadUrlExpired
-from workers.sources import FileSource
+from workers.sources import FileSource, md5_b64
 from workers.url_source import UrlSource
 
 CONTAINER = "uploads"
@@ -38,10 +36,6 @@ def azurite() -> Iterator[Azurite]:
         yield az
     finally:
         az.stop()
-
-
-def _md5(data: bytes) -> str:
-    return base64.b64encode(hashlib.md5(data).digest()).decode()
 
 
 def _uploader(az: Azurite, recorder: Recorder | None = None, policy: TransferPolicy = SMALL) -> BlobUploader:
@@ -74,11 +68,11 @@ def test_sizes_arrive_byte_exact(azurite: Azurite, tmp_path: Path, size: int, mo
             content_type="video/mp4",
             progress=lambda done, total: seen.append((done, total)),
         )
-    assert (out.size, out.mode, out.blocks_sent, out.md5_b64) == (size, mode, blocks, _md5(data))
+    assert (out.size, out.mode, out.blocks_sent, out.md5_b64) == (size, mode, blocks, md5_b64(data))
     assert azurite.read_blob(CONTAINER, name) == data
     props = azurite.blob_properties(CONTAINER, name)
     assert props["content-type"] == "video/mp4"
-    assert props["content-md5"] == _md5(data)  # Put Block List set x-ms-blob-content-md5
+    assert props["content-md5"] == md5_b64(data)  # Put Block List set x-ms-blob-content-md5
     assert seen[-1] == (size, size)
 
 
@@ -92,12 +86,12 @@ def test_default_policy_70_mib(azurite: Azurite, tmp_path: Path) -> None:
         )
     assert out.mode == "blocks" and out.blocks_sent == 9  # 8 MiB blocks
     size, md5 = azurite.blob_md5(CONTAINER, "big.bin")
-    assert (size, md5) == (len(data), _md5(data))
+    assert (size, md5) == (len(data), md5_b64(data))
 
 
 def test_wrong_content_md5_is_rejected_by_the_server(azurite: Azurite, tmp_path: Path) -> None:
     make_file(tmp_path / "f.bin", 100 * KiB)
-    wrong = _md5(b"something else")
+    wrong = md5_b64(b"something else")
     rec = Recorder()
     with _uploader(azurite, rec) as up, pytest.raises(PermanentError) as info:
         up.upload(
@@ -120,17 +114,17 @@ def test_staged_block_md5s_are_checked_by_azurite(azurite: Azurite, tmp_path: Pa
     with _uploader(azurite) as up:
         out = up.upload(
             azurite.blob_sas_url(CONTAINER, "staged.bin"),
-            FileSource(tmp_path / "f.bin", _md5(data), digests),
+            FileSource(tmp_path / "f.bin", md5_b64(data), digests),
             content_type="application/octet-stream",
         )
-    assert out.staged_block_md5s and azurite.blob_md5(CONTAINER, "staged.bin") == (len(data), _md5(data))
+    assert out.staged_block_md5s and azurite.blob_md5(CONTAINER, "staged.bin") == (len(data), md5_b64(data))
     changed = bytearray(data)
     changed[2 * SMALL.block_size] ^= 1
     (tmp_path / "f.bin").write_bytes(changed)
     with _uploader(azurite) as up, pytest.raises(PermanentError) as info:
         up.upload(
             azurite.blob_sas_url(CONTAINER, "changed.bin"),
-            FileSource(tmp_path / "f.bin", _md5(data), digests),
+            FileSource(tmp_path / "f.bin", md5_b64(data), digests),
             content_type="application/octet-stream",
         )
     assert info.value.code == "source-changed" and info.value.status == 400
@@ -317,7 +311,7 @@ def test_url_source_streams_to_the_blob_without_a_temp_file(
     finally:
         server.shutdown()
         server.server_close()
-    assert out.md5_b64 == _md5(data)
+    assert out.md5_b64 == md5_b64(data)
     assert out.mode == ("single" if size <= SMALL.block_size else "blocks")
     assert azurite.read_blob(CONTAINER, f"url-{size}.bin") == data
-    assert azurite.blob_properties(CONTAINER, f"url-{size}.bin")["content-md5"] == _md5(data)
+    assert azurite.blob_properties(CONTAINER, f"url-{size}.bin")["content-md5"] == md5_b64(data)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import itertools
 import os
@@ -34,7 +33,7 @@ from workers.blob import (
 from workers.block_journal import MemoryBlockJournal, RedisBlockJournal
 from workers.errors import PermanentError, TransientError, UploadUrlExpired
 from workers.multipart import multipart_body
-from workers.sources import FileSource
+from workers.sources import FileSource, md5_b64
 from workers.url_source import UrlSource
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,10 +43,6 @@ REPO = Path(__file__).resolve().parent.parent
 def fake() -> Iterator[FakeBlobHost]:
     with FakeBlobHost() as host:
         yield host
-
-
-def _md5(data: bytes) -> str:
-    return base64.b64encode(hashlib.md5(data).digest()).decode()
 
 
 def _uploader(fake: FakeBlobHost, policy: TransferPolicy = SMALL, store: object = None) -> BlobUploader:
@@ -63,7 +58,7 @@ def test_corrupted_block_is_rejected_and_sent_again(fake: FakeBlobHost, tmp_path
     for bid in (block_id(1), block_id(6)):
         assert [r.status for r in fake.requests_for("c.bin", "block") if r.block_id == bid] == [400, 201]
     assert fake.blob("c.bin") == data
-    assert fake.blobs["/uploads/c.bin"][1] == {"content-type": "image/png", "content-md5": _md5(data)}
+    assert fake.blobs["/uploads/c.bin"][1] == {"content-type": "image/png", "content-md5": md5_b64(data)}
 
 
 def test_server_busy_is_retried(fake: FakeBlobHost, tmp_path: Path) -> None:
@@ -96,11 +91,11 @@ def test_block_ops_refused_fall_back_to_one_put_and_are_remembered(
     store = MemoryFallbackStore()
     with _uploader(fake, store=store) as up:
         out = up.upload(fake.url("fb.bin"), FileSource(tmp_path / "f.bin"), content_type="x/y")
-        assert (out.mode, out.fell_back, out.md5_b64) == ("single", True, _md5(data))
+        assert (out.mode, out.fell_back, out.md5_b64) == ("single", True, md5_b64(data))
         assert fake.blob("fb.bin") == data
         assert store.refuses_blocks(fake.host)
         put = fake.requests_for("fb.bin", None)
-        assert len(put) == 1 and put[0].headers["content-md5"] == _md5(data)
+        assert len(put) == 1 and put[0].headers["content-md5"] == md5_b64(data)
 
         out2 = up.upload(fake.url("fb2.bin"), FileSource(tmp_path / "f.bin"), content_type="x/y")
     assert out2.mode == "single"
@@ -197,7 +192,7 @@ def test_url_source_resumes_a_broken_stream_with_range(fake: FakeBlobHost) -> No
     with _uploader(fake) as up:
         out = up.upload(fake.url("u.bin"), UrlSource(src_url, requests.Session()), content_type="video/mp4")
     assert fake.sources["/src/v.mp4"].gets == 2  # one GET, one Range GET
-    assert out.md5_b64 == _md5(data) and out.blocks_skipped == 0
+    assert out.md5_b64 == md5_b64(data) and out.blocks_skipped == 0
     assert fake.blob("u.bin") == data
 
 
@@ -224,7 +219,7 @@ def test_url_source_on_a_host_without_blocks_is_verified_by_the_echoed_md5(fake:
     puts = fake.requests_for("s.bin")
     assert [r.comp for r in puts] == [None, None]
     assert "content-md5" not in puts[0].headers  # cannot be known before streaming
-    assert out.md5_b64 == _md5(data) and out.fell_back
+    assert out.md5_b64 == md5_b64(data) and out.fell_back
     assert fake.blob("s.bin") == data
 
 
@@ -237,7 +232,7 @@ def test_url_source_of_unknown_size_on_a_host_without_blocks(fake: FakeBlobHost,
     with up:
         out = up.upload(fake.url("n.bin"), UrlSource(src_url, requests.Session()), content_type="x/y")
     assert out.mode == "single" and fake.blob("n.bin") == data
-    assert fake.requests_for("n.bin")[0].headers["content-md5"] == _md5(data)
+    assert fake.requests_for("n.bin")[0].headers["content-md5"] == md5_b64(data)
     assert list(tmp_path.iterdir()) == []  # the spool file is gone
 
 
@@ -375,7 +370,7 @@ def test_file_not_matching_its_staging_md5_is_never_committed(fake: FakeBlobHost
     with _uploader(fake) as up, pytest.raises(PermanentError) as info:
         up.upload(
             fake.url("stale.bin"),
-            FileSource(tmp_path / "f.bin", md5_b64=_md5(b"what the producer staged")),
+            FileSource(tmp_path / "f.bin", md5_b64=md5_b64(b"what the producer staged")),
             content_type="x/y",
         )
     assert info.value.code == "source-changed"

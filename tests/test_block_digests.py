@@ -4,8 +4,6 @@ hashing - with a changed file still never committed."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,14 +19,10 @@ from tests.blob_fake_host import FakeBlobHost
 from tests.blob_policies import SMALL, KiB, MiB, staged_digests
 from workers.blob import BlobUploader, MemoryFallbackStore, block_id
 from workers.errors import PermanentError
-from workers.sources import FileSource
+from workers.sources import FileSource, md5_b64
 
 BLOCK = SMALL.block_size
 THRESHOLD = SMALL.single_put_threshold
-
-
-def _md5(data: bytes) -> str:
-    return base64.b64encode(hashlib.md5(data).digest()).decode()
 
 
 @pytest.fixture
@@ -47,12 +41,12 @@ def test_hasher_cuts_blocks_whatever_the_chunks(chunk: int) -> None:
 
 
 def test_digests_round_trip_and_refuse_what_is_malformed() -> None:
-    d = BlockDigests(5 * BLOCK + 4, BLOCK, _md5(b"x"), tuple(_md5(bytes([i])) for i in range(6)))
+    d = BlockDigests(5 * BLOCK + 4, BLOCK, md5_b64(b"x"), tuple(md5_b64(bytes([i])) for i in range(6)))
     assert BlockDigests.parse(d.dump()) == d
-    assert d.fits(5 * BLOCK + 4, BLOCK, _md5(b"x"))
-    assert not d.fits(5 * BLOCK + 4, 2 * BLOCK, _md5(b"x"))  # workers cut other blocks
-    assert not d.fits(5 * BLOCK + 5, BLOCK, _md5(b"x"))
-    assert not d.fits(5 * BLOCK + 4, BLOCK, _md5(b"y"))
+    assert d.fits(5 * BLOCK + 4, BLOCK, md5_b64(b"x"))
+    assert not d.fits(5 * BLOCK + 4, 2 * BLOCK, md5_b64(b"x"))  # workers cut other blocks
+    assert not d.fits(5 * BLOCK + 5, BLOCK, md5_b64(b"x"))
+    assert not d.fits(5 * BLOCK + 4, BLOCK, md5_b64(b"y"))
     assert not d.fits(5 * BLOCK + 4, BLOCK, None)
     text = d.dump()
     for bad in (
@@ -63,7 +57,7 @@ def test_digests_round_trip_and_refuse_what_is_malformed() -> None:
         text[: text.rindex("\n", 0, -1)],
     ):
         parsed = BlockDigests.parse(bad)
-        assert parsed is None or not parsed.fits(5 * BLOCK + 4, BLOCK, _md5(b"x")), bad
+        assert parsed is None or not parsed.fits(5 * BLOCK + 4, BLOCK, md5_b64(b"x")), bad
 
 
 def test_block_size_grows_only_past_azures_block_count() -> None:
@@ -79,7 +73,7 @@ def test_staging_writes_digests_only_for_files_that_go_up_as_blocks(tmp_path: Pa
     big = make_file(tmp_path / "big.bin", THRESHOLD + 3 * KiB)
     staged = staging.stage_file(tmp_path / "big.bin", root, job1, "big.bin", THRESHOLD, BLOCK)
     digests = BlockDigests.load(sidecar_path(root, job1))
-    assert digests is not None and staged.md5_b64 == _md5(big)
+    assert digests is not None and staged.md5_b64 == md5_b64(big)
     assert digests == staged_digests(big)
     make_file(tmp_path / "small.bin", THRESHOLD)
     staging.stage_file(tmp_path / "small.bin", root, job2, "small.bin", THRESHOLD, BLOCK)
@@ -115,15 +109,15 @@ def test_staged_digests_spare_the_worker_every_hash(
     hashed = _count_hashing(monkeypatch)
     with _uploader(fake) as up:
         out = up.upload(
-            fake.url("s.bin"), FileSource(tmp_path / "f.bin", _md5(data), digests), content_type="x/y"
+            fake.url("s.bin"), FileSource(tmp_path / "f.bin", md5_b64(data), digests), content_type="x/y"
         )
-    assert fake.blob("s.bin") == data and out.mode == "blocks" and out.md5_b64 == _md5(data)
-    assert fake.blobs["/uploads/s.bin"][1]["content-md5"] == _md5(data)
+    assert fake.blob("s.bin") == data and out.mode == "blocks" and out.md5_b64 == md5_b64(data)
+    assert fake.blobs["/uploads/s.bin"][1]["content-md5"] == md5_b64(data)
     assert all(size < 4 * KiB for size in hashed), hashed  # only the block list's small XML body
     # without them, every block is hashed here
     hashed.clear()
     with _uploader(fake) as up:
-        up.upload(fake.url("t.bin"), FileSource(tmp_path / "f.bin", _md5(data)), content_type="x/y")
+        up.upload(fake.url("t.bin"), FileSource(tmp_path / "f.bin", md5_b64(data)), content_type="x/y")
     assert hashed.count(BLOCK) == 7 and 5 in hashed
 
 
@@ -137,7 +131,7 @@ def test_a_block_changed_after_staging_is_refused_and_never_committed(
     (tmp_path / "f.bin").write_bytes(changed)
     with _uploader(fake) as up, pytest.raises(PermanentError) as info:
         up.upload(
-            fake.url("rot.bin"), FileSource(tmp_path / "f.bin", _md5(staged), digests), content_type="x/y"
+            fake.url("rot.bin"), FileSource(tmp_path / "f.bin", md5_b64(staged), digests), content_type="x/y"
         )
     assert info.value.code == "source-changed"
     refused = [r for r in fake.requests_for("rot.bin", "block") if r.block_id == block_id(3)]
@@ -151,7 +145,7 @@ def test_a_block_corrupted_on_the_way_is_still_sent_again(fake: FakeBlobHost, tm
     fake.switches.corrupt_once = {block_id(2)}
     with _uploader(fake) as up:
         out = up.upload(
-            fake.url("c.bin"), FileSource(tmp_path / "f.bin", _md5(data), digests), content_type="x/y"
+            fake.url("c.bin"), FileSource(tmp_path / "f.bin", md5_b64(data), digests), content_type="x/y"
         )
     assert out.retries == 1 and fake.blob("c.bin") == data
 
@@ -161,6 +155,6 @@ def test_digests_that_do_not_fit_are_ignored(fake: FakeBlobHost, tmp_path: Path)
     other_cut = staged_digests(data, 2 * BLOCK)
     with _uploader(fake) as up:
         up.upload(
-            fake.url("o.bin"), FileSource(tmp_path / "f.bin", _md5(data), other_cut), content_type="x/y"
+            fake.url("o.bin"), FileSource(tmp_path / "f.bin", md5_b64(data), other_cut), content_type="x/y"
         )
     assert fake.blob("o.bin") == data

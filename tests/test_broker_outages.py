@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from ops.demo_files import random_file
-from ops.stack import ping_workers
+from ops.local_fleet import ping_workers
 from producers.broker import BROKER_SOCKET_TIMEOUT_SECONDS
 from tests.fleet import Fleet, wait_until
 

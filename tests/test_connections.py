@@ -11,7 +11,7 @@ import pytest
 import redis
 from cryptography.fernet import Fernet
 
-from producers.cli import main as cli_main
+from ops.cli import main as cli_main
 from producers.client import Uploads
 from producers.connections import CONNECTIONS_KEY, ConnectionRegistry, connection_key
 from producers.contract import JobState, SpecError

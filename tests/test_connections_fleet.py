@@ -17,8 +17,8 @@ import pytest
 import requests
 from cryptography.fernet import Fernet
 
+from ops.cli import main as cli_main
 from ops.flower import FlowerProcess
-from producers.cli import main as cli_main
 from producers.connections import ConnectionRegistry
 from producers.spec import JobSpec
 from tests.fleet import SECOND_KEY, Fleet, wait_until

@@ -12,11 +12,12 @@ import pytest
 import redis
 
 from producers.cli import main as cli_main
-from producers.client import RedisUnavailable, Uploads, _Prepared
+from producers.client import RedisUnavailable, Uploads
 from producers.config import SharedSettings
 from producers.contract import SpecError
+from producers.prepare import Prepared
 from producers.spec import JobSpec
-from workers.metrics import BrokerLayout
+from workers.queue_metrics import BrokerLayout
 
 ID = str(uuid.uuid4())
 
@@ -155,14 +156,14 @@ def test_publishing_a_batch_does_not_compare_its_jobs_pairwise(
     """Sorting a batch into Celery-published and pre-built messages is one pass: comparing every
     job with every other took tens of seconds for 10,000 jobs of a recurring flow."""
     compared = 0
-    plain_eq = _Prepared.__eq__
+    plain_eq = Prepared.__eq__
 
-    def counting_eq(self: _Prepared, other: object) -> bool:
+    def counting_eq(self: Prepared, other: object) -> bool:
         nonlocal compared
         compared += 1
         return plain_eq(self, other)
 
-    monkeypatch.setattr(_Prepared, "__eq__", counting_eq)
+    monkeypatch.setattr(Prepared, "__eq__", counting_eq)
     n = 200
     specs = [JobSpec(b"v", f"task:{ID}", name=f"f{i}.txt", on_existing="version") for i in range(n)]
     specs += [JobSpec(b"p", f"task:{ID}", name=f"p{i}.txt") for i in range(n)]

@@ -130,7 +130,7 @@ def cli(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWORK_")}
     env.update({k: fleet.env[k] for k in keep})
     return subprocess.run(
-        [sys.executable, "-m", "producers.cli", *args], env=env, capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "ops.cli", *args], env=env, capture_output=True, text=True, timeout=30
     )
 
 

@@ -117,7 +117,7 @@ def test_the_cli_refuses_with_one_line_naming_the_variable() -> None:
     env = {k: v for k, v in os.environ.items() if k != AUTH_ENV}
     env["REDIS_URL"] = "redis://127.0.0.1:1/0"
     result = subprocess.run(
-        [sys.executable, "-m", "producers.cli", "flower", "--address", "0.0.0.0", "--port", "1"],
+        [sys.executable, "-m", "ops.cli", "flower", "--address", "0.0.0.0", "--port", "1"],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 2

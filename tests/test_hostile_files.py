@@ -6,7 +6,6 @@ end-to-end cases. Each test names the item it covers.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import socket
@@ -33,7 +32,7 @@ from tests.fleet import Fleet, wait_until
 from workers.errors import PermanentError
 from workers.multipart import multipart_body, verified_reads
 from workers.record_checks import check_record
-from workers.sources import ByteSource, FileSource
+from workers.sources import ByteSource, FileSource, md5_b64
 
 SECRET = b"-----BEGIN PRIVATE KEY----- not for upload"
 
@@ -42,16 +41,11 @@ OpenSource = Callable[[dict[str, str], tuple[str, ...], Path], ByteSource]
 
 
 @pytest.fixture
-def open_source(monkeypatch: pytest.MonkeyPatch) -> OpenSource:
-    """workers.steps.open_source (importing the steps configures the Celery app: no connection)."""
-    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+def open_source() -> OpenSource:
+    """workers.steps.open_source, the function the put and multipart steps call."""
     from workers.steps import open_source as real
 
     return real
-
-
-def _md5(data: bytes) -> str:
-    return base64.b64encode(hashlib.md5(data).digest()).decode()
 
 
 def _secret(tmp_path: Path) -> Path:
@@ -242,7 +236,7 @@ def test_a_file_that_grows_while_copied_is_copied_to_the_size_seen(
     monkeypatch.setattr(staging, "hashlib", Growing)
     staged = staging.stage_file(src, tmp_path / "staging", new_job_id(), "growing.log")
     assert staged.path.read_bytes() == first
-    assert staged.md5_b64 == _md5(first)
+    assert staged.md5_b64 == md5_b64(first)
     assert staged.size == len(first)
 
 
@@ -368,7 +362,7 @@ def test_multipart_stream_stops_before_its_last_byte_on_a_changed_file(tmp_path:
     data = os.urandom(5000)
     path = tmp_path / "f.bin"
     path.write_bytes(data)
-    src = FileSource(path, md5_b64=_md5(b"what was staged"))
+    src = FileSource(path, md5_b64=md5_b64(b"what was staged"))
     body, _, length = multipart_body(src, "f.bin", "x/y")
     got = b""
     with pytest.raises(PermanentError) as err:
@@ -377,7 +371,7 @@ def test_multipart_stream_stops_before_its_last_byte_on_a_changed_file(tmp_path:
     assert err.value.code == "source-changed"
     assert len(got) < length and data[-1000:] not in got
     src.close()
-    reads = verified_reads(FileSource(path).open(), len(data), _md5(data), "f")
+    reads = verified_reads(FileSource(path).open(), len(data), md5_b64(data), "f")
     assert reads(10_000) == data  # an unchanged file goes through whole
 
 

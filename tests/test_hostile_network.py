@@ -139,13 +139,6 @@ def hosts() -> Iterator[Callable[..., Host]]:
         h.stop()
 
 
-@pytest.fixture(autouse=True)
-def _importable_steps(monkeypatch: pytest.MonkeyPatch) -> None:
-    """workers.steps builds the Celery app on import, which wants a REDIS_URL (never contacted)."""
-    if not os.environ.get("REDIS_URL"):
-        monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
-
-
 def open_source(record: dict[str, str], hosts: tuple[str, ...], staging: Path, **kw: Any) -> Any:
     """The worker's own `open_source` (what the put and multipart steps call)."""
     from workers.steps import open_source as worker_open_source

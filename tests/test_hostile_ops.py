@@ -9,7 +9,6 @@ its queue, no task was sent, nothing was revoked).
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,11 +23,11 @@ from celery import Celery
 
 from ops.flower import CONTROL_ENV, FlowerProcess, control_allowed
 from ops.flower_server import REFUSAL
+from ops.local_fleet import FleetOptions, LocalFleet, worker_argv
 from ops.processes import Child
-from ops.redis_server import RedisServer
-from ops.stack import worker_argv
 from producers.broker import celery_config
 from producers.config import ConfigError
+from producers.contract import QUEUE_API
 
 AUTH = f"operator:pw-{uuid.uuid4().hex}"
 PUT_FILE = "awork.put_file"
@@ -74,28 +73,25 @@ class Rig:
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     root = tmp_path_factory.mktemp("hostile-ops")
-    server = RedisServer(root / "redis", appendonly=False).start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWORK_", "FLOWER_"))}
-    env.update(REDIS_URL=server.url, STAGING_DIR=str(root / "staging"))
-    hostname = f"hostile-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
-    argv = [a if not a.startswith("--queues=") else "--queues=awork.api" for a in worker_argv(1, hostname)]
-    worker = Child("worker", argv, env, root / "worker.log").start()
-    app = Celery("hostile-ops", set_as_current=False)
-    app.conf.update(celery_config(server.url))
-    client = redis.Redis.from_url(server.url)
-    rig = Rig(root, env, hostname, client, app)
-    try:
-        for _ in range(60):
-            if rig.ping():
-                break
-        else:
-            raise TimeoutError(f"worker did not answer ping; see {root / 'worker.log'}")
-        yield rig
-    finally:
-        app.close()
-        client.close()
-        worker.stop(10)
-        server.stop()
+    options = FleetOptions(
+        root=root,
+        workers=1,
+        concurrency=1,
+        queues=(QUEUE_API,),
+        node_name="hostile-{uid}@{host}",
+        appendonly=False,
+        ready_timeout=180,
+        stop_grace=10,
+    )
+    with LocalFleet(options) as fleet:
+        app = Celery("hostile-ops", set_as_current=False)
+        app.conf.update(celery_config(fleet.env["REDIS_URL"]))
+        client = fleet.redis_client(decode_responses=False)
+        try:
+            yield Rig(root, fleet.env, fleet.workers[0].node_name, client, app)
+        finally:
+            app.close()
+            client.close()
 
 
 def control_requests(worker: str, task_id: str) -> list[tuple[str, dict[str, Any]]]:

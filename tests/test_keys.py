@@ -87,7 +87,6 @@ STILL_LITERAL = {
     "producers/client.py",
     "producers/create_job.lua",
     "workers/sweeper.py",
-    "workers/ratelimit.py",
 }
 _LITERAL = re.compile(r"""["']awork:[a-z{*]""")
 

@@ -23,7 +23,7 @@ from ops.redis_server import free_port
 from producers.config import ConfigError
 from producers.contract import QUEUE_API, QUEUE_TRANSFER, TASK_GENERATE_UPLOAD_URL, TASK_PUT_FILE
 from producers.records import DEAD_KEY
-from workers import metrics
+from workers import metrics, metrics_server, queue_metrics
 from workers.errors import PermanentError, RateLimited, TransientError, UploadUrlExpired
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,9 +49,9 @@ def value(families: dict, name: str, sample: str, **labels: str) -> float:
 
 @pytest.fixture
 def metrics_off() -> Iterator[None]:
-    metrics.stop_metrics_server()
+    metrics_server.stop_metrics_server()
     yield
-    metrics.stop_metrics_server()
+    metrics_server.stop_metrics_server()
 
 
 def publisher(redis_url: str):  # type: ignore[no-untyped-def]
@@ -63,7 +63,7 @@ def publisher(redis_url: str):  # type: ignore[no-untyped-def]
 # -- the API and the endpoint -------------------------------------------------------------------
 def test_every_metric_family_is_served_after_the_api_is_called(redis_url: str, metrics_off: None) -> None:
     port = free_port()
-    bound = metrics.start_metrics_server(
+    bound = metrics_server.start_metrics_server(
         environ={"WORKER_METRICS_PORT": str(port), "WORKER_METRICS_ADDR": "127.0.0.1"}, redis_url=redis_url
     )
     assert bound == port
@@ -102,7 +102,7 @@ def test_every_metric_family_is_served_after_the_api_is_called(redis_url: str, m
     assert value(families, f"{p}broker_up", f"{p}broker_up") == 1
 
     # once per process: a second start returns the port already bound
-    again = metrics.start_metrics_server(
+    again = metrics_server.start_metrics_server(
         environ={"WORKER_METRICS_PORT": str(free_port()), "WORKER_METRICS_ADDR": "127.0.0.1"},
         redis_url=redis_url,
     )
@@ -110,12 +110,12 @@ def test_every_metric_family_is_served_after_the_api_is_called(redis_url: str, m
 
 
 def test_off_when_the_port_is_unset_and_a_bad_port_names_the_variable(metrics_off: None) -> None:
-    assert metrics.start_metrics_server(environ={}) is None
-    assert metrics.start_metrics_server(environ={"WORKER_METRICS_PORT": "  "}) is None
+    assert metrics_server.start_metrics_server(environ={}) is None
+    assert metrics_server.start_metrics_server(environ={"WORKER_METRICS_PORT": "  "}) is None
     with pytest.raises(ConfigError, match="WORKER_METRICS_PORT"):
-        metrics.start_metrics_server(environ={"WORKER_METRICS_PORT": "metrics"})
+        metrics_server.start_metrics_server(environ={"WORKER_METRICS_PORT": "metrics"})
     with pytest.raises(ConfigError, match="WORKER_METRICS_PORT"):
-        metrics.parse_port("70000")
+        metrics_server.parse_port("70000")
 
 
 def _listening(port: int) -> socket.socket:
@@ -130,11 +130,11 @@ def test_a_taken_port_moves_to_the_next_free_one(metrics_off: None) -> None:
     base = free_port()
     taken = _listening(base)
     try:
-        port = metrics.start_metrics_server(
+        port = metrics_server.start_metrics_server(
             environ={"WORKER_METRICS_PORT": str(base), "WORKER_METRICS_ADDR": "127.0.0.1"},
             redis_url="redis://127.0.0.1:1/0",
         )
-        assert port is not None and base < port < base + metrics.PORT_TRIES
+        assert port is not None and base < port < base + metrics_server.PORT_TRIES
         assert requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 200
     finally:
         taken.close()
@@ -152,10 +152,10 @@ def test_a_full_port_range_leaves_the_worker_running_without_metrics(
             except OSError:
                 pytest.skip("could not occupy three consecutive ports")
         with pytest.raises(OSError):
-            metrics.bind_first_free(base, "127.0.0.1", CollectorRegistry(), tries=3)
-        monkeypatch.setattr(metrics, "PORT_TRIES", 3)
+            metrics_server.bind_first_free(base, "127.0.0.1", CollectorRegistry(), tries=3)
+        monkeypatch.setattr(metrics_server, "PORT_TRIES", 3)
         env = {"WORKER_METRICS_PORT": str(base), "WORKER_METRICS_ADDR": "127.0.0.1"}
-        assert metrics.start_metrics_server(environ=env, redis_url="redis://127.0.0.1:1/0") is None
+        assert metrics_server.start_metrics_server(environ=env, redis_url="redis://127.0.0.1:1/0") is None
     finally:
         for s in socks:
             s.close()
@@ -193,12 +193,12 @@ def test_queue_depth_counts_kombu_priority_sub_queues(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     api_lists = {k.decode() for k in client.keys(f"{QUEUE_API}*")}
     assert len(api_lists) > 1, "expected priority sub-queues next to the plain list"
-    layout = metrics.BrokerLayout()
+    layout = queue_metrics.BrokerLayout()
     assert api_lists <= set(layout.list_keys(QUEUE_API))
 
     client.hset("unacked", "tag-1", "{}")
     client.zadd(DEAD_KEY, {"job-a": 1.0, "job-b": 2.0})
-    collector = metrics.QueueDepthCollector(redis_url)
+    collector = queue_metrics.QueueDepthCollector(redis_url)
     depths, unacked, dead = collector.read()
     assert depths == {QUEUE_API: 4, QUEUE_TRANSFER: 1}
     assert (unacked, dead) == (1, 2)
@@ -212,7 +212,7 @@ def test_queue_depth_counts_kombu_priority_sub_queues(redis_url: str) -> None:
 
 
 def test_a_scrape_survives_an_unreachable_redis() -> None:
-    collector = metrics.QueueDepthCollector(f"redis://:secret@127.0.0.1:{free_port()}/0", timeout=0.5)
+    collector = queue_metrics.QueueDepthCollector(f"redis://:secret@127.0.0.1:{free_port()}/0", timeout=0.5)
     registry = CollectorRegistry()
     registry.register(collector)
     assert registry.get_sample_value("awork_uploads_broker_up") == 0
@@ -220,11 +220,11 @@ def test_a_scrape_survives_an_unreachable_redis() -> None:
 
 
 def test_layout_follows_the_transport_options() -> None:
-    layout = metrics.BrokerLayout.from_transport_options(
+    layout = queue_metrics.BrokerLayout.from_transport_options(
         {"global_keyprefix": "p:", "sep": ":", "priority_steps": [0, 5]}, queues=["q"]
     )
     assert layout.list_keys("q") == ["p:q", "p:q:5"]
-    default = metrics.BrokerLayout.from_transport_options({})
+    default = queue_metrics.BrokerLayout.from_transport_options({})
     assert default.list_keys(QUEUE_API) == [QUEUE_API, f"{QUEUE_API}\x06\x163", f"{QUEUE_API}\x06\x166",
                                             f"{QUEUE_API}\x06\x169"]  # fmt: skip
 
@@ -236,7 +236,7 @@ def start_worker(env: dict[str, str], name: str, log: Path) -> Child:
         f"--queues={QUEUE_API},{QUEUE_TRANSFER}", f"--hostname={name}@%h", "--loglevel=INFO",
         "--without-mingle", "--without-gossip",
         # Until the app's include list names them (harmless afterwards).
-        "--include=workers.metrics,workers.logging_setup",
+        "--include=workers.metrics_server,workers.logging_setup",
     ]  # fmt: skip
     return Child(name, argv, env, log).start()
 
@@ -274,7 +274,7 @@ def test_two_workers_on_one_machine_serve_on_consecutive_ports(
             children.append(start_worker(env, f"w{n}", log))
             ports.append(wait_for_port(log, children[-1]))
         # the first takes the configured port, the second the next free one
-        assert len(set(ports)) == 2 and all(base <= p < base + metrics.PORT_TRIES for p in ports)
+        assert len(set(ports)) == 2 and all(base <= p < base + metrics_server.PORT_TRIES for p in ports)
         assert base in ports
         for port in ports:
             families = scrape(f"http://127.0.0.1:{port}/metrics")

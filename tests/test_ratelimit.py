@@ -24,13 +24,8 @@ from workers.limits_config import (
     limits_for_workspace,
     limits_from_table,
 )
-from workers.ratelimit import (
-    DEFAULT_PAUSE_SECONDS,
-    MAX_PAUSE_SECONDS,
-    RateLimiter,
-    pause_from_headers,
-    suggested_countdown,
-)
+from workers.ratelimit import RateLimiter, suggested_countdown
+from workers.ratelimit_headers import DEFAULT_PAUSE_SECONDS, MAX_PAUSE_SECONDS, pause_from_headers
 
 T0 = 1_800_000_000.0  # a whole minute: 1_800_000_000 % 60 == 0
 US = 1e-6

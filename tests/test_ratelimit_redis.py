@@ -21,6 +21,8 @@ from workers.limits_config import WorkspaceLimits
 from workers.ratelimit import RateLimiter
 
 PROCESSES = 4
+# Fleets of limiter processes and a Redis restart: `make test` runs them, `make test-fast` does not.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from kombu.exceptions import OperationalError
 
 from ops.demo_files import random_file
 from ops.redis_server import RedisServer
-from producers import client as client_module
+from producers import publish as publish_module
 from producers.broker import celery_config
 from producers.client import PublishFailed, Uploads
 from producers.config import SharedSettings
@@ -36,7 +36,7 @@ from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, job_key
 from producers.redrive import canvas_from
 from tests.fleet import FAST, Fleet, holder_of, wait_until
 from workers import sweeper as sweeper_module
-from workers.metrics import BrokerLayout
+from workers.queue_metrics import BrokerLayout
 from workers.sweeper import (
     MAYBE_LOST,
     Sweeper,
@@ -227,7 +227,7 @@ def test_a_failed_publish_leaves_no_record_and_no_staged_file(
     from producers.spec import JobSpec
 
     staging = Path(producer_env["STAGING_DIR"])
-    monkeypatch.setattr(client_module, "job_canvas", _Publish(ok=1))
+    monkeypatch.setattr(publish_module, "job_canvas", _Publish(ok=1))
     srcs = [random_file(tmp_path / f"{i}.bin", 100) for i in range(3)]
     with Uploads.from_env() as up, pytest.raises(PublishFailed) as info:
         up._templates = None
@@ -258,7 +258,7 @@ def test_a_failed_prebuilt_publish_enqueues_none_of_the_batch(
         calls.append(len(messages))
         raise redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1. Connection refused.")
 
-    monkeypatch.setattr(client_module, "publish_rendered", failing)
+    monkeypatch.setattr(publish_module, "publish_rendered", failing)
     srcs = [random_file(tmp_path / f"{i}.bin", 100) for i in range(3)]
     with Uploads.from_env() as up, pytest.raises(PublishFailed) as info:
         up._app.conf.task_publish_retry_policy = {"max_retries": 1, "interval_start": 0.01}
@@ -282,7 +282,7 @@ def test_publish_and_cleanup_both_failing_says_which_jobs_will_still_run(
             server.kill()
             raise redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1. Connection refused.")
 
-        monkeypatch.setattr(client_module, "publish_rendered", killed)
+        monkeypatch.setattr(publish_module, "publish_rendered", killed)
         src = random_file(tmp_path / "a.bin", 100)
         up = Uploads(SharedSettings.from_env(), redis_retry_seconds=1.0)
         with up, pytest.raises(PublishFailed) as info:

@@ -64,6 +64,7 @@ def test_a_frozen_holder_whose_lock_lapsed_is_fenced_off(redis_url: str, taken_o
         assert client.hget(job_key("j3"), "running") is None
 
 
+@pytest.mark.slow
 def test_a_release_that_fails_while_redis_is_away_is_retried_once_it_is_back(tmp_path: object) -> None:
     from pathlib import Path
 

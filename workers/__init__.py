@@ -1,7 +1,8 @@
 """The worker side: the Celery app and the upload steps. Start with `celery -A workers worker`.
 
 `workers.app` is resolved lazily, so importing a helper module (the rate limiter, the blob
-transfer) does not need a broker URL.
+transfer) does not build the Celery app. No module reads a setting at import: the worker reads
+them once when it starts (workers.celery_app for the broker, workers.signals for the rest).
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from producers.contract import QUEUE_CALLBACKS, TASK_DELIVER_CALLBACK
 from producers.job_ids import is_job_id
 from producers.job_record import Field, JobRecord
 from producers.keys import batch_key
+from producers.redis_text import as_str
 from producers.source_url import parse_http_url
 from workers.celery_app import app
 from workers.runtime import Runtime, runtime
@@ -135,7 +136,7 @@ def _event(rt: Runtime, kind: str, ident: str, event_id: str) -> tuple[dict[str,
     raw = rt.redis.hgetall(batch_key(ident))
     if not raw:
         return None, {}
-    info = {_s(k): _s(v) for k, v in raw.items()}
+    info = {as_str(k): as_str(v) for k, v in raw.items()}
     from producers.batches import BatchStore
 
     page = BatchStore(rt.redis, rt.store).page(ident, 0, 1)
@@ -212,7 +213,3 @@ def _note(rt: Runtime, kind: str, ident: str, **fields: object) -> None:
             rt.redis.hset(batch_key(ident), mapping={k: str(v) for k, v in fields.items()})
     except Exception:
         log.debug("could not note the callback state", exc_info=True)
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -1,37 +1,48 @@
-"""The Celery app: `celery -A workers worker` finds it as `workers.app` (defined in workers.celery_app)."""
+"""The Celery app: `celery -A workers worker` finds it as `workers.app` (defined in workers.celery_app).
+
+Importing this module reads no setting: the broker configuration is read from the environment
+once, when Celery first needs it (a worker starting, a task being sent), so the step modules
+and their helpers import anywhere, without a REDIS_URL.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from celery import Celery
 
 from producers.broker import celery_config
 from producers.config import SharedSettings
-from producers.transport import uses_redis_transport
 from workers.liveness import LivenessStep
 from workers.resume import ResumeStep
 
-_redis_url = SharedSettings.from_env().redis_url
-# kombu's Redis transport needs its guards (workers/kombu_fixes.py, workers/resume.py); RabbitMQ
-# does not (producers/transport.py).
-_REDIS_TRANSPORT = uses_redis_transport(_redis_url)
-app = Celery(
-    "workers",
-    include=[
-        *(["workers.kombu_fixes"] if _REDIS_TRANSPORT else []),
-        "workers.steps",
-        "workers.resolve",
-        "workers.versions",
-        "workers.by_url",
-        "workers.callbacks",
-        "workers.signals",
-        "workers.connections.keepalive",
-        "workers.shutdown",
-        "workers.metrics",
-        "workers.logging_setup",
-    ],
-)
-app.conf.update(celery_config(_redis_url))
+TASK_MODULES = [
+    "workers.kombu_fixes",
+    "workers.steps",
+    "workers.resolve",
+    "workers.versions",
+    "workers.by_url",
+    "workers.callbacks",
+    "workers.signals",
+    "workers.connections.keepalive",
+    "workers.shutdown",
+    "workers.metrics_server",
+    "workers.logging_setup",
+]
+
+
+def broker_config(shared: SharedSettings) -> dict[str, Any]:
+    """The worker's Celery configuration for these settings (the same broker options as producers)."""
+    return celery_config(shared.redis_url)
+
+
+def _config_from_env() -> dict[str, Any]:
+    """Read at worker start: a missing or malformed REDIS_URL stops it with a message naming it."""
+    return broker_config(SharedSettings.from_env())
+
+
+app = Celery("workers", include=TASK_MODULES)
+app.add_defaults(_config_from_env)
 # Consumer bootsteps: hand back what was held across a broker reconnect; tick the liveness watchdog.
-if _REDIS_TRANSPORT:
-    app.steps["consumer"].add(ResumeStep)
+app.steps["consumer"].add(ResumeStep)
 app.steps["consumer"].add(LivenessStep)

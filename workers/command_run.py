@@ -11,6 +11,7 @@ import redis
 
 from producers.config import ConfigError, SharedSettings
 from producers.contract import SpecError
+from producers.redis_conn import redis_client
 from workers.errors import AworkError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -18,7 +19,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def command_redis() -> redis.Redis:
     """The fleet's Redis (REDIS_URL) with short timeouts: a command waits seconds, not minutes."""
-    return redis.Redis.from_url(
+    return redis_client(
         SharedSettings.from_env().redis_url, socket_connect_timeout=3, socket_timeout=10
     )
 

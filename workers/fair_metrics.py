@@ -21,6 +21,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from producers.redis_conn import redis_client
 from workers import step_lock
 from workers.fair_share import FairShare
 from workers.metrics import PREFIX
@@ -38,7 +39,7 @@ class FairShareCollector(Collector):
     def _share(self) -> FairShare:
         with self._lock:
             if self._fair is None:
-                client = redis.Redis.from_url(
+                client = redis_client(
                     self.redis_url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
                 )
                 # a snapshot renews the leases whose step lock lives: by the lock's TTL, as a step does

@@ -1,4 +1,4 @@
-"""Prometheus metrics of a worker: a tiny typed API for the step runner, and the HTTP endpoint.
+"""Prometheus metrics of a worker: a tiny typed API for the step runner.
 
 Every name starts with ``awork_uploads_``. What the step runner reports:
 
@@ -14,46 +14,20 @@ Every name starts with ``awork_uploads_``. What the step runner reports:
   ``awork_uploads_rate_wait_seconds`` (a histogram: count = deferrals, sum = seconds).
 - ``bytes_uploaded(workspace, n)`` as bytes reach the upload host: ``awork_uploads_bytes_uploaded_total``.
 
-Read from Redis at scrape time (``QueueDepthCollector``): ``awork_uploads_queue_depth{queue}``
-(messages waiting, kombu's priority sub-queues included), ``awork_uploads_unacked_messages``
-(delivered but not acknowledged: running steps and countdown retries held by workers),
-``awork_uploads_dead_letters`` and ``awork_uploads_broker_up``; the fair share's gauges per
-workspace (workers/fair_metrics.py). Every worker reports the same
-broker-wide values: aggregate them with ``max``, not ``sum``.
-
 Of the worker itself, read at scrape time: ``awork_uploads_consumer_loop_tick_age_seconds``
 (workers/liveness.py: seconds since the consumer loop last ticked; the watchdog ends the worker
 above ``AWORK_LIVENESS_SECONDS``).
 
-The endpoint (``start_metrics_server``), started by Celery's worker signals:
-
-- Off unless ``WORKER_METRICS_PORT`` is set. ``WORKER_METRICS_ADDR`` is the address to bind
-  (default ``0.0.0.0``: Prometheus scrapes from elsewhere; the metrics hold no secrets).
-- Port policy: one endpoint per process that runs tasks. It binds ``WORKER_METRICS_PORT``; when
-  that port is taken (another worker on the same machine) it tries the next one, up to
-  ``PORT_TRIES`` ports, and logs the one it got. Several workers on one machine therefore serve
-  on P, P+1, P+2, ...: scrape that range. ``0`` picks any free port (logged). When no port in the
-  range is free the worker runs on without metrics and logs a warning.
-- Pools: with ``threads`` (our default), ``solo``, ``gevent`` or ``eventlet`` the worker process
-  serves once it is ready (``worker_ready``). With ``prefork`` each child process serves its own
-  counters on its own port (``worker_process_init``); the parent, which runs no tasks, does not.
+Read from Redis at scrape time: the broker's gauges (workers/queue_metrics.py) and the fair
+share's (workers/fair_metrics.py). The HTTP endpoint that serves them all, and the Celery hooks
+that start it: workers/metrics_server.py.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
-import threading
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
-import redis
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
+from prometheus_client import Counter, Gauge, Histogram
 
 log = logging.getLogger("awork.metrics")
 
@@ -65,12 +39,6 @@ def _tick_age() -> float:
 
 
 PREFIX = "awork_uploads_"
-PORT_ENV = "WORKER_METRICS_PORT"
-ADDR_ENV = "WORKER_METRICS_ADDR"
-DEFAULT_ADDR = "0.0.0.0"
-# How many consecutive ports a process tries, starting at WORKER_METRICS_PORT.
-PORT_TRIES = 32
-
 # Steps last from milliseconds (a link) to many minutes (a multi-GB PUT).
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 WAIT_BUCKETS = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -203,290 +171,15 @@ def retry_reason(exc: BaseException) -> str:
     return "other"
 
 
-# -- queue depth, read from Redis at scrape time --------------------------------------------------
-@dataclass(frozen=True)
-class BrokerLayout:
-    """Where kombu's Redis transport keeps things (defaults of kombu.transport.redis.Channel)."""
-
-    queues: tuple[str, ...] = ("awork.api", "awork.transfer")
-    sep: str = "\x06\x16"
-    priority_steps: tuple[int, ...] = (0, 3, 6, 9)
-    global_keyprefix: str = ""
-    unacked_key: str = "unacked"
-
-    @classmethod
-    def from_transport_options(
-        cls, options: Mapping[str, Any], queues: Sequence[str] | None = None
-    ) -> BrokerLayout:
-        from kombu.transport.redis import Channel
-
-        return cls(
-            queues=tuple(queues) if queues else cls.queues,
-            sep=str(options.get("sep", Channel.sep)),
-            priority_steps=tuple(options.get("priority_steps", Channel.priority_steps)),
-            global_keyprefix=str(options.get("global_keyprefix", "")),
-            unacked_key=str(options.get("unacked_key", Channel.unacked_key)),
-        )
-
-    def list_keys(self, queue: str) -> list[str]:
-        """The Redis lists holding `queue`'s messages: the plain name is priority 0, then
-        `queue + sep + step` for every other priority step (e.g. 'awork.api\\x06\\x163')."""
-        names = [queue] + [f"{queue}{self.sep}{step}" for step in self.priority_steps if step]
-        return [f"{self.global_keyprefix}{name}" for name in names]
-
-
-class QueueDepthCollector(Collector):
-    """Reads queue lengths, unacked messages and dead letters from Redis on every scrape.
-
-    A scrape never hangs on a sick Redis (2 s timeouts) and never fails: when Redis cannot be
-    read, ``awork_uploads_broker_up`` is 0 and the depth gauges are left out.
-    """
-
-    def __init__(self, redis_url: str, layout: BrokerLayout | None = None, timeout: float = 2.0) -> None:
-        self.redis_url = redis_url
-        self.layout = layout or BrokerLayout()
-        self.timeout = timeout
-        self._client: redis.Redis | None = None
-        self._lock = threading.Lock()
-
-    def _redis(self) -> redis.Redis:
-        with self._lock:
-            if self._client is None:
-                self._client = redis.Redis.from_url(
-                    self.redis_url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
-                )
-            return self._client
-
-    def read(self) -> tuple[dict[str, int], int, int]:
-        """(depth per queue, unacked messages, dead letters), straight from Redis."""
-        from producers.records import DEAD_KEY
-
-        layout = self.layout
-        pipe = self._redis().pipeline(transaction=False)
-        for queue in layout.queues:
-            for key in layout.list_keys(queue):
-                pipe.llen(key)
-        pipe.hlen(f"{layout.global_keyprefix}{layout.unacked_key}")
-        pipe.zcard(DEAD_KEY)
-        replies = [int(r) for r in pipe.execute()]
-        per_queue = len(layout.list_keys(layout.queues[0])) if layout.queues else 0
-        depths = {
-            queue: sum(replies[i * per_queue : (i + 1) * per_queue]) for i, queue in enumerate(layout.queues)
-        }
-        return depths, replies[-2], replies[-1]
-
-    def collect(self) -> Iterable[Metric]:
-        up = GaugeMetricFamily(f"{PREFIX}broker_up", "1 when this scrape could read Redis, else 0.")
-        try:
-            depths, unacked, dead = self.read()
-        except (redis.RedisError, OSError) as exc:
-            log.warning("metrics: cannot read queue depth from Redis: %s", type(exc).__name__)
-            up.add_metric([], 0)
-            yield up
-            return
-        up.add_metric([], 1)
-        depth = GaugeMetricFamily(
-            f"{PREFIX}queue_depth",
-            "Messages waiting in a Celery queue (all priority sub-queues), read from Redis.",
-            labels=["queue"],
-        )
-        for queue, n in depths.items():
-            depth.add_metric([queue], n)
-        yield depth
-        yield GaugeMetricFamily(
-            f"{PREFIX}unacked_messages",
-            "Messages delivered to workers and not yet acknowledged (running steps, countdown retries).",
-            value=unacked,
-        )
-        yield GaugeMetricFamily(
-            f"{PREFIX}dead_letters", "Failed and dead jobs in the dead-letter set.", value=dead
-        )
-        yield up
-
-    def describe(self) -> Iterable[Metric]:
-        return []  # values come from Redis at scrape time; nothing to check at registration
-
-
-# -- the HTTP endpoint ----------------------------------------------------------------------------
-@dataclass
-class MetricsServer:
-    port: int
-    addr: str
-    server: Any
-    thread: threading.Thread
-    pid: int
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
-
-
-_server: MetricsServer | None = None
-_collectors: dict[int, tuple[CollectorRegistry, QueueDepthCollector]] = {}
-_server_lock = threading.Lock()
-
-
-def parse_port(raw: str | None) -> int | None:
-    """WORKER_METRICS_PORT: None when unset or blank (metrics off), else a port number."""
-    from producers.config import ConfigError
-
-    raw = (raw or "").strip()
-    if not raw:
-        return None
-    try:
-        port = int(raw)
-    except ValueError:
-        raise ConfigError(f"{PORT_ENV}: expected a port number, got {raw!r}") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"{PORT_ENV}: expected a port number 0-65535, got {port}")
-    return port
-
-
-def bind_first_free(
-    port: int, addr: str, registry: CollectorRegistry, tries: int | None = None
-) -> tuple[int, Any, threading.Thread]:
-    """Serve `registry` on the first free port of port..port+tries-1 (any free port for 0)."""
-    tries = PORT_TRIES if tries is None else tries
-    last: OSError | None = None
-    candidates = [0] if port == 0 else range(port, min(port + tries, 65536))
-    for candidate in candidates:
-        try:
-            server, thread = start_http_server(candidate, addr=addr, registry=registry)
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            last = exc
-            continue
-        return int(server.server_address[1]), server, thread
-    raise OSError(errno.EADDRINUSE, f"ports {port}-{port + tries - 1} are all in use") from last
-
-
-def register_queue_collector(
-    redis_url: str, layout: BrokerLayout | None = None, registry: CollectorRegistry = REGISTRY
-) -> QueueDepthCollector:
-    """Add the queue-depth collector to `registry` once (later calls return the same one)."""
-    with _server_lock:
-        existing = _collectors.get(id(registry))
-        if existing is not None:
-            return existing[1]
-        collector = QueueDepthCollector(redis_url, layout)
-        registry.register(collector)
-        from workers.fair_metrics import FairShareCollector  # imports this module: not at the top
-
-        registry.register(FairShareCollector(redis_url))
-        _collectors[id(registry)] = (registry, collector)
-        return collector
-
-
-def start_metrics_server(
-    port_env: str = PORT_ENV,
-    environ: Mapping[str, str] | None = None,
-    registry: CollectorRegistry = REGISTRY,
-    redis_url: str | None = None,
-    layout: BrokerLayout | None = None,
-) -> int | None:
-    """Serve this process's metrics when `port_env` is set; return the port (None when off).
-
-    Once per process: a second call in the same process returns the port already bound.
-    Never raises for a busy port range: the worker is more important than its metrics.
-    """
-    global _server
-    env = os.environ if environ is None else environ
-    port = parse_port(env.get(port_env))
-    if port is None:
-        return None
-    addr = env.get(ADDR_ENV, "").strip() or DEFAULT_ADDR
-    if redis_url is None:
-        redis_url = _broker_url()
-    if redis_url:
-        register_queue_collector(redis_url, layout, registry)
-    with _server_lock:
-        if _server is not None and _server.pid == os.getpid():
-            return _server.port
-        try:
-            bound, server, thread = bind_first_free(port, addr, registry)
-        except OSError as exc:
-            log.warning("metrics: not serving (%s=%s on %s): %s", port_env, port, addr, exc)
-            return None
-        _server = MetricsServer(bound, addr, server, thread, os.getpid())
-    log.info("metrics: serving http://%s:%d/metrics (pid %d)", addr, bound, os.getpid())
-    return bound
-
-
-def stop_metrics_server() -> None:
-    """Stop this process's endpoint and drop the queue collectors (tests; a worker's endpoint
-    simply dies with it)."""
-    global _server
-    with _server_lock:
-        server, _server = _server, None
-        collectors = list(_collectors.values())
-        _collectors.clear()
-    for registry, collector in collectors:
-        registry.unregister(collector)
-    if server is not None and server.pid == os.getpid():
-        server.stop()
-
-
-def _broker_url() -> str | None:
-    from producers.config import ConfigError, SharedSettings
-
-    try:
-        return SharedSettings.from_env().redis_url
-    except ConfigError:
-        return None
-
-
-def _layout() -> BrokerLayout:
-    from producers.broker import celery_config
-
-    options = celery_config("redis://").get("broker_transport_options", {})
-    return BrokerLayout.from_transport_options(options)
-
-
-# -- Celery hooks: connected when this module is imported by the worker ---------------------------
-def _on_worker_process_init(**_: Any) -> None:
-    """A prefork child (or the solo pool's own process): serve this process's counters."""
-    _start_safely()
-
-
-def _on_worker_ready(sender: Any = None, **_: Any) -> None:
-    """The worker process itself serves, unless its tasks run in prefork children."""
-    pool = getattr(sender, "pool", None)
-    if pool is not None and type(pool).__module__ == "celery.concurrency.prefork":
-        return
-    _start_safely()
-
-
-def _start_safely() -> None:
-    try:
-        start_metrics_server(layout=_layout())
-    except Exception as exc:  # a bad setting must not stop the worker; say so loudly
-        log.error("metrics: not serving: %s", exc)
-
-
-def connect_signals() -> None:
-    from celery.signals import worker_process_init, worker_ready
-
-    worker_process_init.connect(_on_worker_process_init, weak=False, dispatch_uid="awork-metrics-init")
-    worker_ready.connect(_on_worker_ready, weak=False, dispatch_uid="awork-metrics-ready")
-
-
-connect_signals()
-
 __all__ = [
     "FAMILIES",
-    "PORT_TRIES",
+    "PREFIX",
     "RETRY_REASONS",
-    "BrokerLayout",
-    "QueueDepthCollector",
     "bytes_uploaded",
     "job_finished",
     "rate_limited",
     "rate_wait",
     "retry",
     "retry_reason",
-    "start_metrics_server",
     "step_finished",
-    "stop_metrics_server",
 ]

@@ -33,7 +33,8 @@ Algorithm (per workspace; keys `awork:rl:{workspace}:*`, all with expiries):
   our own fleet runs near the limit it cannot tell outside usage apart, and a 429 pause is
   then the backstop.
 
-Limits are `WorkspaceLimits` (see `workers.limits_config`): effective limit =
+Reading awork's headers (the pause a 429 asks for, the figures `observe()` hands the script):
+`workers.ratelimit_headers`. Limits are `WorkspaceLimits` (see `workers.limits_config`): effective limit =
 floor(awork's limit * margin), default margin 0.97.
 
 What callers must do:
@@ -57,20 +58,18 @@ What callers must do:
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import math
 import random
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import redis
 
+from producers.keys import RATE_LIMIT_PREFIX, rate_limit_key
 from workers.errors import RateLimited
 from workers.limits_config import (
     DEFAULT_MARGIN,
@@ -79,35 +78,20 @@ from workers.limits_config import (
     limits_for_workspace,
     limits_from_table,
 )
+from workers.ratelimit_headers import (
+    MAX_PAUSE_SECONDS,
+    observe_args,
+    pause_from_headers,
+)
 
 log = logging.getLogger(__name__)
 
 SCRIPT_PATH = Path(__file__).with_name("ratelimit.lua")
 
-DEFAULT_PREFIX = "awork:rl"
-DEFAULT_PAUSE_SECONDS = 5.0
-"""Pause after a 429 that says neither Retry-After nor ratelimit-reset (nor that the minute
-window is spent)."""
-MIN_PAUSE_SECONDS = 1.0
-"""awork's figures are whole seconds; a reset of 0 still means "not this second"."""
-MAX_PAUSE_SECONDS = 600.0
-"""A pause from a header is capped here (awork's windows are at most a minute; a bigger figure
-is a bug somewhere, and a day-long stop of a workspace should be an operator's decision)."""
+DEFAULT_PREFIX = RATE_LIMIT_PREFIX
 DEFAULT_PACE_TOLERANCE = 0.1
 DEFAULT_LEARNED_TTL = 600.0
 """How long awork's advertised limits are remembered after the last response that carried them."""
-DEFAULT_ELAPSED = 1.0
-"""Assumed age of awork's figures when observe() is not told the request's duration."""
-OBSERVE_SLACK_MINUTE = 1.0
-OBSERVE_SLACK_SECOND = 0.25
-"""Spread of the time between a grant and its arrival at awork, for usage learning."""
-MAX_LOOKBACK_MINUTE = 10.0
-MAX_LOOKBACK_SECOND = 3.0
-"""Beyond these (request duration + slack) awork's figures are too old to compare: skipped.
-They match the retention beyond the window in ratelimit.lua."""
-
-_NUMBER = re.compile(r"^\s*(-?\d+(?:\.\d+)?)")
-
 
 @dataclass(frozen=True)
 class Decision:
@@ -132,65 +116,6 @@ def _text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode()
     return str(value)
-
-
-def _number(raw: str | None) -> float | None:
-    """The leading number of a header value ("50", "12.5", "1000, 1000;w=60"), or None."""
-    if raw is None:
-        return None
-    m = _NUMBER.match(raw)
-    if not m:
-        return None
-    return float(m.group(1))
-
-
-def _retry_after(raw: str | None) -> float | None:
-    """Retry-After in seconds: either delta-seconds or an HTTP date (against the local clock,
-    the only one that can read a date)."""
-    if raw is None:
-        return None
-    try:
-        seconds = float(raw.strip())
-    except ValueError:
-        pass
-    else:
-        return seconds if math.isfinite(seconds) else None
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return (when - datetime.now(UTC)).total_seconds()
-
-
-def pause_from_headers(headers: Mapping[str, str]) -> tuple[float | None, str]:
-    """How long a 429 with these headers should pause the workspace, and why.
-
-    Retry-After and ratelimit-reset: the longer of those present (waiting for the longer one
-    honours both). Neither: if x-ratelimit-remaining-minute is 0, until the next minute of
-    the Redis clock (returned as None: the script computes it); if only the second window is
-    spent, one second; otherwise DEFAULT_PAUSE_SECONDS. Capped to
-    [MIN_PAUSE_SECONDS, MAX_PAUSE_SECONDS].
-    """
-    h = {k.lower(): v for k, v in headers.items()}
-    candidates: list[tuple[float, str]] = []
-    ra = _retry_after(h.get("retry-after"))
-    if ra is not None:
-        candidates.append((ra, "retry-after"))
-    reset = _number(h.get("ratelimit-reset"))
-    if reset is not None:
-        candidates.append((reset, "ratelimit-reset"))
-    if candidates:
-        seconds, source = max(candidates)
-        if seconds > MAX_PAUSE_SECONDS:
-            log.warning("429 asks for a %.0f s pause; capped at %.0f s", seconds, MAX_PAUSE_SECONDS)
-        return min(max(seconds, MIN_PAUSE_SECONDS), MAX_PAUSE_SECONDS), f"429 {source}"
-    if _number(h.get("x-ratelimit-remaining-minute")) == 0:
-        return None, "429 minute spent"
-    if _number(h.get("x-ratelimit-remaining-second")) == 0:
-        return MIN_PAUSE_SECONDS, "429 second spent"
-    return DEFAULT_PAUSE_SECONDS, "429 no reset header"
 
 
 def suggested_countdown(wait: float, max_countdown: float = MAX_PAUSE_SECONDS) -> float:
@@ -229,8 +154,8 @@ class RateLimiter:
         """The workspace's keys, in the order ratelimit.lua expects them."""
         if not workspace or "{" in workspace or "}" in workspace:
             raise ValueError(f"workspace: expected a non-empty name without braces, got {workspace!r}")
-        base = f"{self.prefix}:{{{workspace}}}"
-        return [f"{base}:{suffix}" for suffix in ("m", "s", "pause", "learned", "seq", "pace")]
+        parts = ("m", "s", "pause", "learned", "seq", "pace")
+        return [rate_limit_key(workspace, part, self.prefix) for part in parts]
 
     def _run(self, workspace: str, limits: WorkspaceLimits, op: str, *extra: str) -> list[Any]:
         now = "" if self._clock is None else str(round(self._clock() * 1_000_000))
@@ -317,43 +242,8 @@ class RateLimiter:
         `response.elapsed.total_seconds()`), needed for slow requests; by default 1 s is
         assumed, and responses older than the log's look-back are not used for usage learning.
         """
-        h = {k.lower(): v for k, v in headers.items()}
-        pause_us = ""
-        reason = ""
-        if status == 429:
-            seconds, reason = pause_from_headers(h)
-            pause_us = "-1" if seconds is None else str(round(seconds * 1_000_000))
-        age = DEFAULT_ELAPSED if elapsed is None else max(0.0, elapsed)
-        look_m = age + OBSERVE_SLACK_MINUTE
-        look_s = age + OBSERVE_SLACK_SECOND
-        learn = status != 429
-        if look_m > MAX_LOOKBACK_MINUTE:
-            look_m = math.inf
-        if look_s > MAX_LOOKBACK_SECOND:
-            look_s = math.inf
-
-        def num(name: str) -> str:
-            value = _number(h.get(name))
-            return "" if value is None else str(int(value))
-
-        def us(seconds: float) -> str:
-            return "1e18" if math.isinf(seconds) else str(round(seconds * 1_000_000))
-
-        paused, added_m, added_s, _now = self._run(
-            workspace,
-            limits,
-            "observe",
-            pause_us,
-            reason,
-            num("x-ratelimit-limit-minute"),
-            num("x-ratelimit-remaining-minute"),
-            num("x-ratelimit-limit-second"),
-            num("x-ratelimit-remaining-second"),
-            "1" if learn else "0",
-            us(look_m),
-            us(look_s),
-            str(round(self.learned_ttl * 1000)),
-        )
+        reason, args = observe_args(status, headers, elapsed, self.learned_ttl)
+        paused, added_m, added_s, _now = self._run(workspace, limits, "observe", *args)
         if status == 429:
             left = (int(_text(paused)) - int(_text(_now))) / 1_000_000
             log.warning("rate limiter: 429 for workspace %s, paused for %.1f s (%s)", workspace, left, reason)

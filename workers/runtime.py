@@ -16,6 +16,7 @@ import redis
 
 from producers.config import ConfigError
 from producers.records import JobStore
+from producers.redis_conn import redis_client
 from workers.awork_client import AworkClient, TokenSource, Unauthorized
 from workers.blob import BlobUploader, RedisFallbackStore
 from workers.connections.settings import ConnectionSettings
@@ -24,7 +25,7 @@ from workers.connections.tokens import Connections, UnknownConnection
 from workers.fair_share import FairSettings, FairShare
 from workers.limits_config import WorkspaceLimits
 from workers.ratelimit import RateLimiter
-from workers.settings import Secret, WorkerSettings, transfer_policy_from_env
+from workers.settings import Secret, WorkerSettings
 from workers.step_lock import LOCK_TTL_SECONDS, StepLocks
 
 log = logging.getLogger("awork.runtime")
@@ -42,7 +43,7 @@ class Runtime:
 
     @cached_property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(
+        return redis_client(
             self.settings.shared.redis_url,
             socket_connect_timeout=5,
             socket_timeout=30,
@@ -88,7 +89,7 @@ class Runtime:
         # The fleet learns together which upload hosts refuse block uploads.
         return BlobUploader(
             self.settings.upload_hosts,
-            transfer_policy_from_env(),
+            self.settings.transfer,
             fallback_store=RedisFallbackStore(self.redis),
         )
 

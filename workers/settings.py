@@ -77,6 +77,9 @@ class WorkerSettings:
     read_timeout: float
     # AWORK_MAX_SOURCE_BYTES: a URL source that announces or sends more fails `source-too-large`.
     max_source_bytes: int = DEFAULT_MAX_SOURCE_BYTES
+    # How a transfer is cut into blocks (AWORK_SINGLE_PUT_THRESHOLD, AWORK_BLOCK_SIZE,
+    # AWORK_PARALLEL_BLOCKS): read with the rest, so a bad value stops the worker at start.
+    transfer: TransferPolicy = field(default_factory=TransferPolicy)
     # Completion callbacks (workers/callbacks.py): AWORK_CALLBACK_MAX_AGE, AWORK_CALLBACK_RETRY_BASE.
     callback_max_age: float = 24 * 3600.0
     callback_retry_base: float = 5.0
@@ -123,6 +126,7 @@ class WorkerSettings:
             connect_timeout=env_float("AWORK_CONNECT_TIMEOUT", 10.0),
             read_timeout=env_float("AWORK_READ_TIMEOUT", 60.0),
             max_source_bytes=max_source_bytes_from_env(),
+            transfer=transfer_policy_from_env(),
             callback_max_age=env_float("AWORK_CALLBACK_MAX_AGE", 24 * 3600.0),
             callback_retry_base=env_float("AWORK_CALLBACK_RETRY_BASE", 5.0),
         )
@@ -141,11 +145,22 @@ def transfer_policy_from_env() -> TransferPolicy:
     """Block upload settings: AWORK_SINGLE_PUT_THRESHOLD, AWORK_BLOCK_SIZE (bytes),
     AWORK_PARALLEL_BLOCKS."""
     base = TransferPolicy()
-    return TransferPolicy(
-        single_put_threshold=env_int("AWORK_SINGLE_PUT_THRESHOLD", base.single_put_threshold),
-        block_size=env_int("AWORK_BLOCK_SIZE", base.block_size),
-        parallel_blocks=env_int("AWORK_PARALLEL_BLOCKS", base.parallel_blocks),
-    )
+    single = env_int("AWORK_SINGLE_PUT_THRESHOLD", base.single_put_threshold)
+    block = env_int("AWORK_BLOCK_SIZE", base.block_size)
+    parallel = env_int("AWORK_PARALLEL_BLOCKS", base.parallel_blocks)
+    try:
+        return TransferPolicy(single_put_threshold=single, block_size=block, parallel_blocks=parallel)
+    except ValueError as exc:  # "block_size must be in ...": name the variable instead
+        name = TRANSFER_ENV.get(str(exc).split()[0], ", ".join(TRANSFER_ENV.values()))
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+# The variables of the block plan, by TransferPolicy field.
+TRANSFER_ENV = {
+    "single_put_threshold": "AWORK_SINGLE_PUT_THRESHOLD",
+    "block_size": "AWORK_BLOCK_SIZE",
+    "parallel_blocks": "AWORK_PARALLEL_BLOCKS",
+}
 
 
 def _key_from_table(name: str, table: dict[str, object]) -> Secret:

@@ -7,20 +7,21 @@ from typing import Any
 
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
-from producers.client import WORKSPACES_KEY
 from producers.config import ConfigError
+from producers.keys import WORKSPACES_KEY
 
 log = logging.getLogger("awork.worker")
 
 
 @worker_init.connect
 def refuse_bad_settings(**_: Any) -> None:
-    """Stop at start on a configuration error (its message names the variable) instead of
-    consuming steps that would all fail. SystemExit passes Celery's signal dispatch."""
-    from workers.settings import WorkerSettings
+    """Read the worker's settings once, at start, into the runtime every step of this process
+    uses; stop on a configuration error (its message names the variable) instead of consuming
+    steps that would all fail. SystemExit passes Celery's signal dispatch."""
+    from workers.runtime import runtime
 
     try:
-        WorkerSettings.from_env()
+        runtime()
     except ConfigError as exc:
         log.critical("configuration error, not starting: %s", exc)
         raise SystemExit(2) from None

@@ -74,7 +74,7 @@ from producers.redrive import canvas_from, resume_step
 from producers.transport import ready_messages, uses_redis_transport
 from workers import fair_gate
 from workers.fair_share import FairSettings, FairShare, waiting_key
-from workers.metrics import BrokerLayout
+from workers.queue_metrics import BrokerLayout
 from workers.step_lock import LOCK_TTL_SECONDS
 
 log = logging.getLogger("awork.sweeper")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import statistics
 import sys
@@ -33,12 +32,9 @@ import redis
 import requests
 from cryptography.fernet import Fernet
 
-from ops.processes import Child, stop_all
-from ops.redis_server import RedisServer
+from ops.local_fleet import FleetOptions, FleetWorker, LocalFleet, SandboxOptions
 from ops.sandbox.launcher import SandboxProcess
-from ops.stack import ping_workers, worker_argv
 from producers.client import Uploads
-from producers.config import SharedSettings
 from producers.spec import JobSpec
 from workers.connections.crypto import SecretBox
 from workers.connections.oauth import OAuthClient, begin_authorization, complete_authorization
@@ -89,45 +85,34 @@ def per_hour() -> dict[str, float]:
 
 
 def worker_figures(
-    root: Path,
-    env: dict[str, str],
-    sb: SandboxProcess,
-    client: redis.Redis,
-    box: SecretBox,
-    total: int,
-    active: int,
-    keys: dict[str, str],
+    fleet: LocalFleet, client: redis.Redis, box: SecretBox, total: int, active: int, keys: dict[str, str]
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    sb = fleet.sandbox
+    assert sb is not None
 
-    def start(tag: str) -> tuple[Child, float]:
-        child = Child(
-            f"worker-{tag}",
-            worker_argv(8, f"bench-{tag}-{uuid.uuid4().hex[:6]}@localhost"),
-            env,
-            root / f"worker-{tag}.log",
-        ).start()
+    def start() -> tuple[FleetWorker, float]:
+        child = fleet.add_workers(1)[0]
         t0 = time.monotonic()
-        while ping_workers(env) < 1:
-            time.sleep(0.2)
+        fleet.wait_ready(timeout=3600)
         return child, time.monotonic() - t0
 
-    child, ready = start("empty")
+    child, ready = start()
     time.sleep(1)
     out["rss_kib_no_connections"] = rss_kib(child.proc.pid)  # type: ignore[union-attr]
     out["ready_s_no_connections"] = round(ready, 2)
-    stop_all([child], grace=10)
+    fleet.stop_worker(child)
 
     store = ConnectionStore(client, box)
     key_list = list(keys)
     for i in range(total):
         key = key_list[i] if i < active else f"unused-{secrets.token_hex(8)}"
         store.add_api_key(f"c{i:04d}", key, {"per_minute": 100000, "per_second": 5000})
-    child, ready = start("many")
+    child, ready = start()
     time.sleep(1)
     out[f"rss_kib_{total}_connections"] = rss_kib(child.proc.pid)  # type: ignore[union-attr]
     out[f"ready_s_{total}_connections"] = round(ready, 2)
-    up = Uploads(SharedSettings.from_env())
+    up = Uploads(fleet.shared_settings())
     specs = []
     for i in range(active):
         task = str(uuid.uuid4())
@@ -140,7 +125,7 @@ def worker_figures(
     out["jobs_seconds"] = round(time.monotonic() - t0, 1)
     out[f"rss_kib_{total}_connections_after_{active}_active"] = rss_kib(child.proc.pid)  # type: ignore[union-attr]
     up.close()
-    stop_all([child], grace=10)
+    fleet.stop_worker(child)
     return out
 
 
@@ -153,48 +138,41 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="bench-conn-"))
     cid, csecret = "bench-client", secrets.token_hex(16)
     keys = {f"key-{i}-{secrets.token_hex(6)}": f"ws-{i}" for i in range(args.active)}
-    server = RedisServer(root / "redis").start()
-    sb = SandboxProcess(
-        api_keys=keys,
-        admin_token="adm",
-        data_dir=root / "sandbox",
-        extra_args=[
-            "--oauth-client",
-            f"{cid}:{csecret}",
-            "--rate-limit-per-minute",
-            "1000000",
-            "--rate-limit-per-second",
-            "100000",
-        ],
-    )
-    sb.start()
     secrets_key = Fernet.generate_key().decode()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWORK_")}
-    staging = root / "staging"
-    staging.mkdir()
-    env.update(
-        REDIS_URL=server.url,
-        STAGING_DIR=str(staging),
-        AWORK_API_URL=sb.api_url,
-        AWORK_UPLOAD_HOSTS=sb.upload_host,
-        AWORK_SECRETS_KEY=secrets_key,
+    sandbox = SandboxOptions(
+        keys,
+        "adm",
+        [
+            *("--oauth-client", f"{cid}:{csecret}"),
+            *("--rate-limit-per-minute", "1000000", "--rate-limit-per-second", "100000"),
+        ],
+        worker_key=False,
     )
-    saved = dict(os.environ)
-    os.environ.update({"REDIS_URL": server.url, "STAGING_DIR": str(staging)})
-    client = redis.Redis.from_url(server.url)
+    fleet = LocalFleet(
+        FleetOptions(
+            root=root,
+            workers=0,
+            concurrency=8,
+            node_name="bench-{n}-{uid}@localhost",
+            env={"AWORK_SECRETS_KEY": secrets_key},
+            drop_env=("AWORK_",),
+            sandbox=sandbox,
+            stop_grace=10,
+        )
+    )
     box = SecretBox([secrets_key])
     try:
+        fleet.start()
+        assert fleet.sandbox is not None
+        client = fleet.redis_client(decode_responses=False)
         figures: dict[str, Any] = {
-            "refresh_latency": refresh_latency(sb, client, box, cid, csecret, args.refreshes)
+            "refresh_latency": refresh_latency(fleet.sandbox, client, box, cid, csecret, args.refreshes)
         }
         figures.update(per_hour())
-        figures["worker"] = worker_figures(root, env, sb, client, box, args.connections, args.active, keys)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        figures["worker"] = worker_figures(fleet, client, box, args.connections, args.active, keys)
         client.close()
-        sb.stop()
-        server.stop()
+    finally:
+        fleet.stop()
     json.dump(figures, sys.stdout, indent=1)
     print()
     return 0

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import secrets
-import socket
 import sys
 import tempfile
 import time
@@ -40,12 +39,9 @@ from typing import Any
 
 import redis
 
-from ops.processes import Child, stop_all
-from ops.redis_server import RedisServer
+from ops.local_fleet import FleetOptions, LocalFleet, SandboxOptions
 from ops.sandbox.launcher import SandboxProcess
-from ops.stack import wait_for_workers, worker_argv
 from producers.client import Uploads
-from producers.config import SharedSettings
 from producers.records import Job
 from producers.spec import JobSpec
 
@@ -63,68 +59,51 @@ class Bench:
     kib_per_s: int
     sandbox_args: list[str] = field(default_factory=list)
     extra_toml: dict[str, str] = field(default_factory=dict)  # name -> more lines of its table
-    redis: RedisServer | None = None
-    sandbox: Any = None
-    children: list[Child] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
+    fleet: LocalFleet | None = None
     uploads: Uploads | None = None
 
     def start(self) -> Bench:
-        self.redis = RedisServer(self.root / "redis").start()
         keys = {f"key-{n}-{secrets.token_hex(6)}": n for n in self.workspaces}
         window = self.kib_per_s * LATENCY_MS / 1000
-        self.sandbox = SandboxProcess(
-            api_keys=keys,
-            admin_token="admin-" + secrets.token_hex(6),
-            data_dir=self.root / "sandbox",
-            extra_args=["--latency-ms", str(LATENCY_MS), "--window-kib", str(window), *self.sandbox_args],
-        )
-        self.sandbox.start()
-        staging = self.root / "staging"
-        staging.mkdir(parents=True, exist_ok=True)
         toml = []
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWORK_", "FLOWER_"))}
+        env: dict[str, str] = {}
         for key, name in keys.items():
             var = f"KEY_{name.upper().replace('-', '_')}"
             env[var] = key
             table = f'[workspaces.{name}]\napi_key_env = "{var}"\nshare = {self.workspaces[name]}\n'
             toml.append(table + self.extra_toml.get(name, ""))
+        self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "workspaces.toml").write_text("\n".join(toml))
         env.update(
-            REDIS_URL=self.redis.url,
-            STAGING_DIR=str(staging),
-            AWORK_API_URL=self.sandbox.api_url,
             AWORK_WORKSPACES_FILE=str(self.root / "workspaces.toml"),
-            AWORK_UPLOAD_HOSTS=self.sandbox.upload_host,
             # one PUT per file: the pacing is per stream
             AWORK_SINGLE_PUT_THRESHOLD=str(256 * 1024 * 1024),
             AWORK_FAIR_SHARE=FAIR_SHARE,
         )
-        self.env = env
-        for n in range(self.workers):
-            host = f"bench{n}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
-            log = self.root / "logs" / f"worker-{n}.log"
-            self.children.append(
-                Child(f"worker-{n}", worker_argv(self.concurrency, host, LOGLEVEL), env, log).start()
+        sandbox_args = ["--latency-ms", str(LATENCY_MS), "--window-kib", str(window), *self.sandbox_args]
+        self.fleet = LocalFleet(
+            FleetOptions(
+                root=self.root,
+                workers=self.workers,
+                concurrency=self.concurrency,
+                loglevel=LOGLEVEL,
+                node_name="bench{n}-{uid}@{host}",
+                env=env,
+                sandbox=SandboxOptions(keys, "admin-" + secrets.token_hex(6), sandbox_args, worker_key=False),
+                stop_grace=10,
             )
-        wait_for_workers(env, self.children, 60, self.root / "logs")
-        saved = dict(os.environ)
-        os.environ.update({k: env[k] for k in ("REDIS_URL", "STAGING_DIR", "AWORK_WORKSPACES_FILE")})
-        try:
-            self.uploads = Uploads(SharedSettings.from_env())
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        ).start()
+        self.uploads = self.fleet.producer()
         return self
 
+    @property
+    def sandbox(self) -> SandboxProcess:
+        assert self.fleet is not None and self.fleet.sandbox is not None
+        return self.fleet.sandbox
+
     def stop(self) -> None:
-        stop_all(self.children, grace=10)
-        if self.uploads is not None:
-            self.uploads.close()
-        if self.sandbox is not None:
-            self.sandbox.stop()
-        if self.redis is not None:
-            self.redis.stop()
+        if self.fleet is not None:
+            self.fleet.stop()
 
     def enqueue(self, ws: str, n: int, kib: int, tag: str) -> list[Job]:
         assert self.uploads is not None
@@ -143,8 +122,8 @@ class Bench:
         return self.records(jobs)
 
     def client(self) -> redis.Redis:
-        assert self.redis is not None
-        return redis.Redis.from_url(self.redis.url, decode_responses=True)
+        assert self.fleet is not None
+        return self.fleet.redis_client()
 
 
 def _f(record: dict[str, str], name: str) -> float:

@@ -32,10 +32,10 @@ import uuid
 from pathlib import Path
 
 import httpx
-import redis
 
+from ops.local_fleet import FleetOptions, LocalFleet
 from ops.processes import Child
-from ops.redis_server import RedisServer, free_port
+from ops.redis_server import free_port
 from producers.api_tokens import ApiTokens
 
 HOST = "files.example.com"
@@ -173,29 +173,24 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="awork-bench-intake-") as tmp:
         root = Path(tmp)
-        server = RedisServer(root / "redis", appendonly=True).start()
-        staging = root / "staging"
-        staging.mkdir()
+        # Redis alone: no worker runs in these measurements.
+        fleet = LocalFleet(FleetOptions(root=root, workers=0, drop_env=("AWORK_",))).start()
+        staging = Path(fleet.env["STAGING_DIR"])
         port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWORK_")}
-        env.update(
-            REDIS_URL=server.url,
-            STAGING_DIR=str(staging),
-            AWORK_SOURCE_URL_HOSTS=HOST,
-            AWORK_MAX_SOURCE_BYTES=str(8 * 1024**3),
-        )
+        env = {**fleet.env, "AWORK_SOURCE_URL_HOSTS": HOST, "AWORK_MAX_SOURCE_BYTES": str(8 * 1024**3)}
         argv_api = [
             sys.executable,
             "-m",
-            "producers.cli",
+            "ops.cli",
             "api",
             "--port",
             str(port),
             "--log-level",
             "warning",
         ]
-        api = Child("api", argv_api, env, root / "api.log").start()
+        api = Child("api", argv_api, env, root / "api.log")
         try:
+            api.start()
             url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 30
             while True:
@@ -207,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 if time.monotonic() > deadline:
                     raise SystemExit("the intake did not start: " + (root / "api.log").read_text()[-2000:])
                 time.sleep(0.2)
-            client = redis.Redis.from_url(server.url)
+            client = fleet.redis_client(decode_responses=False)
             token = ApiTokens(client).create("bench", ["default"], lambda s: "not-sealed", rate=10**9).token
             auth = {"Authorization": f"Bearer {token}"}
             only = set(args.only.split(","))
@@ -225,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
                 bench_get(url, auth, args.clients, args.seconds)
             client.close()
         finally:
-            api.stop()
-            server.stop()
+            try:
+                api.stop()
+            finally:
+                fleet.stop()
     return 0
 
 

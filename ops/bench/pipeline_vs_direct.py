@@ -25,12 +25,8 @@ from typing import Any
 import requests
 
 from ops.demo_files import random_file
-from ops.processes import Child, stop_all
-from ops.redis_server import RedisServer
-from ops.sandbox.launcher import SandboxProcess
-from ops.stack import ping_workers, worker_argv
+from ops.local_fleet import FleetOptions, LocalFleet, SandboxOptions
 from producers.client import Uploads
-from producers.config import SharedSettings
 from producers.spec import JobSpec
 
 API_KEY = "bench-key"
@@ -74,14 +70,8 @@ def run_direct(api: str, files: list[Path], task_id: str, concurrency: int) -> f
     return time.monotonic() - started
 
 
-def run_pipeline(env: dict[str, str], files: list[Path], task_id: str) -> tuple[float, dict[str, int]]:
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        up = Uploads(SharedSettings.from_env())
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+def run_pipeline(fleet: LocalFleet, files: list[Path], task_id: str) -> tuple[float, dict[str, int]]:
+    up = Uploads(fleet.shared_settings(fleet.env))
     started = time.monotonic()
     jobs = up.enqueue_many([JobSpec(f, f"task:{task_id}") for f in files])
     final = up.wait_many([j.id for j in jobs], timeout=1800, poll=0.1)
@@ -103,19 +93,35 @@ def main() -> int:
     args = p.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="bench-pipeline-", dir="var" if Path("var").is_dir() else None))
-    redis_server = RedisServer(root / "redis").start()
-    sandbox = SandboxProcess(
-        api_keys={API_KEY: "default"},
-        data_dir=root / "sandbox",
-        extra_args=[
-            f"--latency-ms={args.latency_ms}",
-            f"--rate-limit-per-minute={HIGH_PER_MINUTE}",
-            f"--rate-limit-per-second={HIGH_PER_SECOND}",
-        ],
+    # The workers start after the direct run: it has the machine to itself.
+    fleet = LocalFleet(
+        FleetOptions(
+            root=root,
+            workers=0,
+            concurrency=args.concurrency,
+            loglevel=os.environ.get("BENCH_LOGLEVEL", "WARNING"),
+            node_name="bench{n}@%h",
+            env={
+                "AWORK_RATE_LIMIT_PER_MINUTE": str(HIGH_PER_MINUTE),
+                "AWORK_RATE_LIMIT_PER_SECOND": str(HIGH_PER_SECOND),
+            },
+            drop_env=("AWORK_",),
+            sandbox=SandboxOptions(
+                api_keys={API_KEY: "default"},
+                admin_token="sandbox-admin",
+                args=[
+                    f"--latency-ms={args.latency_ms}",
+                    f"--rate-limit-per-minute={HIGH_PER_MINUTE}",
+                    f"--rate-limit-per-second={HIGH_PER_SECOND}",
+                ],
+            ),
+            stop_grace=10,
+        )
     )
-    sandbox.start()
-    workers: list[Child] = []
     try:
+        fleet.start()
+        sandbox = fleet.sandbox
+        assert sandbox is not None
         task_id = sandbox.seed("tasks", str(uuid.uuid4()))
         files = [random_file(root / "files" / f"f{i:05d}.bin", args.size) for i in range(args.jobs)]
         total = args.workers * args.concurrency
@@ -124,23 +130,9 @@ def main() -> int:
         direct_files = len(sandbox.stats()["files"])
         sandbox.reset()
 
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWORK_")}
-        env.update(
-            REDIS_URL=redis_server.url,
-            STAGING_DIR=str(root / "staging"),
-            AWORK_API_URL=sandbox.api_url,
-            AWORK_API_KEY=API_KEY,
-            AWORK_UPLOAD_HOSTS=sandbox.upload_host,
-            AWORK_RATE_LIMIT_PER_MINUTE=str(HIGH_PER_MINUTE),
-            AWORK_RATE_LIMIT_PER_SECOND=str(HIGH_PER_SECOND),
-        )
-        for n in range(args.workers):
-            argv = worker_argv(args.concurrency, f"bench{n}@%h", os.environ.get("BENCH_LOGLEVEL", "WARNING"))
-            workers.append(Child(f"w{n}", argv, env, root / "logs" / f"w{n}.log").start())
-        deadline = time.monotonic() + 60
-        while ping_workers(env) < args.workers and time.monotonic() < deadline:
-            time.sleep(0.3)
-        pipeline_s, states = run_pipeline(env, files, task_id)
+        fleet.add_workers(args.workers)
+        fleet.wait_ready()
+        pipeline_s, states = run_pipeline(fleet, files, task_id)
         stats = sandbox.stats()
         result: dict[str, Any] = {
             "jobs": args.jobs,
@@ -163,9 +155,7 @@ def main() -> int:
         print(json.dumps(result))
         return 0
     finally:
-        stop_all(workers, grace=10)
-        sandbox.stop()
-        redis_server.stop()
+        fleet.stop()
         if not os.environ.get("BENCH_KEEP"):
             shutil.rmtree(root, ignore_errors=True)
 

@@ -41,16 +41,11 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ops.processes import Child, stop_all
-from ops.redis_server import RedisServer
-from ops.sandbox.launcher import SandboxProcess
-from ops.stack import wait_for_workers, worker_argv
-from producers.config import SharedSettings
+from ops.local_fleet import FleetOptions, LocalFleet, SandboxOptions
 from producers.contract import TASK_GENERATE_UPLOAD_URL, TASK_LINK_FILE
 
 WORKSPACE = "default"
@@ -96,66 +91,43 @@ class Result:
         return out
 
 
-class BenchFleet:
-    """A private redis-server, the sandbox and N worker processes (like tests/fleet.py)."""
-
-    def __init__(self, root: Path, args: argparse.Namespace, extra_env: dict[str, str]) -> None:
-        self.root = root
-        self.args = args
-        self.extra_env = extra_env
-        self.redis: RedisServer | None = None
-        self.sandbox: SandboxProcess | None = None
-        self.workers: list[Child] = []
-        self.env: dict[str, str] = {}
-
-    def start(self) -> BenchFleet:
-        api_key = "bench-" + secrets.token_hex(8)
-        self.redis = RedisServer(self.root / "redis", appendonly=False).start()
-        self.sandbox = SandboxProcess(
-            api_keys={api_key: WORKSPACE},
+def start_fleet(root: Path, args: argparse.Namespace, extra_env: dict[str, str]) -> LocalFleet:
+    """A private redis-server, the sandbox limited as awork would be, and N worker processes."""
+    options = FleetOptions(
+        root=root,
+        workers=args.workers,
+        concurrency=args.concurrency,
+        loglevel="WARNING",
+        node_name="bench{n}-{uid}@%h",
+        env={
+            "AWORK_RATE_LIMIT_PER_MINUTE": str(args.per_minute),
+            "AWORK_RATE_LIMIT_PER_SECOND": str(args.per_second),
+            **extra_env,
+        },
+        drop_env=("AWORK_", "FLOWER_", "WORKER_"),
+        appendonly=False,
+        sandbox=SandboxOptions(
+            api_keys={"bench-" + secrets.token_hex(8): WORKSPACE},
             admin_token="admin-" + secrets.token_hex(8),
-            data_dir=self.root / "sandbox",
-            extra_args=[
-                *("--rate-limit-per-minute", str(self.args.per_minute)),
-                *("--rate-limit-per-second", str(self.args.per_second)),
+            args=[
+                *("--rate-limit-per-minute", str(args.per_minute)),
+                *("--rate-limit-per-second", str(args.per_second)),
             ],
-        ).start()
-        staging = self.root / "staging"
-        staging.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWORK_", "FLOWER_", "WORKER_"))}
-        env.update(
-            REDIS_URL=self.redis.url,
-            STAGING_DIR=str(staging),
-            AWORK_API_URL=self.sandbox.api_url,
-            AWORK_API_KEY=api_key,
-            AWORK_UPLOAD_HOSTS=self.sandbox.upload_host,
-            AWORK_RATE_LIMIT_PER_MINUTE=str(self.args.per_minute),
-            AWORK_RATE_LIMIT_PER_SECOND=str(self.args.per_second),
-        )
-        env.update(self.extra_env)
-        self.env = env
-        for n in range(self.args.workers):
-            argv = worker_argv(self.args.concurrency, f"bench{n + 1}-{uuid.uuid4().hex[:6]}@%h", "WARNING")
-            log = self.root / "logs" / f"worker-{n + 1}.log"
-            self.workers.append(Child(f"worker-{n + 1}", argv, env, log).start())
-        wait_for_workers(env, self.workers, 90, self.root / "logs")
-        return self
+        ),
+        ready_timeout=90,
+        stop_grace=10,
+    )
+    return LocalFleet(options).start()
 
-    def stop(self) -> None:
-        stop_all(self.workers, grace=10)
-        if self.sandbox is not None:
-            self.sandbox.stop()
-        if self.redis is not None:
-            self.redis.stop()
 
-    def counts(self) -> tuple[int, int]:
-        """(API requests, 429s) the sandbox has seen for the workspace."""
-        assert self.sandbox is not None
-        s = self.sandbox.stats()
-        return (
-            int(s["requests_by_workspace"].get(WORKSPACE, 0)),
-            int(s["rate_limited_by_workspace"].get(WORKSPACE, 0)),
-        )
+def counts(fleet: LocalFleet) -> tuple[int, int]:
+    """(API requests, 429s) the sandbox has seen for the workspace."""
+    assert fleet.sandbox is not None
+    s = fleet.sandbox.stats()
+    return (
+        int(s["requests_by_workspace"].get(WORKSPACE, 0)),
+        int(s["rate_limited_by_workspace"].get(WORKSPACE, 0)),
+    )
 
 
 def set_celery_rate_limits(env: dict[str, str], workers: int, per_minute: int) -> str:
@@ -180,22 +152,14 @@ def set_celery_rate_limits(env: dict[str, str], workers: int, per_minute: int) -
 
 def run_mode(mode: str, args: argparse.Namespace, root: Path) -> Result:
     extra = {"AWORK_RATE_LIMITER": "off"} if mode == "celery" else {}
-    fleet = BenchFleet(root / mode, args, extra).start()
+    fleet = start_fleet(root / mode, args, extra)
     result = Result(mode, args.per_minute, args.per_second, args.workers)
     try:
         if mode == "celery":
             result.celery_rate_limit = set_celery_rate_limits(fleet.env, args.workers, args.per_minute)
-        from producers.client import Uploads
         from producers.spec import JobSpec
 
-        saved = dict(os.environ)
-        os.environ.update({k: fleet.env[k] for k in ("REDIS_URL", "STAGING_DIR")})
-        os.environ.pop("AWORK_WORKSPACES_FILE", None)
-        try:
-            up = Uploads(SharedSettings.from_env())
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        up = fleet.producer()
         assert fleet.sandbox is not None
         entity = fleet.sandbox.seed("tasks")
         jobs: list[Any] = []
@@ -222,11 +186,11 @@ def run_mode(mode: str, args: argparse.Namespace, root: Path) -> Result:
         feeder.start()
         first = (t_load + args.warmup) // 60 * 60 + 60  # the first whole minute after the warm-up
         _sleep_until(first)
-        before = fleet.counts()
+        before = counts(fleet)
         marks = [before]
         for m in range(args.minutes):
             _sleep_until(first + 60 * (m + 1))
-            marks.append(fleet.counts())
+            marks.append(counts(fleet))
             (r0, l0), (r1, l1) = marks[-2], marks[-1]
             accepted = (r1 - l1) - (r0 - l0)
             result.minutes.append(accepted)
@@ -243,7 +207,6 @@ def run_mode(mode: str, args: argparse.Namespace, root: Path) -> Result:
         result.run_requests, result.run_rate_limited = after
         result.jobs = len(jobs)
         result.jobs_done = sum(1 for j in up.statuses([j.id for j in jobs]) if j.state.value == "done")
-        up.close()
     finally:
         fleet.stop()
     return result

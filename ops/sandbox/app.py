@@ -15,33 +15,41 @@ import asyncio
 import json
 import logging
 import math
-import mimetypes
 import os
-import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
 from . import errors as E
 from .auth import workspace_for_key
-from .content import Content
 from .core import UPLOAD_CONTAINER, Sandbox
 from .errors import ApiError
 from .faults import Fault
 from .oauth import AUTHORIZE_PATH, TOKEN_PATH, OAuthError
+from .receive import keep_received, receive_multipart
+from .recurring import add_recurring_routes
+from .routing import (
+    API_PREFIX,
+    ApiRouter,
+    Ctx,
+    Handler,
+    abort_connection,
+    file_of,
+    guess_mime,
+    json_response,
+    page_params,
+    paged_response,
+    read_json,
+    require_entity,
+    route_guid,
+)
 from .sas import format_se
 from .state import StoredFile, now_iso
-from .storage import BodyTooLarge, DiskSink, Dropped
+from .storage import Dropped
 
 log = logging.getLogger("ops.sandbox")
-
-API_PREFIX = "/api/v1"
-JSON_BODY_MAX = 1 << 20
-MULTIPART_SLACK = 1 << 20  # framing allowance over the file cap before we refuse unread
 
 BYUPLOADID_ENTITIES: dict[str, str] = {
     "tasks": "taskId",
@@ -61,97 +69,7 @@ LIST_ENTITIES = {k: v for k, v in MULTIPART_ENTITIES.items() if k != "companies"
 IMAGE_ENTITY_NAMES = frozenset(
     {"companies", "contactpersons", "projects", "projecttemplates", "users", "workspaces"}
 )
-_T = TypeVar("_T")
-_UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
-
-
-@dataclass
-class Ctx:
-    """One authenticated API request."""
-
-    sandbox: Sandbox
-    request: web.BaseRequest
-    workspace: str
-    user_id: str
-    trace_id: str
-    fault: Fault
-
-
-Handler = Callable[[Ctx, dict[str, str]], Awaitable[web.StreamResponse]]
-
-
-@dataclass(frozen=True)
-class ApiRoute:
-    method: str
-    path: str  # as in the contract, below /api/v1
-    stat: str  # the key in stats["requests"]
-    fault: str  # the fault route name
-    handler: Handler
-    entity: str | None
-    regex: re.Pattern[str]
-
-
-def _compile(path: str) -> re.Pattern[str]:
-    pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(path))
-    return re.compile(f"^{pattern}/?$", re.IGNORECASE)
-
-
-class ApiRouter:
-    def __init__(self) -> None:
-        self.routes: list[ApiRoute] = []
-        self._by_first: dict[str, list[ApiRoute]] = {}
-
-    def add(
-        self, method: str, path: str, stat: str, fault: str, handler: Handler,
-        entity: str | None = None,
-    ) -> None:
-        route = ApiRoute(method, path, f"{method} {API_PREFIX}{stat}", fault, handler, entity,
-                         _compile(path))
-        self.routes.append(route)
-        first = path.split("/")[1].lower()
-        self._by_first.setdefault(first, []).append(route)
-
-    def match(self, method: str, path: str) -> tuple[ApiRoute | None, dict[str, str], bool]:
-        """(route, params, path_exists): path_exists tells 404 from a wrong method."""
-        first = path.split("/", 2)[1].lower() if path.startswith("/") else ""
-        exists = False
-        for route in self._by_first.get(first, ()):
-            m = route.regex.match(path)
-            if m is None:
-                continue
-            if route.method == method:
-                return route, m.groupdict(), True
-            exists = True
-        return None, {}, exists
-
-
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def _json_response(data: Any, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=json.dumps(data).encode(), content_type="application/json", headers=headers
-    )
-
-
-def _entity_id(value: str) -> str:
-    """Route ids are GUIDs; anything else matches no route in awork (404)."""
-    if not _UUID.match(value):
-        raise E.NO_ROUTE
-    return value.lower()
-
-
-def _require_entity(ctx: Ctx, entity: str, entity_id: str) -> None:
-    if not ctx.sandbox.state.entity_visible(entity, entity_id, ctx.workspace):
-        raise E.not_found(f"No {entity} entity with the id '{entity_id}' exists.")
-
-
-def _media_type(request: web.BaseRequest) -> str:
-    return request.content_type.lower()
-
-
-def _is_json_type(mt: str) -> bool:
-    return mt == "application/json" or (mt.startswith("application/") and mt.endswith("+json"))
 
 
 def _is_image(head: bytes) -> bool:
@@ -161,32 +79,6 @@ def _is_image(head: bytes) -> bool:
         or head.startswith((b"GIF87a", b"GIF89a"))
         or (head.startswith(b"RIFF") and head[8:12] == b"WEBP")
     )
-
-
-def _guess_mime(file_name: str, declared: str | None) -> str:
-    """The declared type unless it says nothing, else a guess from the name."""
-    if declared and declared.lower() != "application/octet-stream":
-        return declared
-    return mimetypes.guess_type(file_name)[0] or declared or "application/octet-stream"
-
-
-async def _read_json(ctx: Ctx) -> Any:
-    request = ctx.request
-    if not _is_json_type(_media_type(request)):
-        raise ApiError(
-            415, E.UNSUPPORTED_MEDIA_TYPE, "The request body must be application/json.",
-        )
-    if request.content_length is not None and request.content_length > JSON_BODY_MAX:
-        raise ApiError(400, E.REQUEST_BODY_TOO_LARGE, "The request body is too large.")
-    raw = await request.content.read(JSON_BODY_MAX + 1)
-    if len(raw) > JSON_BODY_MAX:
-        raise ApiError(400, E.REQUEST_BODY_TOO_LARGE, "The request body is too large.")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise E.validation_failed(
-            [("$", "The JSON value could not be converted to UploadByUploadIdForm.")]
-        ) from None
 
 
 def _parse_upload_form(body: Any) -> tuple[str, str, str | None]:
@@ -227,15 +119,15 @@ async def generate_upload_url(ctx: Ctx, params: dict[str, str]) -> web.StreamRes
     path = f"/{UPLOAD_CONTAINER}/{upload_id}"
     query = sb.signer.sign_query(path, sb.settings.upload_url_permissions, expires_at)
     sb.state.new_upload(upload_id, ctx.workspace, format_se(expires_at))
-    return _json_response({"uploadId": upload_id, "uploadURL": f"{sb.blob_base}{path}?{query}"})
+    return json_response({"uploadId": upload_id, "uploadURL": f"{sb.blob_base}{path}?{query}"})
 
 
 async def _link(ctx: Ctx, entity: str, entity_id: str, image: bool) -> web.StreamResponse:
     sb = ctx.sandbox
-    upload_id, file_name, description = _parse_upload_form(await _read_json(ctx))
+    upload_id, file_name, description = _parse_upload_form(await read_json(ctx))
     counters = sb.state.counters
     counters.link_attempts[upload_id] += 1
-    _require_entity(ctx, entity, entity_id)
+    require_entity(ctx, entity, entity_id)
     up = sb.state.uploads.get(upload_id)
     if up is None or up.workspace != ctx.workspace:
         raise ApiError(
@@ -266,7 +158,7 @@ async def _link(ctx: Ctx, entity: str, entity_id: str, image: bool) -> web.Strea
         file_name=file_name,
         description=description,
         content=up.content,
-        mime_type=_guess_mime(file_name, up.content_type),
+        mime_type=guess_mime(file_name, up.content_type),
         upload_id=upload_id,
         created_on=now_iso(),
         created_by=ctx.user_id,
@@ -274,12 +166,12 @@ async def _link(ctx: Ctx, entity: str, entity_id: str, image: bool) -> web.Strea
     )
     sb.state.add_file(stored)
     counters.links[upload_id] += 1
-    return _json_response(stored.file_info())
+    return json_response(stored.file_info())
 
 
 def link_handler(entity: str, param: str) -> Handler:
     async def handler(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
-        return await _link(ctx, entity, _entity_id(params[param]), image=False)
+        return await _link(ctx, entity, route_guid(params[param]), image=False)
 
     return handler
 
@@ -296,86 +188,11 @@ def _image_entity(name: str) -> str:
 
 async def image_link(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
     entity = _image_entity(params["entityName"])
-    return await _link(ctx, entity, _entity_id(params["entityId"]), image=True)
-
-
-@dataclass
-class Received:
-    """A multipart body's file part, on disk, plus its plain form fields."""
-
-    sink: DiskSink
-    file_name: str
-    part_type: str | None
-    form: dict[str, str]
-    md5: bytes
-
-
-async def receive_multipart(ctx: Ctx) -> Received:
-    """Stream a multipart/form-data body's `File` part to disk (size cap, injected drops)."""
-    sb = ctx.sandbox
-    request = ctx.request
-    cap = sb.settings.multipart_max_bytes
-    too_large = ApiError(
-        400, E.REQUEST_BODY_TOO_LARGE,
-        f"The request body is too large: files may have at most {cap} bytes.",
-    )
-    if request.content_length is not None and request.content_length > cap + MULTIPART_SLACK:
-        raise too_large
-    if _media_type(request) != "multipart/form-data":
-        raise ApiError(415, E.UNSUPPORTED_MEDIA_TYPE, "The request body must be multipart/form-data.")
-    drop_at = None
-    if ctx.fault.kind == "drop":
-        drop_at = int(ctx.fault.fraction * (request.content_length or 0))
-    sink: DiskSink | None = None
-    file_name = ""
-    part_type: str | None = None
-    form: dict[str, str] = {}
-    try:
-        try:
-            reader = await request.multipart()
-            while True:
-                part = await reader.next()
-                if part is None:
-                    break
-                if not isinstance(part, BodyPartReader):
-                    raise ValueError("nested multipart is not supported")
-                name = (part.name or "").lower()
-                if name == "file" and part.filename is not None and sink is None:
-                    file_name = part.filename
-                    part_type = part.headers.get("Content-Type")
-                    sink = DiskSink(sb.state.tmp_path())
-                    await _receive_part(part, sink, cap, drop_at, request)
-                elif name in ("name", "description") and part.filename is None:
-                    form[name] = (await part.read(decode=True)).decode("utf-8", "replace")
-                else:
-                    await part.release()
-        except (ValueError, AssertionError) as exc:
-            raise E.validation_failed([("File", f"Malformed multipart body: {exc}")]) from None
-        except BodyTooLarge:
-            raise too_large from None
-        if drop_at is not None:  # the drop point fell in the framing, not in the file
-            _abort(request)
-            raise Dropped("sandbox fault: connection dropped")
-        if sink is None:
-            raise E.validation_failed([("File", "The File field is required.")])
-        md5 = await sink.finish()
-    except BaseException:
-        if sink is not None:
-            await sink.abort()
-        raise
-    return Received(sink, file_name, part_type, form, md5)
-
-
-def keep_received(ctx: Ctx, got: Received, file_id: str) -> Content:
-    """Move a received part into the files directory; its bytes become stored content."""
-    path = ctx.sandbox.state.new_file_path(file_id)
-    got.sink.path.replace(path)
-    ctx.sandbox.state.counters.bytes_received += got.sink.size
-    return Content((path,), got.sink.size, got.md5)
+    return await _link(ctx, entity, route_guid(params["entityId"]), image=True)
 
 
 async def _multipart(ctx: Ctx, entity: str, entity_id: str, image: bool) -> web.StreamResponse:
-    _require_entity(ctx, entity, entity_id)
+    require_entity(ctx, entity, entity_id)
     got = await receive_multipart(ctx)
     if image and not _is_image(got.sink.head):
         got.sink.path.unlink()
@@ -393,100 +210,37 @@ async def _multipart(ctx: Ctx, entity: str, entity_id: str, image: bool) -> web.
         file_name=got.file_name,
         description=got.form.get("description"),
         content=content,
-        mime_type=_guess_mime(got.file_name, got.part_type),
+        mime_type=guess_mime(got.file_name, got.part_type),
         upload_id=None,
         created_on=now_iso(),
         created_by=ctx.user_id,
     )
     ctx.sandbox.state.add_file(stored)
-    return _json_response(stored.file_info())
-
-
-async def _receive_part(
-    part: BodyPartReader, sink: DiskSink, cap: int, drop_at: int | None,
-    request: web.BaseRequest,
-) -> None:
-    """Stream one multipart part (aiohttp decodes it chunk by chunk) into `sink`."""
-    while True:
-        chunk = await part.read_chunk(1 << 20)
-        if not chunk:
-            return
-        if drop_at is not None and sink.size + len(chunk) >= drop_at:
-            _abort(request)
-            raise Dropped("sandbox fault: connection dropped mid-body")
-        if sink.size + len(chunk) > cap:
-            raise BodyTooLarge
-        await sink.write(chunk)
+    return json_response(stored.file_info())
 
 
 def multipart_handler(entity: str, param: str) -> Handler:
     async def handler(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
-        return await _multipart(ctx, entity, _entity_id(params[param]), image=False)
+        return await _multipart(ctx, entity, route_guid(params[param]), image=False)
 
     return handler
 
 
 async def image_multipart(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
     entity = _image_entity(params["entityName"])
-    return await _multipart(ctx, entity, _entity_id(params["entityId"]), image=True)
-
-
-def _int_param(request: web.BaseRequest, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise E.validation_failed([(name, f"The value '{raw}' is not valid for {name}.")]) from None
-    if not lo <= value <= hi:
-        raise E.validation_failed([(name, f"{name} must be between {lo} and {hi}.")])
-    return value
-
-
-def page_params(request: web.BaseRequest) -> tuple[int, int]:
-    """(page, pageSize) of a list route, checked before the entity is looked up (as awork)."""
-    return _int_param(request, "page", 1, 1, 1_000_000), _int_param(request, "pageSize", 10, 1, 1000)
-
-
-def paged_response(
-    items: Sequence[_T], page: tuple[int, int], render: Callable[[_T], Any]
-) -> web.Response:
-    """One page of `items`, rendered, with awork's aw-page/aw-pagesize/aw-items/aw-totalitems."""
-    number, size = page
-    chosen = [render(item) for item in items[(number - 1) * size : number * size]]
-    return _json_response(
-        chosen,
-        headers={
-            "aw-page": str(number),
-            "aw-pagesize": str(size),
-            "aw-items": str(len(chosen)),
-            "aw-totalitems": str(len(items)),
-        },
-    )
+    return await _multipart(ctx, entity, route_guid(params["entityId"]), image=True)
 
 
 def list_handler(entity: str, param: str) -> Handler:
     async def handler(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
-        entity_id = _entity_id(params[param])
+        entity_id = route_guid(params[param])
         page = page_params(ctx.request)
-        _require_entity(ctx, entity, entity_id)
+        require_entity(ctx, entity, entity_id)
         files = ctx.sandbox.state.files
         ids = ctx.sandbox.state.files_by_entity.get((entity, entity_id), [])
         return paged_response(ids, page, lambda i: files[i].file_info())
 
     return handler
-
-
-def _file_of(ctx: Ctx, file_id: str, entity: str | None, entity_id: str | None) -> StoredFile:
-    f = ctx.sandbox.state.files.get(file_id.lower()) if _UUID.match(file_id) else None
-    if (
-        f is None
-        or f.workspace != ctx.workspace
-        or (entity is not None and (f.image or f.entity != entity or f.entity_id != entity_id))
-    ):
-        raise E.not_found(f"No file with the id '{file_id}' exists.")
-    return f
 
 
 def _download(f: StoredFile, inline: bool) -> web.StreamResponse:
@@ -499,15 +253,15 @@ def _download(f: StoredFile, inline: bool) -> web.StreamResponse:
 
 
 async def download(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
-    f = _file_of(ctx, params["fileId"], None, None)
+    f = file_of(ctx, params["fileId"], None, None)
     return _download(f, ctx.request.query.get("inline", "").lower() == "true")
 
 
 def entity_download_handler(entity: str, param: str) -> Handler:
     async def handler(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
-        entity_id = _entity_id(params[param])
-        _require_entity(ctx, entity, entity_id)
-        f = _file_of(ctx, params["fileId"], entity, entity_id)
+        entity_id = route_guid(params[param])
+        require_entity(ctx, entity, entity_id)
+        f = file_of(ctx, params["fileId"], entity, entity_id)
         return _download(f, ctx.request.query.get("inline", "").lower() == "true")
 
     return handler
@@ -515,17 +269,17 @@ def entity_download_handler(entity: str, param: str) -> Handler:
 
 def metadata_handler(entity: str, param: str) -> Handler:
     async def handler(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
-        entity_id = _entity_id(params[param])
-        _require_entity(ctx, entity, entity_id)
-        return _json_response(_file_of(ctx, params["fileId"], entity, entity_id).file_info())
+        entity_id = route_guid(params[param])
+        require_entity(ctx, entity, entity_id)
+        return json_response(file_of(ctx, params["fileId"], entity, entity_id).file_info())
 
     return handler
 
 
 async def image_get(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
     entity = _image_entity(params["entityName"])
-    entity_id = _entity_id(params["entityId"])
-    _require_entity(ctx, entity, entity_id)
+    entity_id = route_guid(params["entityId"])
+    require_entity(ctx, entity, entity_id)
     file_id = ctx.sandbox.state.images.get((entity, entity_id))
     if file_id is None:
         raise E.not_found(f"The {entity} entity '{entity_id}' has no image.")
@@ -557,19 +311,11 @@ def build_router() -> ApiRouter:
     r.add("GET", "/files/images/{entityName}/{entityId}", "/files/images/{entityName}/{id}",
           "download", image_get)
     r.add("GET", "/files/{fileId}/download", "/files/{fileId}/download", "download", download)
-    from .recurring import add_recurring_routes
-
     add_recurring_routes(r, MULTIPART_ENTITIES)
     return r
 
 
 # --- dispatch --------------------------------------------------------------------------------
-
-
-def _abort(request: web.BaseRequest) -> None:
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
 
 
 class _Answer(Exception):
@@ -644,7 +390,7 @@ class ApiFrontDoor:
                 raise ApiError(429, E.TOO_MANY_REQUESTS, "API rate limit exceeded.")
             if route is None and method == "GET" and sub_path.lower().rstrip("/") == "/me":
                 # awork's GET /me (the current user): what `connections test` calls
-                raise _Answer(_json_response({"id": user_id, "workspace": workspace}))
+                raise _Answer(json_response({"id": user_id, "workspace": workspace}))
             if route is None:
                 if path_exists:
                     raise ApiError(
@@ -663,12 +409,12 @@ class ApiFrontDoor:
             response = await route.handler(ctx, params)
             if fault_kind == "drop_after":
                 counters.faults_injected["drop_after"] += 1
-                _abort(request)
+                abort_connection(request)
                 raise Dropped("sandbox fault: response dropped after the work was done")
             if fault_kind == "stall_after":
                 counters.faults_injected["stall_after"] += 1
                 await asyncio.sleep(sb.settings.stall_after_s)
-                _abort(request)
+                abort_connection(request)
                 raise Dropped("sandbox fault: answer held, then dropped, after the work was done")
             if fault_kind == "500_after":
                 counters.faults_injected["500_after"] += 1
@@ -729,5 +475,5 @@ class ApiFrontDoor:
             counters.faults_injected["drop"] += 1
             # Requests with a body stream it in the handler and drop part-way through.
             if not (request.content_length and request.content_type.startswith("multipart/")):
-                _abort(request)
+                abort_connection(request)
                 raise Dropped("sandbox fault: connection dropped")

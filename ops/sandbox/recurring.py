@@ -14,19 +14,19 @@ import hashlib
 import ipaddress
 import uuid
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
 from aiohttp import web
 
 from . import errors as E
+from . import routing
 from .content import Content
 from .errors import ApiError
+from .receive import keep_received, receive_multipart
+from .routing import ApiRouter, Ctx
 from .state import StoredFile, now_iso
-
-if TYPE_CHECKING:
-    from .app import ApiRouter, Ctx
 
 FETCH_TIMEOUT_S = 30.0
 FETCH_CHUNK = 1 << 20
@@ -45,46 +45,33 @@ def add_recurring_routes(r: ApiRouter, entities: dict[str, str]) -> None:
 
 def _add_version(entity: str, param: str) -> Any:
     async def handler(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
-        from .app import (
-            _entity_id,
-            _file_of,
-            _json_response,
-            _require_entity,
-            keep_received,
-            receive_multipart,
-        )
-
-        entity_id = _entity_id(params[param])
-        _require_entity(ctx, entity, entity_id)
-        stored = _file_of(ctx, params["fileId"], entity, entity_id)
+        entity_id = routing.route_guid(params[param])
+        routing.require_entity(ctx, entity, entity_id)
+        stored = routing.file_of(ctx, params["fileId"], entity, entity_id)
         got = await receive_multipart(ctx)
         content = keep_received(ctx, got, str(uuid.uuid4()))
         version = stored.add_version(content, ctx.user_id)
-        return _json_response(version.info(stored.id))
+        return routing.json_response(version.info(stored.id))
 
     return handler
 
 
 def _list_versions(entity: str, param: str) -> Any:
     async def handler(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
-        from .app import _entity_id, _file_of, _require_entity, page_params, paged_response
-
-        entity_id = _entity_id(params[param])
-        page = page_params(ctx.request)
-        _require_entity(ctx, entity, entity_id)
-        stored = _file_of(ctx, params["fileId"], entity, entity_id)
-        return paged_response(stored.versions, page, lambda v: v.info(stored.id))
+        entity_id = routing.route_guid(params[param])
+        page = routing.page_params(ctx.request)
+        routing.require_entity(ctx, entity, entity_id)
+        stored = routing.file_of(ctx, params["fileId"], entity, entity_id)
+        return routing.paged_response(stored.versions, page, lambda v: v.info(stored.id))
 
     return handler
 
 
 def _by_url(entity: str, param: str) -> Any:
     async def handler(ctx: Ctx, params: dict[str, str]) -> web.StreamResponse:
-        from .app import _entity_id, _guess_mime, _json_response, _read_json, _require_entity
-
-        entity_id = _entity_id(params[param])
-        url, name, description = _parse_form(await _read_json(ctx))
-        _require_entity(ctx, entity, entity_id)
+        entity_id = routing.route_guid(params[param])
+        url, name, description = _parse_form(await routing.read_json(ctx))
+        routing.require_entity(ctx, entity, entity_id)
         file_id = str(uuid.uuid4())
         path = ctx.sandbox.state.new_file_path(file_id)
         size, md5, mime = await _fetch(url, path, ctx.sandbox.settings.byurl_max_bytes)
@@ -99,14 +86,14 @@ def _by_url(entity: str, param: str) -> Any:
             file_name=file_name,
             description=description,
             content=Content((path,), size, md5),
-            mime_type=_guess_mime(file_name, mime),
+            mime_type=routing.guess_mime(file_name, mime),
             upload_id=None,
             created_on=now_iso(),
             created_by=ctx.user_id,
         )
         ctx.sandbox.state.add_file(stored)
         ctx.sandbox.state.counters.byurl_fetches += 1
-        return _json_response(stored.file_info())
+        return routing.json_response(stored.file_info())
 
     return handler
 

@@ -18,9 +18,10 @@ from aiohttp import web
 
 from . import errors as E
 from .admin import AdminApi
-from .app import API_PREFIX, ApiFrontDoor
+from .app import ApiFrontDoor
 from .blob import BlobHost
 from .core import Sandbox
+from .routing import API_PREFIX
 
 READ_BUFSIZE = 1 << 20  # aiohttp pauses the socket past twice this: bounds memory per upload
 

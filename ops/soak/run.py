@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import shutil
 import signal
@@ -54,13 +53,12 @@ from typing import Any
 
 import redis
 
-from ops.processes import Child, stop_all
+from ops.local_fleet import FleetOptions, FleetWorker, LocalFleet, SandboxOptions
+from ops.processes import Child
 from ops.redis_server import RedisServer
 from ops.sandbox.launcher import SandboxProcess
-from ops.stack import wait_for_workers, worker_argv
 from producers import keys as key_names
 from producers.client import PublishFailed, RedisUnavailable, Uploads
-from producers.config import SharedSettings
 from producers.spec import JobSpec
 
 API_KEY = "soak-key"
@@ -165,10 +163,7 @@ class Soak:
         self.cfg = cfg
         self.rng = random.Random(cfg.seed)
         self.root = cfg.data_dir or Path(tempfile.mkdtemp(prefix="awork-soak-"))
-        self.redis: RedisServer | None = None
-        self.sandbox: SandboxProcess | None = None
-        self.workers: list[Child] = []
-        self.env: dict[str, str] = {}
+        self.fleet = LocalFleet(self.fleet_options())
         self.kills = 0
         self.self_exits: list[str] = []
         self.redis_restarts = 0
@@ -179,50 +174,44 @@ class Soak:
         self._lock = threading.Lock()
         self._up: Uploads | None = None
 
-    # -- setup -------------------------------------------------------------------------------
-    def start(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.redis = RedisServer(self.root / "redis", appendfsync=self.cfg.appendfsync).start()
+    def fleet_options(self) -> FleetOptions:
         sandbox_args = [
             "--seed", str(self.cfg.seed),
             "--rate-limit-per-minute", "3000", "--rate-limit-per-second", "50",
             "--faults-json", json.dumps(sandbox_faults(self.cfg)),
         ]  # fmt: skip
-        self.sandbox = SandboxProcess(
-            api_keys={API_KEY: "default"},
-            admin_token=ADMIN_TOKEN,
-            data_dir=self.root / "sandbox",
-            extra_args=sandbox_args,
-        ).start()
-        staging = self.root / "staging"
-        staging.mkdir(exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWORK_", "FLOWER_", "REDIS_URL"))}
-        env.update(WORKER_ENV)
-        env.update(
-            REDIS_URL=self.redis.url,
-            STAGING_DIR=str(staging),
-            AWORK_API_URL=self.sandbox.api_url,
-            AWORK_API_KEY=API_KEY,
-            AWORK_UPLOAD_HOSTS=self.sandbox.upload_host,
-            PYTHONUNBUFFERED="1",
+        return FleetOptions(
+            root=self.root,
+            workers=self.cfg.workers,
+            concurrency=self.cfg.concurrency,
+            node_name="soak{n}-{uid}@%h",
+            env={**WORKER_ENV, "PYTHONUNBUFFERED": "1"},
+            drop_env=("AWORK_", "FLOWER_", "REDIS_URL"),
+            appendfsync=self.cfg.appendfsync,
+            sandbox=SandboxOptions({API_KEY: "default"}, ADMIN_TOKEN, sandbox_args),
+            ready_timeout=90,
         )
-        self.env = env
-        for n in range(self.cfg.workers):
-            self.workers.append(self._worker(n + 1).start())
-        wait_for_workers(env, self.workers, 90, self.root / "logs")
-        saved = dict(os.environ)
-        os.environ.update({k: env[k] for k in ("REDIS_URL", "STAGING_DIR")})
-        os.environ.pop("AWORK_WORKSPACES_FILE", None)
-        try:
-            self._up = Uploads(SharedSettings.from_env(), redis_retry_seconds=20.0)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
 
-    def _worker(self, n: int) -> Child:
-        log = self.root / "logs" / f"worker-{n}.log"
-        argv = worker_argv(self.cfg.concurrency, f"soak{n}-{uuid.uuid4().hex[:4]}@%h")
-        return Child(f"worker-{n}", argv, self.env, log)
+    # -- setup -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.fleet.start()
+        self._up = self.fleet.producer(redis_retry_seconds=20.0)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.fleet.env
+
+    @property
+    def workers(self) -> list[FleetWorker]:
+        return self.fleet.workers
+
+    @property
+    def sandbox(self) -> SandboxProcess | None:
+        return self.fleet.sandbox
+
+    @property
+    def redis(self) -> RedisServer | None:
+        return self.fleet.redis
 
     @property
     def up(self) -> Uploads:
@@ -231,13 +220,7 @@ class Soak:
 
     def stop(self) -> None:
         self._stop.set()
-        stop_all(self.workers, grace=15)
-        if self._up is not None:
-            self._up.close()
-        if self.sandbox is not None:
-            self.sandbox.stop()
-        if self.redis is not None:
-            self.redis.stop()
+        self.fleet.stop()
         if not self.cfg.keep and self.cfg.data_dir is None:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -335,18 +318,18 @@ class Soak:
             with self._lock:
                 self.workers[i].kill()
                 self.kills += 1
-                self.workers[i] = self._worker(i + 1).start()
+                self.fleet.restart(self.workers[i])
 
     def watch_workers(self) -> None:
         """A worker that exits without being killed fails the soak (they must ride out a Redis
         restart); it is started again so the run can finish."""
         with self._lock:
-            for i, w in enumerate(self.workers):
+            for w in list(self.workers):
                 if not w.alive():
                     code = w.proc.returncode if w.proc else None
                     self.self_exits.append(f"{w.name} (exit {code})")
                     print(f"soak: {w.name} exited by itself (status {code}); starting it again", flush=True)
-                    self.workers[i] = self._worker(i + 1).start()
+                    self.fleet.restart(w)
 
     def restart_redis(self) -> None:
         assert self.redis is not None

@@ -8,7 +8,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import redis
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
@@ -20,6 +19,7 @@ from producers.intake import problems, routes_batches, routes_jobs
 from producers.intake.problems import Problem
 from producers.intake.schemas import PROBLEM, Health, Ready, problem_responses
 from producers.intake.settings import IntakeSettings
+from producers.redis_conn import async_redis_client
 
 log = logging.getLogger("awork.intake")
 VERSION = "1.0.0"
@@ -45,7 +45,7 @@ def create_app(settings: IntakeSettings, uploads: Uploads | None = None) -> Fast
     app.state.uploads = up
     app.state.tokens = ApiTokens(up.redis)
     # the polling path (GET /v1/jobs/{id}) reads without the thread pool, as str
-    app.state.aredis = aioredis.Redis.from_url(
+    app.state.aredis = async_redis_client(
         settings.shared.redis_url, socket_connect_timeout=3, socket_timeout=10, decode_responses=True
     )
     app.add_exception_handler(Problem, problems.on_problem)

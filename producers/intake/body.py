@@ -20,6 +20,7 @@ import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from queue import Queue
+from typing import TYPE_CHECKING
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
@@ -28,6 +29,9 @@ from producers import staging
 from producers.intake.problems import Problem
 from producers.job_ids import new_job_id
 from producers.staging_mode import StagingMode
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 BUFFER_BYTES = 1024 * 1024
 QUEUE_BUFFERS = 4
@@ -145,47 +149,8 @@ async def multipart_to_staging(
         raise Problem(
             400, "malformed-multipart", "content-type: multipart/form-data without a boundary", "content-type"
         )
-    fields: dict[str, str] = {}
-    pending: list[tuple[str, bytes]] = []  # events gathered by the (sync) parser callbacks
-    header_field, header_value = bytearray(), bytearray()
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        header_field.extend(data[start:end])
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        header_value.extend(data[start:end])
-
-    def on_header_end() -> None:
-        pending.append(("header", bytes(header_field).lower() + b"\0" + bytes(header_value)))
-        header_field.clear()
-        header_value.clear()
-
-    def on_headers_finished() -> None:
-        pending.append(("begin", b""))
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        pending.append(("data", bytes(data[start:end])))
-
-    def on_part_end() -> None:
-        pending.append(("end", b""))
-
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-        },
-    )
-    sink: StagingSink | None = None
-    staged: staging.StreamedBody | None = None
-    filename: str | None = None
-    headers: dict[bytes, bytes] = {}
-    current: str | None = None
-    value = bytearray()
+    form = _MultipartForm(staging_dir, cap, mode)
+    parser = MultipartParser(boundary, form.callbacks())
     try:
         async for chunk in chunks:
             try:
@@ -194,53 +159,110 @@ async def multipart_to_staging(
                 raise Problem(
                     400, "malformed-multipart", "body: malformed multipart/form-data", "body"
                 ) from None
-            for kind, data in pending:
-                if kind == "header":
-                    name, _, val = data.partition(b"\0")
-                    headers[name] = val
-                elif kind == "begin":
-                    _, opts = parse_options_header(headers.get(b"content-disposition", b""))
-                    current = opts.get(b"name", b"").decode("utf-8", "replace")
-                    headers = {}
-                    value.clear()
-                    if current == "file":
-                        if sink is not None or staged is not None:
-                            raise Problem(400, "malformed-multipart", "file: more than one file part", "file")
-                        raw_name = opts.get(b"filename")
-                        filename = raw_name.decode("utf-8", "replace") if raw_name else None
-                        sink = StagingSink(staging_dir, filename or "upload", cap, mode)
-                    elif len(fields) >= MAX_FIELDS:
-                        raise Problem(400, "malformed-multipart", "body: too many form fields", "body")
-                elif kind == "data":
-                    if current == "file" and sink is not None:
-                        await sink.write(data)
-                    else:
-                        value.extend(data)
-                        if len(value) > MAX_FIELD_BYTES:
-                            raise Problem(
-                                400,
-                                "field-too-long",
-                                f"{current}: longer than {MAX_FIELD_BYTES} bytes",
-                                current,
-                            )
-                elif kind == "end":
-                    if current == "file" and sink is not None:
-                        staged = await sink.finish()
-                        sink = None
-                    elif current:
-                        try:
-                            fields[current] = value.decode("utf-8")
-                        except UnicodeDecodeError:
-                            raise Problem(400, "malformed-field", f"{current}: not UTF-8", current) from None
-                    current = None
-            pending.clear()
+            await form.take_events()
         parser.finalize()
-        if sink is not None:
+        if form.sink is not None:
             raise Problem(400, "malformed-multipart", "body: the file part did not end", "file")
-        return staged, fields, filename
+        return form.staged, form.fields, form.filename
     except BaseException:
-        if sink is not None:
-            await asyncio.shield(sink.abort())
-        if staged is not None:
-            staging.remove_job_dir(staging_dir, staged.job_id)
+        await form.abort()
         raise
+
+
+class _MultipartForm:
+    """What the parts of one multipart body come to: the `file` part streamed to a sink, the
+    other parts gathered as small fields. The parser's callbacks are synchronous, so they only
+    note events; `take_events` acts on them (writing to the sink awaits)."""
+
+    def __init__(self, staging_dir: Path, cap: int, mode: StagingMode) -> None:
+        self.staging_dir, self.cap, self.mode = staging_dir, cap, mode
+        self.fields: dict[str, str] = {}
+        self.sink: StagingSink | None = None
+        self.staged: staging.StreamedBody | None = None
+        self.filename: str | None = None
+        self._pending: list[tuple[str, bytes]] = []
+        self._header_field, self._header_value = bytearray(), bytearray()
+        self._headers: dict[bytes, bytes] = {}
+        self._current: str | None = None
+        self._value = bytearray()
+
+    def callbacks(self) -> MultipartCallbacks:
+        def on_header_field(data: bytes, start: int, end: int) -> None:
+            self._header_field.extend(data[start:end])
+
+        def on_header_value(data: bytes, start: int, end: int) -> None:
+            self._header_value.extend(data[start:end])
+
+        def on_header_end() -> None:
+            header = bytes(self._header_field).lower() + b"\0" + bytes(self._header_value)
+            self._pending.append(("header", header))
+            self._header_field.clear()
+            self._header_value.clear()
+
+        def on_part_data(data: bytes, start: int, end: int) -> None:
+            self._pending.append(("data", bytes(data[start:end])))
+
+        return {
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": lambda: self._pending.append(("begin", b"")),
+            "on_part_data": on_part_data,
+            "on_part_end": lambda: self._pending.append(("end", b"")),
+        }
+
+    async def take_events(self) -> None:
+        for kind, data in self._pending:
+            if kind == "header":
+                name, _, val = data.partition(b"\0")
+                self._headers[name] = val
+            elif kind == "begin":
+                self._begin_part()
+            elif kind == "data":
+                await self._part_data(data)
+            elif kind == "end":
+                await self._end_part()
+        self._pending.clear()
+
+    def _begin_part(self) -> None:
+        _, opts = parse_options_header(self._headers.get(b"content-disposition", b""))
+        self._current = opts.get(b"name", b"").decode("utf-8", "replace")
+        self._headers = {}
+        self._value.clear()
+        if self._current == "file":
+            if self.sink is not None or self.staged is not None:
+                raise Problem(400, "malformed-multipart", "file: more than one file part", "file")
+            raw_name = opts.get(b"filename")
+            self.filename = raw_name.decode("utf-8", "replace") if raw_name else None
+            self.sink = StagingSink(self.staging_dir, self.filename or "upload", self.cap, self.mode)
+        elif len(self.fields) >= MAX_FIELDS:
+            raise Problem(400, "malformed-multipart", "body: too many form fields", "body")
+
+    async def _part_data(self, data: bytes) -> None:
+        if self._current == "file" and self.sink is not None:
+            await self.sink.write(data)
+            return
+        self._value.extend(data)
+        if len(self._value) > MAX_FIELD_BYTES:
+            raise Problem(
+                400, "field-too-long", f"{self._current}: longer than {MAX_FIELD_BYTES} bytes", self._current
+            )
+
+    async def _end_part(self) -> None:
+        current = self._current
+        if current == "file" and self.sink is not None:
+            self.staged = await self.sink.finish()
+            self.sink = None
+        elif current:
+            try:
+                self.fields[current] = self._value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise Problem(400, "malformed-field", f"{current}: not UTF-8", current) from None
+        self._current = None
+
+    async def abort(self) -> None:
+        """Remove whatever the body staged: the part being written, or the one finished."""
+        if self.sink is not None:
+            await asyncio.shield(self.sink.abort())
+        if self.staged is not None:
+            staging.remove_job_dir(self.staging_dir, self.staged.job_id)

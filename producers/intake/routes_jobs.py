@@ -28,8 +28,9 @@ from producers.intake.schemas import (
 )
 from producers.intake.settings import IntakeSettings
 from producers.job_ids import is_job_id
+from producers.keys import job_key
 from producers.listing import list_jobs
-from producers.records import Job, job_key
+from producers.records import Job
 from producers.spec import JobSpec
 
 router = APIRouter(prefix="/v1")
@@ -79,11 +80,13 @@ OCTET_PARAMS: list[dict[str, Any]] = [
 
 
 def _uploads(request: Request) -> Uploads:
-    return request.app.state.uploads
+    uploads: Uploads = request.app.state.uploads
+    return uploads
 
 
 def _settings(request: Request) -> IntakeSettings:
-    return request.app.state.settings
+    settings: IntakeSettings = request.app.state.settings
+    return settings
 
 
 def job_out(job: Job) -> dict[str, Any]:
@@ -121,65 +124,11 @@ def _octet_fields(request: Request) -> dict[str, str]:
     summary="Enqueue one job: a source URL (JSON), the file itself (octet-stream), or multipart",
 )
 async def create_job(request: Request, token: Auth) -> JSONResponse:
-    settings = _settings(request)
-    shared = settings.shared
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    idem = request.headers.get("idempotency-key")
-    streamed: staging.StreamedBody | None = None
-    if kind == "application/json":
-        try:
-            model = NewJob.model_validate_json(await request.body())
-        except ValidationError as exc:
-            raise invalid_request(exc.errors()) from None
-        fields = model.model_dump()
-        source: Any = model.source_url
-    elif kind == "application/octet-stream":
-        fields = _octet_fields(request)
-        _precheck(token, fields)
-        streamed = await body_to_staging(
-            request.stream(),
-            shared.staging_dir,
-            fields.get("name") or "upload",
-            settings.max_body_bytes,
-            shared.staging_mode,
-        )
-        source = streamed
-    elif kind == "multipart/form-data":
-        streamed, fields, filename = await multipart_to_staging(
-            request.stream(),
-            request.headers["content-type"],
-            shared.staging_dir,
-            settings.max_body_bytes,
-            shared.staging_mode,
-        )
-        if streamed is None:
-            raise Problem(422, "missing-file", "file: a multipart upload needs a `file` part", "file")
-        if filename and not fields.get("name"):
-            fields["name"] = filename
-        source = streamed
-    else:
-        raise Problem(
-            415,
-            "unsupported-media-type",
-            "content-type: expected application/json, application/octet-stream or multipart/form-data",
-            "content-type",
-        )
+    shared = _settings(request).shared
+    source, fields, streamed = await _read_new_job(request, token)
     try:
         _precheck(token, fields)
-        spec = JobSpec(
-            source,
-            to=fields["to"],
-            workspace=fields.get("workspace") or "default",
-            name=fields.get("name"),
-            description=fields.get("description"),
-            idempotency_key=idem,
-            content_type=fields.get("content_type"),
-            callback_url=fields.get("callback_url"),
-            priority=fields.get("priority") or "normal",
-            on_existing=fields.get("on_existing") or "new",
-            new_version_of=fields.get("new_version_of"),
-            via=fields.get("via") or "workers",
-        )
+        spec = _job_spec(source, fields, request.headers.get("idempotency-key"))
         (job,) = await run_in_threadpool(_uploads(request).enqueue_many, [spec], signer=token.id)
     except BaseException as exc:
         if streamed is not None and not _enqueued_anyway(exc, streamed.job_id):
@@ -191,6 +140,69 @@ async def create_job(request: Request, token: Auth) -> JSONResponse:
         staging.remove_job_dir(shared.staging_dir, streamed.job_id)
     status = 202 if job.created else 200
     return JSONResponse(job_out(job), status, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+async def _read_new_job(
+    request: Request, token: TokenInfo
+) -> tuple[Any, dict[str, Any], staging.StreamedBody | None]:
+    """(the source, the job's fields, the body staged when it carried the file) of a JSON,
+    octet-stream or multipart request; a streamed body is checked (`_precheck`) before it is read."""
+    settings = _settings(request)
+    shared = settings.shared
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "application/json":
+        try:
+            model = NewJob.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise invalid_request(exc.errors()) from None
+        return model.source_url, model.model_dump(), None
+    if kind == "application/octet-stream":
+        fields = _octet_fields(request)
+        _precheck(token, fields)
+        streamed = await body_to_staging(
+            request.stream(),
+            shared.staging_dir,
+            fields.get("name") or "upload",
+            settings.max_body_bytes,
+            shared.staging_mode,
+        )
+        return streamed, fields, streamed
+    if kind == "multipart/form-data":
+        staged, form, filename = await multipart_to_staging(
+            request.stream(),
+            request.headers["content-type"],
+            shared.staging_dir,
+            settings.max_body_bytes,
+            shared.staging_mode,
+        )
+        if staged is None:
+            raise Problem(422, "missing-file", "file: a multipart upload needs a `file` part", "file")
+        if filename and not form.get("name"):
+            form["name"] = filename
+        return staged, form, staged
+    raise Problem(
+        415,
+        "unsupported-media-type",
+        "content-type: expected application/json, application/octet-stream or multipart/form-data",
+        "content-type",
+    )
+
+
+def _job_spec(source: Any, fields: dict[str, Any], idempotency_key: str | None) -> JobSpec:
+    return JobSpec(
+        source,
+        to=fields["to"],
+        workspace=fields.get("workspace") or "default",
+        name=fields.get("name"),
+        description=fields.get("description"),
+        idempotency_key=idempotency_key,
+        content_type=fields.get("content_type"),
+        callback_url=fields.get("callback_url"),
+        priority=fields.get("priority") or "normal",
+        on_existing=fields.get("on_existing") or "new",
+        new_version_of=fields.get("new_version_of"),
+        via=fields.get("via") or "workers",
+    )
 
 
 def _precheck(token: TokenInfo, fields: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ compare it to drop what they cached.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ from producers.keys import (
     OAUTH_PENDING_PREFIX,
     connection_key,
 )
+from producers.redis_text import as_str
 from workers.connections.crypto import SecretBox
 from workers.fair_share import check_share
 from workers.limits_config import WorkspaceLimits, limits_from_table
@@ -211,7 +212,7 @@ class ConnectionStore:
         with self.redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(key)
+                    _watch(pipe, key)
                     raw = pipe.hget(key, SECRET_FIELD)
                     if raw is None:
                         pipe.unwatch()
@@ -228,7 +229,7 @@ class ConnectionStore:
         with self.redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(key)
+                    _watch(pipe, key)
                     raw = pipe.get(key)
                     ttl = pipe.pttl(key)
                     if raw is None:
@@ -256,7 +257,7 @@ class ConnectionStore:
         raw = self.redis.hgetall(connection_key(name))
         if not raw:
             return None
-        h = {_s(k): _s(v) for k, v in raw.items()}
+        h = {as_str(k): as_str(v) for k, v in raw.items()}
         kind = Kind(h.get("kind", Kind.API_KEY.value))
         secret = self.box.open(h[SECRET_FIELD]) if h.get(SECRET_FIELD) else {}
         limits = limits_from_table(
@@ -296,5 +297,7 @@ def _num(raw: str) -> int | float:
     return float(raw) if "." in raw else int(raw)
 
 
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _watch(pipe: redis.client.Pipeline, key: Any) -> None:
+    """WATCH `key` on `pipe` (redis-py leaves Pipeline.watch without annotations)."""
+    watch: Callable[[Any], object] = pipe.watch
+    watch(key)

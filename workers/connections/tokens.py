@@ -165,41 +165,47 @@ class Connections:
             fresh = self._usable_other(current, seen, name)
             if fresh is not None:
                 return fresh
-            assert current is not None and current.refresh_token is not None
-            started = time.monotonic()
-            try:
-                tokens = self.oauth.refresh(current.refresh_token)
-            except InvalidGrant:
-                again = self.store.load(name)
-                if (
-                    again is not None
-                    and again.refresh_token is not None
-                    and again.refresh_token.reveal() != current.refresh_token.reveal()
-                ):
-                    # a new grant arrived while we asked: use it next time round
-                    self._put(again, name)
-                    raise TransientError(f"connection {name!r}: grant replaced during refresh") from None
-                self.store.mark_needs_reconnect(name, "invalid_grant")
-                self.forget(name)
-                log.warning(
-                    "connection=%s state=needs_reconnect reason=invalid_grant: the customer must "
-                    "connect again (awork-uploads connections oauth-url %s ...)",
-                    name,
-                    name,
-                )
-                raise NeedsReconnect(name, "invalid_grant") from None
-            self.store.store_tokens(name, tokens)
-            self.refreshes += 1
-            self.refresh_seconds.append(time.monotonic() - started)
-            del self.refresh_seconds[:-1000]
-            log.info("connection=%s refreshed expires_in=%s", name, int(tokens.expires_in))
-            self._put(self.store.load(name), name)
-            return tokens.access_token
+            assert current is not None
+            return self._refresh_grant(name, current)
         finally:
             try:
                 self._release(keys=[lock], args=[token])
             except redis.RedisError:
                 log.debug("could not release the refresh lock of %s", name, exc_info=True)
+
+    def _refresh_grant(self, name: str, current: Connection) -> Secret:
+        """Ask awork for new tokens with `current`'s refresh token (the refresh lock is held)
+        and store them; a refused grant marks the connection needs_reconnect."""
+        assert self.oauth is not None and current.refresh_token is not None
+        started = time.monotonic()
+        try:
+            tokens = self.oauth.refresh(current.refresh_token)
+        except InvalidGrant:
+            again = self.store.load(name)
+            if (
+                again is not None
+                and again.refresh_token is not None
+                and again.refresh_token.reveal() != current.refresh_token.reveal()
+            ):
+                # a new grant arrived while we asked: use it next time round
+                self._put(again, name)
+                raise TransientError(f"connection {name!r}: grant replaced during refresh") from None
+            self.store.mark_needs_reconnect(name, "invalid_grant")
+            self.forget(name)
+            log.warning(
+                "connection=%s state=needs_reconnect reason=invalid_grant: the customer must "
+                "connect again (awork-uploads connections oauth-url %s ...)",
+                name,
+                name,
+            )
+            raise NeedsReconnect(name, "invalid_grant") from None
+        self.store.store_tokens(name, tokens)
+        self.refreshes += 1
+        self.refresh_seconds.append(time.monotonic() - started)
+        del self.refresh_seconds[:-1000]
+        log.info("connection=%s refreshed expires_in=%s", name, int(tokens.expires_in))
+        self._put(self.store.load(name), name)
+        return tokens.access_token
 
     def _usable_other(self, conn: Connection | None, seen: Secret | None, name: str) -> Secret | None:
         if conn is None:
