@@ -10,6 +10,9 @@ duty is slowed down to minutes: a step that resumes within seconds was redeliver
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -94,6 +97,28 @@ def test_without_broker_url_redis_carries_the_messages(monkeypatch: pytest.Monke
         monkeypatch.setenv("BROKER_URL", other)
         with pytest.raises(ConfigError, match="BROKER_URL"):
             celery_config("redis://127.0.0.1:1/0")
+
+
+PROBE = """
+from types import SimpleNamespace
+from kombu.transport import redis as kombu_redis
+import workers.kombu_fixes as fixes
+from workers.celery_app import app
+from workers.resume import ResumeStep
+step = ResumeStep.__new__(ResumeStep)
+patched = kombu_redis.Channel._receive_one is fixes.bounded_pubsub_reads
+print(patched, step.include_if(SimpleNamespace(app=app)))
+"""
+
+
+@pytest.mark.parametrize(
+    ("broker", "expected"), [("", "True True"), ("amqp://guest:guest@127.0.0.1/x", "False False")]
+)
+def test_the_redis_transport_guards_are_on_only_for_redis(broker: str, expected: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("BROKER_URL", "REDIS_URL")}
+    env.update(REDIS_URL="redis://127.0.0.1:1/0", **({"BROKER_URL": broker} if broker else {}))
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == expected, out.stderr[-2000:]
 
 
 def test_job_priorities_keep_their_order_on_rabbitmq(monkeypatch: pytest.MonkeyPatch) -> None:
