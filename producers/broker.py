@@ -13,6 +13,7 @@ from typing import Any
 from kombu import Exchange, Queue
 
 from producers.contract import QUEUE_API, QUEUE_CALLBACKS, QUEUE_TRANSFER, TASK_QUEUES
+from producers.transport import adjust
 
 # Above every step's worst case and every countdown: a message unacked for longer is
 # redelivered to another worker. A 5000 MiB single PUT at 5 MB/s is ~17 min; countdowns
@@ -83,10 +84,16 @@ def broker_transport_options() -> dict[str, Any]:
 
 
 def celery_config(redis_url: str) -> dict[str, Any]:
+    """The Celery settings; BROKER_URL=amqp://, when set, moves the messages off `redis_url` to
+    RabbitMQ (producers/transport.py says what changes there)."""
     from producers.redis_conn import broker_sentinel_options
 
     # a sentinel:// URL adds kombu's sentinel options (master_name, sentinel_kwargs)
     transport = {**broker_transport_options(), **broker_sentinel_options(redis_url)}
+    return adjust(_redis_config(redis_url, transport), (QUEUE_API, QUEUE_TRANSFER, QUEUE_CALLBACKS))
+
+
+def _redis_config(redis_url: str, transport: dict[str, Any]) -> dict[str, Any]:
     return {
         "broker_url": redis_url,
         "broker_transport_options": transport,

@@ -17,6 +17,7 @@ from producers.contract import (
     TASK_QUEUES,
 )
 from producers.priority import BROKER_PRIORITY, DEFAULT_PRIORITY, TRANSFER_PRIORITY_OFFSET, Priority
+from producers.transport import message_priority
 
 
 def publisher_app(redis_url: str) -> Celery:
@@ -36,7 +37,7 @@ def message_options(name: str, priority: Priority = DEFAULT_PRIORITY) -> dict[st
     across workspaces is decided where work is taken (workers/fair_share.py), not here."""
     queue = TASK_QUEUES[name]
     level = BROKER_PRIORITY[priority] + (TRANSFER_PRIORITY_OFFSET if queue == QUEUE_TRANSFER else 0)
-    return {"queue": queue, "priority": level}
+    return {"queue": queue, "priority": message_priority(level)}
 
 
 def step(app: Celery, name: str, kwargs: dict[str, Any], priority: Priority = DEFAULT_PRIORITY) -> Signature:

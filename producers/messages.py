@@ -16,8 +16,8 @@ left out: the `task-sent` event per message (Flower shows a task from the worker
 `publish_rendered` writes the messages with one LPUSH per queue: the layout of kombu's Redis
 transport (a list named after the queue, JSON envelopes, priority 0). That is one transport's
 internals, so it is used only for redis://, rediss://, unix:// and sentinel:// brokers (kombu's
-sentinel transport keeps the same lists, on the current master); any other broker (RabbitMQ)
-gets Celery's own publish (`fast_path_supported`).
+sentinel transport keeps the same lists, on the current master); RabbitMQ (BROKER_URL) gets
+Celery's own publish (`fast_path_supported`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from kombu.transport.redis import Channel as RedisChannel
 
 from producers.canvas import job_canvas
 from producers.priority import DEFAULT_PRIORITY, Priority
+from producers.transport import broker_url, is_amqp
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _FIELDS = ("job_id", "workspace", "target", "file_name")
@@ -75,10 +76,13 @@ def kwargs_repr(kwargs: Mapping[str, str]) -> str:
     return saferepr(d, REPR_MAXSIZE)
 
 
-def fast_path_supported(broker_url: str) -> bool:
+def fast_path_supported(redis_url: str) -> bool:
     """Only kombu's Redis transport is written to directly (through Sentinel too: the same lists,
-    on the current master)."""
-    return broker_url.split("://", 1)[0] in ("redis", "rediss", "unix", "sentinel")
+    on the current master), and only when no BROKER_URL moves the messages to RabbitMQ
+    (producers/transport.py)."""
+    if is_amqp(broker_url(redis_url)):
+        return False
+    return redis_url.split("://", 1)[0] in ("redis", "rediss", "unix", "sentinel")
 
 
 @dataclass(frozen=True)

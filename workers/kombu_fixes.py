@@ -57,6 +57,7 @@ from kombu.exceptions import MessageStateError
 from kombu.message import Message
 from kombu.transport import redis as kombu_redis
 
+from producers.transport import amqp_broker
 from workers.resume import LEDGER, running_tags
 
 log = logging.getLogger("awork.worker")
@@ -186,4 +187,6 @@ def install() -> None:
     Message.reject_log_error = reject_log_error  # type: ignore[method-assign]
 
 
-install()
+# kombu's Redis transport only: RabbitMQ (BROKER_URL) needs none of it (producers/transport.py).
+if not amqp_broker():
+    install()

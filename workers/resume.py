@@ -28,7 +28,8 @@ So the worker keeps a small ledger of delivery tags (`Ledger`):
 
 Every step is idempotent and fenced by its step lock (workers/step_lock.py), so a message handed
 back while a copy still runs elsewhere costs a skipped run, never a second upload. The sweeper
-stays the net for workers that die. Redis transport only (`unacked` is its ack emulation).
+stays the net for workers that die. Redis transport only (`unacked` is its ack emulation): with
+BROKER_URL on RabbitMQ the step is not included.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from celery import bootsteps
+
+from producers.transport import is_amqp
 
 log = logging.getLogger("awork.worker")
 
@@ -164,6 +167,10 @@ class ResumeStep(bootsteps.StartStopStep):
     when it has started again."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def include_if(self, c: Any) -> bool:
+        """kombu's Redis transport only: RabbitMQ redelivers what a lost connection held."""
+        return not is_amqp(str(c.app.conf.broker_url))
 
     def start(self, c: Any) -> None:
         LEDGER.reconnecting = False

@@ -31,6 +31,7 @@ from workers.logging_setup import step_outcome
 from workers.parking import connection_usable, park
 from workers.ratelimit import suggested_countdown
 from workers.record_checks import check_record
+from workers.redelivery import lock_recheck_seconds, redelivered
 from workers.runtime import Runtime, runtime
 from workers.step_context import (
     MAX_INLINE_WAIT_SECONDS,
@@ -89,7 +90,9 @@ def run_step(
             return {"job_id": job_id, "step": step, "skipped": True}
         if token is None:
             log.info("step=%s job=%s outcome=deferred reason=running-elsewhere", step, job_id)
-            raise task.retry(countdown=LOCKED_RECHECK_SECONDS, max_retries=None)
+            again = redelivered(task)  # its worker died: look again once the lock has lapsed
+            wait = lock_recheck_seconds(rt.redis, job_id, step, again, LOCKED_RECHECK_SECONDS)
+            raise task.retry(countdown=wait, max_retries=None)
         return _run_locked(task, job_id, step, state, record, body, rt, token)
     except UNREACHABLE as exc:
         raise _requeue(step, job_id, exc) from None

@@ -26,6 +26,7 @@ from producers.contract import (
 from producers.job_ids import is_job_id
 from producers.priority import RETRY_PRIORITY
 from producers.safe_open import FileRefused, open_beneath
+from producers.transport import message_priority
 from workers import fair_gate, metrics
 from workers.blob import plain_session, url_expiry
 from workers.block_journal import RedisBlockJournal
@@ -70,7 +71,7 @@ class StepTask(Task[Any, Any]):
         """A deferred API step goes back to the queue at RETRY_PRIORITY (producers.priority
         says why); a transfer keeps its own."""
         if TASK_QUEUES.get(self.name) == QUEUE_API:
-            options.setdefault("priority", RETRY_PRIORITY)
+            options.setdefault("priority", message_priority(RETRY_PRIORITY))
         return super().retry(*args, **options)
 
 

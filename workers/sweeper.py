@@ -27,6 +27,12 @@ When there is no such message (an unpublished record; an entry lost with a Redis
 job is published again from the step its record says is next. Either way every step checks the
 record first, so a copy that turns up later finds the work done and never doubles an upload.
 
+With BROKER_URL on RabbitMQ (producers/transport.py) the duties that read kombu's `unacked` hash
+are off (orphaned messages, unacknowledged messages of ended jobs): RabbitMQ redelivers a dead
+consumer's messages as soon as its connection closes and confirms every publish. A quiet job
+whose message may be lost is re-driven there only while the step queues are empty (RabbitMQ's
+queues cannot be searched for it). The other duties do not depend on the broker.
+
 Each pass also fills free transfer slots from the fair-share waiting lists (a wake-up lost with
 a worker, or slots a new worker brought).
 
@@ -59,6 +65,7 @@ from producers.job_ids import is_job_id
 from producers.keys import ENDED_KEY, KOMBU_UNACKED_INDEX_KEY, KOMBU_UNACKED_KEY, SWEEPER_LEASE_KEY
 from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, STEPS, JobStore, job_key, step_lock_key
 from producers.redrive import canvas_from, resume_step
+from producers.transport import ready_messages, uses_redis_transport
 from workers import fair_gate
 from workers.fair_share import FairSettings, FairShare, waiting_key
 from workers.orphan_staging import remove_orphan_staging
@@ -116,12 +123,14 @@ class Sweeper:
         self._prune_offsets: dict[str, int] = {}
         self._conn: Any = None
         self.fair = FairShare(client, lock_ttl, FairSettings.from_env())
+        # kombu's Redis transport: read its `unacked` hash and queue lists (producers/transport.py).
+        self.redis_transport = uses_redis_transport(redis_url)
 
     # -- one pass ----------------------------------------------------------------------------
     def sweep_once(self, now: float | None = None) -> SweepResult:
         now = time.time() if now is None else now
         result = SweepResult()
-        held = self.unacked_messages()
+        held = self.unacked_messages() if self.redis_transport else {}
         maybe_lost: list[dict[str, str]] = []
         seen: set[str] = set()
         start = 0
@@ -165,8 +174,10 @@ class Sweeper:
                 else:
                     result.redriven += 1
                     result.restored += int(restored)
-        if maybe_lost:
-            queued = self.queued_job_ids()
+        if maybe_lost and (
+            self.redis_transport or ready_messages(self.app, (QUEUE_API, QUEUE_TRANSFER)) == 0
+        ):
+            queued = self.queued_job_ids() if self.redis_transport else set()
             for record in maybe_lost:
                 if record["id"] not in queued:
                     self._redrive(record, "lost-job", [])
