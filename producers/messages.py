@@ -173,12 +173,12 @@ def _celery_message(
     memory.conf.update(broker_url="memory://", task_send_sent_event=False)
     try:
         sig = job_canvas(memory, three_steps, dict(marks), priority)
-        first = sig.tasks[0] if three_steps else sig
+        first = sig.tasks[0] if three_steps else sig  # type: ignore[attr-defined]  # a chain's tasks
         queue = first.options["queue"]
         with memory.connection_for_write() as conn:
             with memory.producer_or_acquire() as producer:
                 sig.apply_async(producer=producer)
-            message = conn.default_channel._get(queue)
+            message = conn.default_channel._get(queue)  # type: ignore[attr-defined]  # kombu's memory transport
     finally:
         memory.close()
     return message, redis_list_key(queue, int(first.options.get("priority") or 0))

@@ -152,7 +152,8 @@ def round_up_short_countdowns() -> None:
     into Reject(requeue=False), dropping the job's only message. Such countdowns wait 1 s."""
     import celery.app.base as celery_base
 
-    current = celery_base.calculate_routing_key
+    # A private Celery function, absent from celery-types' stubs.
+    current = celery_base.calculate_routing_key  # type: ignore[attr-defined]
     if getattr(current, "rounds_up", False):
         return
 
@@ -160,4 +161,4 @@ def round_up_short_countdowns() -> None:
         return str(current(max(1, int(countdown)), routing_key))
 
     calculate_routing_key.rounds_up = True  # type: ignore[attr-defined]
-    celery_base.calculate_routing_key = calculate_routing_key
+    celery_base.calculate_routing_key = calculate_routing_key  # type: ignore[attr-defined]

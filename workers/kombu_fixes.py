@@ -65,7 +65,7 @@ log = logging.getLogger("awork.worker")
 _restore_unacked = kombu_redis.QoS.restore_unacked
 _ack_log_error = Message.ack_log_error
 _reject_log_error = Message.reject_log_error
-_receive_one = kombu_redis.Channel._receive_one
+_receive_one = kombu_redis.Channel._receive_one  # type: ignore[attr-defined]  # private, not in the stubs
 _qos_append = kombu_redis.QoS.append
 # Used when the transport options set no socket_timeout.
 PUBSUB_READ_TIMEOUT_SECONDS = 10.0
@@ -100,7 +100,8 @@ def ack_log_error(self: Message, logger: Any, errors: Any, multiple: bool = Fals
             self.delivery_tag,
             exc,
         )
-        LEDGER.note_failed(self.delivery_tag, requeue=None)
+        if self.delivery_tag is not None:  # always set on a received message
+            LEDGER.note_failed(self.delivery_tag, requeue=None)
 
 
 @functools.wraps(_reject_log_error)
@@ -113,7 +114,8 @@ def reject_log_error(self: Message, logger: Any, errors: Any, requeue: bool = Fa
             self.delivery_tag,
             exc,
         )
-        LEDGER.note_failed(self.delivery_tag, requeue=requeue)
+        if self.delivery_tag is not None:
+            LEDGER.note_failed(self.delivery_tag, requeue=requeue)
 
 
 @functools.wraps(_qos_append)
@@ -180,7 +182,7 @@ def reused_client(self: Any, client: Any = None) -> Iterator[Any]:
 
 def install() -> None:
     kombu_redis.Channel.conn_or_acquire = reused_client  # type: ignore[method-assign]
-    kombu_redis.Channel._receive_one = bounded_pubsub_reads  # type: ignore[method-assign]
+    kombu_redis.Channel._receive_one = bounded_pubsub_reads  # type: ignore[attr-defined]
     kombu_redis.QoS.append = append_or_note  # type: ignore[method-assign]
     kombu_redis.QoS.restore_unacked = restore_unacked  # type: ignore[method-assign]
     Message.ack_log_error = ack_log_error  # type: ignore[method-assign]
