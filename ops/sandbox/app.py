@@ -18,7 +18,7 @@ import math
 import os
 import time
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 
 from aiohttp import web
 
@@ -32,6 +32,7 @@ from .receive import keep_received, receive_multipart
 from .recurring import add_recurring_routes
 from .routing import (
     API_PREFIX,
+    ApiRoute,
     ApiRouter,
     Ctx,
     Handler,
@@ -326,6 +327,20 @@ class _Answer(Exception):
         self.response = response
 
 
+def _unrouted(
+    method: str, sub_path: str, path_exists: bool, workspace: str, user_id: str
+) -> NoReturn:
+    """An authenticated request no route takes: GET /me, else 405 or 404."""
+    if method == "GET" and sub_path.lower().rstrip("/") == "/me":
+        # awork's GET /me (the current user): what `connections test` calls
+        raise _Answer(json_response({"id": user_id, "workspace": workspace}))
+    if path_exists:
+        raise ApiError(
+            405, E.METHOD_NOT_ALLOWED, f"The method {method} is not allowed for this URL."
+        )
+    raise E.NO_ROUTE
+
+
 async def oauth_endpoint(
     sb: Sandbox, request: web.BaseRequest, path: str, headers: dict[str, str]
 ) -> web.StreamResponse:
@@ -366,59 +381,14 @@ class ApiFrontDoor:
         stat = route.stat if route is not None else f"{method} {API_PREFIX}/<unmatched>"
         counters.requests[stat] += 1
         headers = {"Trace-Id": trace_id, "X-Edge-Ref": f"sandbox-{trace_id[:12]}"}
-        fault_kind: str | None = None
         if route is None and sub_path.lower().rstrip("/") in (AUTHORIZE_PATH, TOKEN_PATH):
             return await oauth_endpoint(sb, request, sub_path.lower().rstrip("/"), headers)
         try:
-            caller = self._caller(request.headers.get("Authorization", ""))
-            if caller is None:
-                counters.unauthorized += 1
-                headers["WWW-Authenticate"] = "Bearer"
-                raise ApiError(
-                    401, E.UNAUTHORIZED,
-                    "The request is not authorized: missing or unknown bearer token.",
-                )
-            workspace, user_id = caller
-            counters.requests_by_workspace[workspace] += 1
-            decision = sb.limiter.hit(workspace, time.time())
-            headers.update(decision.headers)
-            if not decision.allowed:
-                counters.rate_limited += 1
-                counters.rate_limited_by_workspace[workspace] += 1
-                if sb.settings.retry_after_header:
-                    headers["Retry-After"] = str(decision.reset)
-                raise ApiError(429, E.TOO_MANY_REQUESTS, "API rate limit exceeded.")
-            if route is None and method == "GET" and sub_path.lower().rstrip("/") == "/me":
-                # awork's GET /me (the current user): what `connections test` calls
-                raise _Answer(json_response({"id": user_id, "workspace": workspace}))
+            workspace, user_id = self._admit(request, headers)
             if route is None:
-                if path_exists:
-                    raise ApiError(
-                        405, E.METHOD_NOT_ALLOWED,
-                        f"The method {method} is not allowed for this URL.",
-                    )
-                raise E.NO_ROUTE
-            fault = sb.faults.decide(route.fault)
-            if fault.delay_s > 0:
-                counters.faults_injected["latency"] += 1
-                await asyncio.sleep(fault.delay_s)
-            fault_kind = fault.kind
-            if fault_kind is not None:
-                self._before(request, workspace, fault, headers)
-            ctx = Ctx(sb, request, workspace, user_id, trace_id, fault)
-            response = await route.handler(ctx, params)
-            if fault_kind == "drop_after":
-                counters.faults_injected["drop_after"] += 1
-                abort_connection(request)
-                raise Dropped("sandbox fault: response dropped after the work was done")
-            if fault_kind == "stall_after":
-                counters.faults_injected["stall_after"] += 1
-                await asyncio.sleep(sb.settings.stall_after_s)
-                abort_connection(request)
-                raise Dropped("sandbox fault: answer held, then dropped, after the work was done")
-            if fault_kind == "500_after":
-                counters.faults_injected["500_after"] += 1
-                raise ApiError(500, E.SERVER_ERROR, "An internal server error occurred.")
+                _unrouted(method, sub_path, path_exists, workspace, user_id)
+            ctx = Ctx(sb, request, workspace, user_id, trace_id, sb.faults.decide(route.fault))
+            response = await self._run(ctx, route, params, headers)
         except _Answer as answer:
             response = answer.response
         except ApiError as exc:
@@ -439,6 +409,49 @@ class ApiFrontDoor:
         status = str(response.status)
         counters.statuses[status] += 1
         counters.statuses_by_route[stat][status] += 1
+        return response
+
+    def _admit(self, request: web.BaseRequest, headers: dict[str, str]) -> tuple[str, str]:
+        """(workspace, user id) of a caller within its rate window; 401 or 429 otherwise.
+        Every admitted request (and every 429) gets the rate-limit headers."""
+        sb = self.sandbox
+        counters = sb.state.counters
+        caller = self._caller(request.headers.get("Authorization", ""))
+        if caller is None:
+            counters.unauthorized += 1
+            headers["WWW-Authenticate"] = "Bearer"
+            raise ApiError(
+                401, E.UNAUTHORIZED,
+                "The request is not authorized: missing or unknown bearer token.",
+            )
+        workspace, _ = caller
+        counters.requests_by_workspace[workspace] += 1
+        decision = sb.limiter.hit(workspace, time.time())
+        headers.update(decision.headers)
+        if not decision.allowed:
+            counters.rate_limited += 1
+            counters.rate_limited_by_workspace[workspace] += 1
+            if sb.settings.retry_after_header:
+                headers["Retry-After"] = str(decision.reset)
+            raise ApiError(429, E.TOO_MANY_REQUESTS, "API rate limit exceeded.")
+        return caller
+
+    async def _run(
+        self, ctx: Ctx, route: ApiRoute, params: dict[str, str], headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """The route's handler with the decided fault around it: latency and faults that strike
+        before it, then those that lose the answer after the work was done."""
+        counters = self.sandbox.state.counters
+        fault = ctx.fault
+        if fault.delay_s > 0:
+            counters.faults_injected["latency"] += 1
+            await asyncio.sleep(fault.delay_s)
+        fault_kind = fault.kind
+        if fault_kind is not None:
+            self._before(ctx.request, ctx.workspace, fault, headers)
+        response = await route.handler(ctx, params)
+        if fault_kind is not None:
+            await self._after(ctx.request, fault_kind)
         return response
 
     def _caller(self, authorization: str) -> tuple[str, str] | None:
@@ -477,3 +490,19 @@ class ApiFrontDoor:
             if not (request.content_length and request.content_type.startswith("multipart/")):
                 abort_connection(request)
                 raise Dropped("sandbox fault: connection dropped")
+
+    async def _after(self, request: web.BaseRequest, kind: str) -> None:
+        """Faults that lose the answer after the handler did the work."""
+        counters = self.sandbox.state.counters
+        if kind == "drop_after":
+            counters.faults_injected["drop_after"] += 1
+            abort_connection(request)
+            raise Dropped("sandbox fault: response dropped after the work was done")
+        if kind == "stall_after":
+            counters.faults_injected["stall_after"] += 1
+            await asyncio.sleep(self.sandbox.settings.stall_after_s)
+            abort_connection(request)
+            raise Dropped("sandbox fault: answer held, then dropped, after the work was done")
+        if kind == "500_after":
+            counters.faults_injected["500_after"] += 1
+            raise ApiError(500, E.SERVER_ERROR, "An internal server error occurred.")

@@ -27,6 +27,7 @@ from aiohttp import web
 from .content import Content
 from .core import UPLOAD_CONTAINER, Sandbox
 from .errors import BlobError
+from .faults import Fault
 from .sas import SAS_VERSION
 from .state import Block, Upload
 from .storage import BodyTooLarge, DiskSink, Dropped, b64, decode_md5, receive
@@ -85,65 +86,14 @@ class BlobHost:
         self.sandbox = sandbox
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        sb = self.sandbox
-        counters = sb.state.counters
+        counters = self.sandbox.state.counters
         counters.blob_requests += 1
         request_id = str(uuid.uuid4())
         method = request.method
-        query = request.query
-        comp = query.get("comp")
-        stat = self._stat(method, comp)
+        stat = self._stat(method, request.query.get("comp"))
         counters.requests[stat] += 1
         try:
-            if "Authorization" in request.headers:
-                counters.blob_authorization_headers += 1
-                raise BlobError(
-                    403, "AuthenticationFailed",
-                    {"AuthenticationErrorDetail": "An Authorization header was sent to the "
-                     "upload host; upload URLs are pre-signed and must be used without one."},
-                )
-            permissions = sb.signer.verify(request.path, query, time.time())
-            if stat == "other":
-                raise BlobError(405, "UnsupportedHttpVerb")
-            upload = self._upload(request.path)
-            fault = sb.faults.decide("blob")
-            if fault.delay_s > 0:
-                counters.faults_injected["latency"] += 1
-                await asyncio.sleep(fault.delay_s)
-            drop_at: int | None = None
-            window = sb.settings.window_kib * 1024
-            pace = window / fault.delay_s if window and fault.delay_s > 0 else None
-            if fault.kind in ("500", "503", "429"):
-                counters.faults_injected[fault.kind] += 1
-                raise {
-                    "500": BlobError(500, "InternalError"),
-                    "503": BlobError(503, "ServerBusy"),
-                    "429": BlobError(429, "TooManyRequests"),
-                }[fault.kind]
-            if fault.kind == "drop":
-                counters.faults_injected["drop"] += 1
-                length = request.content_length or 0
-                if length == 0 or method != "PUT":
-                    _abort(request)
-                    raise Dropped("sandbox fault: connection dropped")
-                drop_at = int(fault.fraction * length)
-            if stat == STAT_PUT_BLOB:
-                response = await self.put_blob(request, upload, permissions, drop_at, pace)
-            elif stat == STAT_PUT_BLOCK:
-                response = await self.put_block(request, upload, permissions, drop_at, pace)
-            elif stat == STAT_PUT_BLOCK_LIST:
-                response = await self.put_block_list(request, upload, permissions)
-            elif stat == STAT_GET_BLOCK_LIST:
-                response = self.get_block_list(request, upload, permissions)
-            else:
-                response = self.get_blob(upload, permissions, head=method == "HEAD")
-            if fault.kind == "drop_after":
-                counters.faults_injected["drop_after"] += 1
-                _abort(request)
-                raise Dropped("sandbox fault: response dropped after the work was done")
-            if fault.kind == "500_after":
-                counters.faults_injected["500_after"] += 1
-                raise BlobError(500, "InternalError")
+            response = await self._serve(request, stat)
         except (ConnectionError, asyncio.CancelledError):
             raise  # a drop (ours or the client's): nothing to answer
         except Exception as exc:  # a sandbox bug must still look like Azure's 500
@@ -162,6 +112,78 @@ class BlobHost:
         counters.statuses[status] += 1
         counters.statuses_by_route[stat][status] += 1
         return response
+
+    async def _serve(self, request: web.BaseRequest, stat: str) -> web.StreamResponse:
+        """Refuse an Authorization header, check the SAS, then run the operation with the
+        decided fault around it."""
+        sb = self.sandbox
+        if "Authorization" in request.headers:
+            sb.state.counters.blob_authorization_headers += 1
+            raise BlobError(
+                403, "AuthenticationFailed",
+                {"AuthenticationErrorDetail": "An Authorization header was sent to the "
+                 "upload host; upload URLs are pre-signed and must be used without one."},
+            )
+        permissions = sb.signer.verify(request.path, request.query, time.time())
+        if stat == "other":
+            raise BlobError(405, "UnsupportedHttpVerb")
+        upload = self._upload(request.path)
+        fault = sb.faults.decide("blob")
+        drop_at = await self._before(request, fault)
+        window = sb.settings.window_kib * 1024
+        pace = window / fault.delay_s if window and fault.delay_s > 0 else None
+        response = await self._operate(request, stat, upload, permissions, drop_at, pace)
+        self._after(request, fault)
+        return response
+
+    async def _before(self, request: web.BaseRequest, fault: Fault) -> int | None:
+        """Latency and the faults that strike before the operation; for a drop of a PUT with
+        a body, the byte at which to drop it part-way through."""
+        counters = self.sandbox.state.counters
+        if fault.delay_s > 0:
+            counters.faults_injected["latency"] += 1
+            await asyncio.sleep(fault.delay_s)
+        if fault.kind in ("500", "503", "429"):
+            counters.faults_injected[fault.kind] += 1
+            raise {
+                "500": BlobError(500, "InternalError"),
+                "503": BlobError(503, "ServerBusy"),
+                "429": BlobError(429, "TooManyRequests"),
+            }[fault.kind]
+        if fault.kind == "drop":
+            counters.faults_injected["drop"] += 1
+            length = request.content_length or 0
+            if length == 0 or request.method != "PUT":
+                _abort(request)
+                raise Dropped("sandbox fault: connection dropped")
+            return int(fault.fraction * length)
+        return None
+
+    async def _operate(
+        self, request: web.BaseRequest, stat: str, upload: Upload, permissions: str,
+        drop_at: int | None, pace: float | None,
+    ) -> web.StreamResponse:
+        """The Azure operation that the method and comp= name."""
+        if stat == STAT_PUT_BLOB:
+            return await self.put_blob(request, upload, permissions, drop_at, pace)
+        if stat == STAT_PUT_BLOCK:
+            return await self.put_block(request, upload, permissions, drop_at, pace)
+        if stat == STAT_PUT_BLOCK_LIST:
+            return await self.put_block_list(request, upload, permissions)
+        if stat == STAT_GET_BLOCK_LIST:
+            return self.get_block_list(request, upload, permissions)
+        return self.get_blob(upload, permissions, head=request.method == "HEAD")
+
+    def _after(self, request: web.BaseRequest, fault: Fault) -> None:
+        """Faults that lose the answer after the operation did the work."""
+        counters = self.sandbox.state.counters
+        if fault.kind == "drop_after":
+            counters.faults_injected["drop_after"] += 1
+            _abort(request)
+            raise Dropped("sandbox fault: response dropped after the work was done")
+        if fault.kind == "500_after":
+            counters.faults_injected["500_after"] += 1
+            raise BlobError(500, "InternalError")
 
     @staticmethod
     def _stat(method: str, comp: str | None) -> str:

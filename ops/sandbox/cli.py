@@ -37,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="awork-uploads sandbox",
         description="A strict stand-in for awork's file API and its Azure Blob upload URLs.",
     )
+    _add_server_args(p)
+    _add_limit_args(p)
+    _add_fault_args(p)
+    _add_behaviour_args(p)
+    return p
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    """Where it listens, who may call it, and where its data lives."""
     a = p.add_argument
     a("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     a("--port", type=int, default=8765, help="API + admin port; 0 picks a free one (default 8765)")
@@ -61,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"create {DEMO_PER_TYPE} entities of each type and print them as SANDBOX_ENTITIES=")
     a("--seed", type=int, default=None,
       help="seed of the fault streams (and demo ids); default random, printed as SANDBOX_SEED=")
+
+
+def _add_limit_args(p: argparse.ArgumentParser) -> None:
+    """Kong's rate limits and the upload URLs' lifetime and permissions."""
+    a = p.add_argument
     a("--rate-limit-per-minute", type=int, default=1000, metavar="N",
       help="requests per workspace per wall-clock minute (default 1000)")
     a("--rate-limit-per-second", type=int, default=50, metavar="N",
@@ -73,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="validity of generated upload URLs (se=), default 900")
     a("--upload-url-permissions", default="cw", metavar="LETTERS",
       help="sp= of generated upload URLs (default cw; add r to allow Get Block List / Get Blob)")
+
+
+def _add_fault_args(p: argparse.ArgumentParser) -> None:
+    """Latency, a paced network and injected faults."""
+    a = p.add_argument
     a("--latency-ms", type=float, default=0.0, help="added to every API and blob request")
     a("--jitter-ms", type=float, default=0.0, help="plus a uniform random 0..J ms")
     a("--window-kib", type=float, default=0.0, metavar="KIB",
@@ -83,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
       f"KIND one of {', '.join(FAULT_KINDS)}; repeatable, e.g. --fault 'link:500=0.1'")
     a("--faults-json", default=None, metavar="JSON|@FILE",
       help="a POST /_sandbox/faults body applied at start (after the other flags)")
+
+
+def _add_behaviour_args(p: argparse.ArgumentParser) -> None:
+    """awork's and Azure's caps and relink rule, and how the process runs."""
+    a = p.add_argument
     a("--duplicate-on-relink", action="store_true",
       help="a second byuploadid link of one uploadId creates a second file (default: 400)")
     a("--put-blob-max-mib", type=int, default=5000,
@@ -94,7 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     a("--access-log", action="store_true", help="log every request to stderr")
     a("--no-uvloop", action="store_true",
       help="use asyncio's default event loop even when uvloop is installed")
-    return p
 
 
 def _parse_keys(values: list[str], where: str = "--api-key") -> dict[str, str]:

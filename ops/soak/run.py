@@ -427,51 +427,79 @@ class Soak:
 
     # -- the verdict -------------------------------------------------------------------------
     def check(self, began: float, measured: dict[str, int]) -> Outcome:
-        assert self.sandbox is not None and self.redis is not None
-        cfg = self.cfg
+        """The verdict: every job where it should be, nothing left behind; and the figures."""
+        assert self.sandbox is not None
+        records = self.records()
+        stats = self.sandbox.stats()
+        done = [j for j, r in records.items() if r.get("state") == "done"]
         problems: list[str] = []
+        if len(records) != self.cfg.jobs:
+            problems.append(f"{len(records)} jobs enqueued, not {self.cfg.jobs}")
+        problems += self.job_problems(records, stats["files"])
+        problems += self.leftover_problems(done, stats)
+        redis_problems, leftovers = self.redis_leftovers(done)
+        problems += redis_problems
+        figures = self.figures(records, stats, measured, leftovers, began)
+        ok = not problems
+        return Outcome(ok, problems, figures, _last_line(figures, ok))
+
+    def records(self) -> dict[str, dict[str, str]]:
+        """Every enqueued job's record ({} for one that is gone), in enqueue order."""
         ids = list(self.job_ids)
         records: dict[str, dict[str, str]] = {}
         for i in range(0, len(ids), 500):
             chunk = ids[i : i + 500]
             for job_id, rec in zip(chunk, self.up.store.get_many(chunk), strict=True):
                 records[job_id] = rec or {}
-        states = Counter(r.get("state", "missing") for r in records.values())
-        if len(ids) != cfg.jobs:
-            problems.append(f"{len(ids)} jobs enqueued, not {cfg.jobs}")
-        stats = self.sandbox.stats()
-        files = stats["files"]
+        return records
+
+    def job_problems(
+        self, records: dict[str, dict[str, str]], files: list[dict[str, Any]]
+    ) -> list[str]:
+        """A job meant to fail failed with not-found; any other is done, with exactly one file
+        in the sandbox of its name, size and MD5."""
         by_place: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for f in files:
             by_place.setdefault((f["entity_id"], f["name"]), []).append(f)
-        done = [j for j, r in records.items() if r.get("state") == "done"]
-        failed = [j for j, r in records.items() if r.get("state") == "failed"]
-        expected_failed = {j for j, p in self.job_ids.items() if p.meant_to_fail}
+        problems: list[str] = []
         for job_id, rec in records.items():
-            p = self.job_ids[job_id]
-            state = rec.get("state", "missing")
-            if p.meant_to_fail:
-                if state != "failed" or rec.get("error_code") != "not-found":
-                    problems.append(f"{job_id} ({p.name}) meant to fail: {state} {rec.get('error_code')}")
-                continue
-            if state != "done":
-                problems.append(
-                    f"{job_id} ({p.name} -> {p.to}): {state} {rec.get('error_step', '')} "
-                    f"{rec.get('error_code', '')} {rec.get('error_description', '')}"
-                )
-                continue
-            mine = by_place.get((p.entity_id, p.name), [])
-            if len(mine) != 1:
-                problems.append(f"{job_id} ({p.name}): {len(mine)} files in the sandbox")
-            elif mine[0]["md5"] != p.md5 or mine[0]["size"] != p.size or mine[0]["id"] != rec.get("file_id"):
-                problems.append(f"{job_id} ({p.name}): stored file does not match (md5/size/id)")
+            problem = self._job_problem(job_id, rec, by_place)
+            if problem is not None:
+                problems.append(problem)
+        return problems
+
+    def _job_problem(
+        self, job_id: str, rec: dict[str, str],
+        by_place: dict[tuple[str, str], list[dict[str, Any]]],
+    ) -> str | None:
+        p = self.job_ids[job_id]
+        state = rec.get("state", "missing")
+        if p.meant_to_fail:
+            if state != "failed" or rec.get("error_code") != "not-found":
+                return f"{job_id} ({p.name}) meant to fail: {state} {rec.get('error_code')}"
+            return None
+        if state != "done":
+            return (
+                f"{job_id} ({p.name} -> {p.to}): {state} {rec.get('error_step', '')} "
+                f"{rec.get('error_code', '')} {rec.get('error_description', '')}"
+            )
+        mine = by_place.get((p.entity_id, p.name), [])
+        if len(mine) != 1:
+            return f"{job_id} ({p.name}): {len(mine)} files in the sandbox"
+        if mine[0]["md5"] != p.md5 or mine[0]["size"] != p.size or mine[0]["id"] != rec.get("file_id"):
+            return f"{job_id} ({p.name}): stored file does not match (md5/size/id)"
+        return None
+
+    def leftover_problems(self, done: list[str], stats: dict[str, Any]) -> list[str]:
+        """Workers that exited by themselves, sandbox files or links beyond one per done job,
+        staged bytes of done jobs."""
+        problems: list[str] = []
         if self.self_exits:
             problems.append(f"worker(s) exited by themselves: {', '.join(self.self_exits)}")
-        extra_files = len(files) - len(done)
+        extra_files = len(stats["files"]) - len(done)
         if extra_files:
             problems.append(f"{extra_files} file(s) in the sandbox beyond one per done job")
-        links = stats["links"]
-        extra_links = sum(n - 1 for n in links.values() if n > 1)
+        extra_links = _extra_links(stats["links"])
         if extra_links:
             problems.append(f"{extra_links} extra link(s) of an upload id")
         staging = Path(self.env["STAGING_DIR"])
@@ -479,6 +507,13 @@ class Soak:
         stale = [j for j in done if j in left]
         if stale:
             problems.append(f"{len(stale)} done job(s) still have staged bytes")
+        return problems
+
+    def redis_leftovers(self, done: list[str]) -> tuple[list[str], dict[str, int]]:
+        """Done records without an expiry or with a block journal (problems), and what is left
+        in Redis: unacked messages, step locks, keys and used memory (figures)."""
+        assert self.redis is not None
+        problems: list[str] = []
         client = redis.Redis.from_url(self.redis.url, decode_responses=True)
         try:
             no_ttl = sum(1 for j in done if client.ttl(key_names.job_key(j)) < 0)
@@ -487,56 +522,72 @@ class Soak:
             journals = sum(1 for j in done if client.exists(key_names.block_journal_key(j)))
             if journals:
                 problems.append(f"{journals} done job(s) kept their block journal")
-            unacked = client.hlen(key_names.KOMBU_UNACKED_KEY)
-            locks = len(list(client.scan_iter(key_names.STEP_LOCK_PATTERN, count=1000)))
-            mem_end = int(client.info("memory")["used_memory"])
-            keys = client.dbsize()
+            leftovers = {
+                "unacked_left": client.hlen(key_names.KOMBU_UNACKED_KEY),
+                "locks_left": len(list(client.scan_iter(key_names.STEP_LOCK_PATTERN, count=1000))),
+                "mem_end": int(client.info("memory")["used_memory"]),
+                "redis_keys": client.dbsize(),
+            }
         finally:
             client.close()
+        return problems, leftovers
+
+    def figures(
+        self, records: dict[str, dict[str, str]], stats: dict[str, Any],
+        measured: dict[str, int], leftovers: dict[str, int], began: float,
+    ) -> dict[str, Any]:
+        """The run's figures, in the order they are printed."""
         rss_end = self.rss_kib(self.workers[0])
         seconds = time.monotonic() - began
-        injected = {k: v for k, v in stats["faults_injected"].items() if v}
+        states = Counter(r.get("state", "missing") for r in records.values())
         sums: Counter[str] = Counter()
         for rec in records.values():
             for name in ("redrives", "reconciled", "url_renewals", "crashes_put", "crashes_link",
                          "crashes_generate", "crashes_multipart", "rate_limited", "rate_waits"):  # fmt: skip
                 sums[name] += int(rec.get(name) or 0)
-        multi_block = sum(1 for j in done if records[j].get("put_mode") == "blocks")
-        figures = {
-            "jobs": len(ids),
+        done = [j for j, r in records.items() if r.get("state") == "done"]
+        return {
+            "jobs": len(records),
             "done": len(done),
-            "failed": len(failed),
-            "expected_failed": len(expected_failed),
+            "failed": states.get("failed", 0),
+            "expected_failed": sum(1 for p in self.job_ids.values() if p.meant_to_fail),
             "dead": states.get("dead", 0),
-            "files": len(files),
-            "extra_links": extra_links,
+            "files": len(stats["files"]),
+            "extra_links": _extra_links(stats["links"]),
             "kills": self.kills,
             "self_exits": len(self.self_exits),
             "redis_restarts": self.redis_restarts,
             "seconds": round(seconds),
-            "multi_block_jobs": multi_block,
-            "faults_injected": injected,
+            "multi_block_jobs": sum(1 for j in done if records[j].get("put_mode") == "blocks"),
+            "faults_injected": {k: v for k, v in stats["faults_injected"].items() if v},
             "link_attempts": sum(stats["link_attempts"].values()),
-            "links": sum(links.values()),
+            "links": sum(stats["links"].values()),
             "publish_errors": self.publish_errors,
-            "unacked_left": unacked,
-            "locks_left": locks,
-            "redis_keys": keys,
+            "unacked_left": leftovers["unacked_left"],
+            "locks_left": leftovers["locks_left"],
+            "redis_keys": leftovers["redis_keys"],
             "redis_used_memory_mb": [
                 round(measured["mem_start"] / 1e6, 1),
                 round(measured["mem_peak"] / 1e6, 1),
-                round(mem_end / 1e6, 1),
+                round(leftovers["mem_end"] / 1e6, 1),
             ],
             "worker1_rss_mib": [round(measured["rss_start"] / 1024), round(rss_end / 1024)],
             **dict(sums),
         }
-        ok = not problems
-        last = (
-            f"soak: jobs={len(ids)} done={len(done)} failed={len(failed)} (expected {len(expected_failed)}) "
-            f"dead={states.get('dead', 0)} files={len(files)} extra_links={extra_links} kills={self.kills} "
-            f"redis_restarts={self.redis_restarts} seconds={round(seconds)} result={'PASS' if ok else 'FAIL'}"
-        )
-        return Outcome(ok, problems, figures, last)
+
+
+def _extra_links(links: dict[str, int]) -> int:
+    """Links of an upload id beyond its first."""
+    return sum(n - 1 for n in links.values() if n > 1)
+
+
+def _last_line(figures: dict[str, Any], ok: bool) -> str:
+    f = figures
+    return (
+        f"soak: jobs={f['jobs']} done={f['done']} failed={f['failed']} (expected {f['expected_failed']}) "
+        f"dead={f['dead']} files={f['files']} extra_links={f['extra_links']} kills={f['kills']} "
+        f"redis_restarts={f['redis_restarts']} seconds={f['seconds']} result={'PASS' if ok else 'FAIL'}"
+    )
 
 
 def parse_args(argv: Sequence[str]) -> tuple[Config, bool]:
