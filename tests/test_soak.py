@@ -9,21 +9,15 @@ ops/soak/README.md.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from ops.soak.run import LAST_LINE
+
 pytestmark = pytest.mark.slow
-
-LAST_LINE = re.compile(
-    r"^soak: jobs=(?P<jobs>\d+) done=(?P<done>\d+) failed=(?P<failed>\d+) \(expected (?P<expected>\d+)\) "
-    r"dead=(?P<dead>\d+) files=(?P<files>\d+) extra_links=(?P<extra_links>\d+) kills=(?P<kills>\d+) "
-    r"redis_restarts=(?P<redis_restarts>\d+) seconds=(?P<seconds>\d+) result=(?P<result>PASS|FAIL)$"
-)
-
 
 @pytest.mark.timeout(540)
 def test_short_soak_passes() -> None:

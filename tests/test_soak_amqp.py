@@ -8,7 +8,6 @@ where there is none. Checks the verdict line and the exit status, as tests/test_
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +15,9 @@ from pathlib import Path
 import pytest
 
 from ops.rabbitmq import reachable
+from ops.soak.run import LAST_LINE
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not reachable(), reason="no RabbitMQ on 127.0.0.1:5672")]
-
-LAST_LINE = re.compile(
-    r"^soak: jobs=(?P<jobs>\d+) done=(?P<done>\d+) failed=(?P<failed>\d+) \(expected (?P<expected>\d+)\) "
-    r"dead=(?P<dead>\d+) files=(?P<files>\d+) extra_links=(?P<extra_links>\d+) kills=(?P<kills>\d+) "
-    r"redis_restarts=(?P<redis_restarts>\d+) seconds=(?P<seconds>\d+) result=(?P<result>PASS|FAIL)$"
-)
-
 
 @pytest.mark.timeout(400)
 def test_short_soak_on_rabbitmq_passes() -> None:

@@ -38,6 +38,7 @@ import argparse
 import hashlib
 import json
 import random
+import re
 import shutil
 import signal
 import sys
@@ -579,6 +580,14 @@ class Soak:
 def _extra_links(links: dict[str, int]) -> int:
     """Links of an upload id beyond its first."""
     return sum(n - 1 for n in links.values() if n > 1)
+
+
+# The run's last line, as _last_line writes it (the tests and scripts that run the soak parse it).
+LAST_LINE = re.compile(
+    r"^soak: jobs=(?P<jobs>\d+) done=(?P<done>\d+) failed=(?P<failed>\d+) \(expected (?P<expected>\d+)\) "
+    r"dead=(?P<dead>\d+) files=(?P<files>\d+) extra_links=(?P<extra_links>\d+) kills=(?P<kills>\d+) "
+    r"redis_restarts=(?P<redis_restarts>\d+) seconds=(?P<seconds>\d+) result=(?P<result>PASS|FAIL)$"
+)
 
 
 def _last_line(figures: dict[str, Any], ok: bool) -> str:
