@@ -88,7 +88,6 @@ log = logging.getLogger(__name__)
 
 SCRIPT_PATH = Path(__file__).with_name("ratelimit.lua")
 
-DEFAULT_PREFIX = RATE_LIMIT_PREFIX
 DEFAULT_PACE_TOLERANCE = 0.1
 DEFAULT_LEARNED_TTL = 600.0
 """How long awork's advertised limits are remembered after the last response that carried them."""
@@ -132,7 +131,7 @@ class RateLimiter:
     def __init__(
         self,
         client: redis.Redis,
-        prefix: str = DEFAULT_PREFIX,
+        prefix: str = RATE_LIMIT_PREFIX,
         *,
         pace_tolerance: float = DEFAULT_PACE_TOLERANCE,
         learned_ttl: float = DEFAULT_LEARNED_TTL,

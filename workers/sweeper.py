@@ -84,13 +84,10 @@ log = logging.getLogger("awork.sweeper")
 
 
 ORPHAN_EVERY_PASSES = 40  # about every 10 minutes at the default interval
-LEASE_KEY = SWEEPER_LEASE_KEY
 BATCH = 500
 PRUNE_BATCH = 500
 # kombu's Redis transport: delivered, unacknowledged messages (tag -> [payload, exchange,
 # routing key]) and their delivery times (tag -> unix time).
-UNACKED_KEY = KOMBU_UNACKED_KEY
-UNACKED_INDEX_KEY = KOMBU_UNACKED_INDEX_KEY
 
 
 @dataclass
@@ -208,8 +205,8 @@ class Sweeper:
         ]
         if tags:
             pipe = self.redis.pipeline(transaction=True)
-            pipe.zrem(UNACKED_INDEX_KEY, *tags)
-            pipe.hdel(UNACKED_KEY, *tags)
+            pipe.zrem(KOMBU_UNACKED_INDEX_KEY, *tags)
+            pipe.hdel(KOMBU_UNACKED_KEY, *tags)
             pipe.execute()
         return len(tags)
 
@@ -265,12 +262,12 @@ class Sweeper:
     def unacked_messages(self) -> dict[str, list[tuple[str, float]]]:
         """job id -> (delivery tag, delivered at) of its messages that workers hold unacknowledged
         (running, waiting for a thread or for their countdown, or lost with their worker)."""
-        index: list[tuple[bytes, float]] = self.redis.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)  # type: ignore[assignment]
+        index: list[tuple[bytes, float]] = self.redis.zrange(KOMBU_UNACKED_INDEX_KEY, 0, -1, withscores=True)  # type: ignore[assignment]
         out: dict[str, list[tuple[str, float]]] = {}
         if not index:
             return out
         tags = [_s(t) for t, _ in index]
-        raws: list[bytes | None] = self.redis.hmget(UNACKED_KEY, tags)  # type: ignore[assignment]
+        raws: list[bytes | None] = self.redis.hmget(KOMBU_UNACKED_KEY, tags)  # type: ignore[assignment]
         for (_, delivered), tag, raw in zip(index, tags, raws, strict=True):
             job_id = message_job_id(raw) if raw else None
             if job_id:
@@ -307,7 +304,7 @@ class Sweeper:
                 self._conn = self.app.connection_for_write()
             qos = self._conn.default_channel.qos
             for tag in tags:
-                if self.redis.hexists(UNACKED_KEY, tag):
+                if self.redis.hexists(KOMBU_UNACKED_KEY, tag):
                     qos.restore_by_tag(tag)
                     restored += 1
         except Exception:
@@ -348,10 +345,10 @@ class Sweeper:
     def _lease(self) -> bool:
         """One sweeper at a time across the fleet; the lease lapses if its holder dies."""
         ttl = max(2, int(self.timings.interval * 2))
-        if self.redis.set(LEASE_KEY, self.token, nx=True, ex=ttl):
+        if self.redis.set(SWEEPER_LEASE_KEY, self.token, nx=True, ex=ttl):
             return True
-        if self.redis.get(LEASE_KEY) == self.token.encode():
-            self.redis.expire(LEASE_KEY, ttl)
+        if self.redis.get(SWEEPER_LEASE_KEY) == self.token.encode():
+            self.redis.expire(SWEEPER_LEASE_KEY, ttl)
             return True
         return False
 
@@ -369,7 +366,7 @@ class Sweeper:
     def idle(self) -> bool:
         """Nothing for a pass to look at (one EXISTS): no unfinished job (a job waiting for a
         transfer slot is one), no message in a worker's hands, no ended job to announce."""
-        return not self.redis.exists(ACTIVE_KEY, UNACKED_INDEX_KEY, ENDED_KEY)
+        return not self.redis.exists(ACTIVE_KEY, KOMBU_UNACKED_INDEX_KEY, ENDED_KEY)
 
     def pass_once(self, housekeeping: bool = False) -> None:
         """One pass, if this process holds the lease. An idle fleet's pass costs one Redis call;
