@@ -11,7 +11,6 @@ never reaches out of the machine it runs on.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import uuid
 from pathlib import PurePosixPath
 from typing import Any
@@ -19,6 +18,8 @@ from urllib.parse import unquote, urlsplit
 
 import aiohttp
 from aiohttp import web
+
+from workers.api_url import is_loopback_host
 
 from . import errors as E
 from . import routing
@@ -126,12 +127,7 @@ def _loopback_url(url: str) -> bool:
         return False
     if parts.scheme not in ("http", "https") or parts.username or parts.password:
         return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(host)
 
 
 def _fetch_failed(why: str) -> ApiError:
