@@ -16,19 +16,16 @@ from typing import Any
 import redis
 
 from producers.contract import FINISHED_STATES, STEP_TASKS, JobState
-
-# Re-exported: the key names readers of records have always imported from here.
-from producers.keys import ACTIVE_KEY as ACTIVE_KEY
-from producers.keys import DEAD_KEY as DEAD_KEY
-from producers.keys import ENDED_KEY as ENDED_KEY
-from producers.keys import EVENTS_CHANNEL as EVENTS_CHANNEL
-from producers.keys import INDEX_KEY as INDEX_KEY
-from producers.keys import JOB_PREFIX as JOB_PREFIX
-from producers.keys import idempotency_key as idempotency_key
-from producers.keys import job_key as job_key
-from producers.keys import name_lock_key as name_lock_key
-from producers.keys import step_lock_key as step_lock_key
-from producers.keys import sync_state_key as sync_state_key
+from producers.keys import (
+    ACTIVE_KEY,
+    DEAD_KEY,
+    ENDED_KEY,
+    EVENTS_CHANNEL,
+    INDEX_KEY,
+    JOB_PREFIX,
+    idempotency_key,
+    job_key,
+)
 from producers.redis_text import as_str
 
 IDEMPOTENCY_TTL_SECONDS = 30 * 24 * 3600

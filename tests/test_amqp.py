@@ -39,9 +39,10 @@ from producers.contract import (
     TASK_GENERATE_UPLOAD_URL,
     TASK_PUT_FILE,
 )
+from producers.keys import job_key
 from producers.messages import fast_path_supported
 from producers.priority import Priority
-from producers.records import JobStore, job_key
+from producers.records import JobStore
 from producers.redrive import canvas_from
 from tests.fleet import FAST, Fleet, holder_of, wait_until
 from workers.sweeper import Sweeper

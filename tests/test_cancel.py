@@ -13,7 +13,7 @@ from producers.cancel import CancelRefused
 from producers.cli import main as cli_main
 from producers.client import JobNotFound, Uploads
 from producers.contract import JobState
-from producers.records import job_key
+from producers.keys import job_key
 
 
 def test_cancel_from_python_and_the_cli(

@@ -13,7 +13,8 @@ import redis
 from producers.canvas import publisher_app
 from producers.contract import QUEUE_CALLBACKS, JobState
 from producers.endings import STALE_SECONDS, announce, batch_key
-from producers.records import ENDED_KEY, JobStore, job_key
+from producers.keys import ENDED_KEY, job_key
+from producers.records import JobStore
 
 
 def _messages(client: redis.Redis) -> list[dict[str, Any]]:

@@ -165,7 +165,7 @@ def test_drain_takes_every_waiting_job_when_the_fair_share_is_off(fair: FairShar
 
 
 def test_the_sweeper_leaves_a_job_waiting_for_a_slot_alone(redis_url: str) -> None:
-    from producers.records import ACTIVE_KEY, job_key
+    from producers.keys import ACTIVE_KEY, job_key
     from workers.fair_gate import WAIT_REASON
     from workers.sweeper import Sweeper
     from workers.sweeper_rules import SweeperTimings
@@ -206,7 +206,7 @@ def test_a_metrics_scrape_renews_a_lease_by_the_step_lock_ttl(
     a worker killed right after would keep its slot from the others for that much longer."""
     import time
 
-    from producers.records import step_lock_key
+    from producers.keys import step_lock_key
     from workers import fair_metrics
 
     monkeypatch.setenv("AWORK_LOCK_TTL_SECONDS", "4")

@@ -302,7 +302,7 @@ def test_dead_letter_purge_ignores_a_crafted_id(
     nothing outside STAGING_DIR."""
     from producers.client import Uploads
     from producers.dead_letters import DeadLetters
-    from producers.records import DEAD_KEY, job_key
+    from producers.keys import DEAD_KEY, job_key
 
     victim = tmp_path / "victim"
     victim.mkdir()

@@ -436,7 +436,8 @@ def test_failure_paths_leak_no_url_to_redis_logs_cli_or_flower(
     from producers.canvas import publisher_app
     from producers.client import Uploads
     from producers.config import SharedSettings
-    from producers.records import JobStore, job_key
+    from producers.keys import job_key
+    from producers.records import JobStore
     from producers.redrive import canvas_from
     from tests.fleet import API_KEY, SECOND_KEY, Fleet
     from tests.redis_scan import redis_contents

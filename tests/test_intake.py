@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from producers.config import SharedSettings
-from producers.records import job_key, step_lock_key
+from producers.keys import job_key, step_lock_key
 from tests.intake_util import Intake, make_token, running_intake
 
 HOST = "files.example.com"

@@ -22,7 +22,7 @@ from ops.processes import Child, stop_all
 from ops.redis_server import free_port
 from producers.config import ConfigError
 from producers.contract import QUEUE_API, QUEUE_TRANSFER, TASK_GENERATE_UPLOAD_URL, TASK_PUT_FILE
-from producers.records import DEAD_KEY
+from producers.keys import DEAD_KEY
 from workers import metrics, metrics_server, queue_metrics
 from workers.errors import PermanentError, RateLimited, TransientError, UploadUrlExpired
 

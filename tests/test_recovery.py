@@ -32,7 +32,7 @@ from producers import publish as publish_module
 from producers.broker import celery_config
 from producers.client import PublishFailed, Uploads
 from producers.config import SharedSettings
-from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, job_key
+from producers.keys import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, job_key
 from producers.redrive import canvas_from
 from tests.fleet import FAST, Fleet, holder_of, wait_until
 from workers.queue_metrics import BrokerLayout

@@ -9,8 +9,8 @@ import fakeredis
 import pytest
 
 from producers.contract import SpecError
+from producers.keys import job_key, name_lock_key
 from producers.public_source import SourceNotPublic, address_public, check_public_url, public_source_size
-from producers.records import job_key, name_lock_key
 from producers.spec import JobSpec, validate
 from tests.file_server import file_server
 from workers.name_lock import NameLocks

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import fakeredis
 
-from producers.records import step_lock_key
+from producers.keys import step_lock_key
 from workers.redelivery import MARGIN_SECONDS, lock_recheck_seconds, redelivered
 
 

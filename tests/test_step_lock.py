@@ -9,7 +9,7 @@ import time
 import pytest
 import redis
 
-from producers.records import job_key
+from producers.keys import job_key
 from workers.step_lock import LeaseLost, LockTimings, StepLocks, lock_key
 
 

@@ -12,7 +12,7 @@ from producers import staging
 from producers.block_digests import SUFFIX as SIDECAR_SUFFIX
 from producers.contract import JobState
 from producers.job_ids import is_job_id
-from producers.records import job_key
+from producers.keys import job_key
 
 ORPHAN_AGE_SECONDS = 3600.0
 BATCH = 500

@@ -81,7 +81,7 @@ class QueueDepthCollector(Collector):
 
     def read(self) -> tuple[dict[str, int], int, int]:
         """(depth per queue, unacked messages, dead letters), straight from Redis."""
-        from producers.records import DEAD_KEY
+        from producers.keys import DEAD_KEY
 
         layout = self.layout
         pipe = self._redis().pipeline(transaction=False)

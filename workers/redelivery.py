@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from producers.records import step_lock_key
+from producers.keys import step_lock_key
 
 # After the lock's remaining time: clock skew and the countdown's whole-second rounding.
 MARGIN_SECONDS = 1.0

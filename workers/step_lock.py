@@ -30,7 +30,7 @@ from pathlib import Path
 import redis
 
 from producers.config import env_float
-from producers.records import job_key, step_lock_key
+from producers.keys import job_key, step_lock_key
 
 log = logging.getLogger("awork.steps")
 

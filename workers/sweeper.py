@@ -62,8 +62,18 @@ from producers.broker import celery_config
 from producers.contract import QUEUE_API, QUEUE_TRANSFER
 from producers.endings import announce_stale
 from producers.job_ids import is_job_id
-from producers.keys import ENDED_KEY, KOMBU_UNACKED_INDEX_KEY, KOMBU_UNACKED_KEY, SWEEPER_LEASE_KEY
-from producers.records import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, STEPS, JobStore, job_key, step_lock_key
+from producers.keys import (
+    ACTIVE_KEY,
+    DEAD_KEY,
+    ENDED_KEY,
+    INDEX_KEY,
+    KOMBU_UNACKED_INDEX_KEY,
+    KOMBU_UNACKED_KEY,
+    SWEEPER_LEASE_KEY,
+    job_key,
+    step_lock_key,
+)
+from producers.records import STEPS, JobStore
 from producers.redrive import canvas_from, resume_step
 from producers.transport import ready_messages, uses_redis_transport
 from workers import fair_gate

@@ -51,7 +51,7 @@ from producers.broker import celery_config
 from producers.client import Uploads
 from producers.config import SharedSettings
 from producers.contract import QUEUE_API, QUEUE_TRANSFER
-from producers.records import ACTIVE_KEY, job_key
+from producers.keys import ACTIVE_KEY, job_key
 from producers.spec import JobSpec
 
 API_KEY = "bench-key"
