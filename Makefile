@@ -42,8 +42,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check producers workers ops tests
 	$(BIN)/mypy producers workers
 
+# Two phases (tests/run_suite.sh): two test files at a time, then the timing tests one at a time.
 test: $(STAMP) node lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	PYTEST=$(BIN)/pytest tests/run_suite.sh $(PYTEST_ARGS)
 
 # Everything but the tests marked slow (worker fleets, soaks, broker outages, Azurite).
 test-fast: $(STAMP)

@@ -47,7 +47,10 @@ from producers.redrive import canvas_from
 from tests.fleet import FAST, Fleet, holder_of, wait_until
 from workers.sweeper import Sweeper
 
-pytestmark = pytest.mark.skipif(not reachable(), reason="no RabbitMQ on 127.0.0.1:5672")
+pytestmark = [
+    pytest.mark.timing,
+    pytest.mark.skipif(not reachable(), reason="no RabbitMQ on 127.0.0.1:5672"),
+]
 
 STEP_QUEUES = (QUEUE_API, QUEUE_TRANSFER, QUEUE_CALLBACKS)
 # The sweeper would re-drive a dead worker's step after 3 s of FAST; at 300 s a step that comes

@@ -19,7 +19,8 @@ from workers.connections.crypto import SecretBox
 from workers.connections.store import ConnectionStore
 from workers.connections.tokens import Connections, NeedsReconnect
 
-ID = str(uuid.uuid4())
+# fixed, not random: it appears in test ids, which pytest-xdist needs equal in every process
+ID = str(uuid.uuid5(uuid.NAMESPACE_URL, __name__))
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ from producers.config import redact_url
 from producers.contract import MULTIPART_MAX_BYTES, Route, SpecError, Target
 from producers.spec import JobSpec, sniff_image, validate
 
-ID = str(uuid.uuid4())
+# fixed, not random: it appears in test ids, which pytest-xdist needs equal in every process
+ID = str(uuid.uuid5(uuid.NAMESPACE_URL, __name__))
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,8 @@ from producers.prepare import Prepared
 from producers.spec import JobSpec
 from workers.queue_metrics import BrokerLayout
 
-ID = str(uuid.uuid4())
+# fixed, not random: it appears in test ids, which pytest-xdist needs equal in every process
+ID = str(uuid.uuid5(uuid.NAMESPACE_URL, __name__))
 
 
 def _messages(url: str, queue: str) -> list[dict]:

@@ -19,6 +19,9 @@ from ops.demo_files import random_file
 from producers.records import Job
 from tests.fleet import FAST, Fleet, holder_of, wait_until
 
+# timing bounds: `make test` runs these one at a time (see tests/run_suite.sh)
+pytestmark = pytest.mark.timing
+
 MIB = 1024 * 1024
 
 

@@ -47,7 +47,7 @@ from tests.fleet import Fleet, wait_until
 from workers.limits_config import WorkspaceLimits
 from workers.ratelimit import RateLimiter
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timing]
 
 PER_MINUTE, PER_SECOND = 120, 10
 LIMITS = WorkspaceLimits(PER_MINUTE, PER_SECOND)  # 116/min, 9/s effective

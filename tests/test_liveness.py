@@ -14,6 +14,9 @@ from tests.fleet import FAST, Fleet, holder_of, wait_until
 from workers import liveness
 from workers.liveness import EXIT_CODE, Heartbeat, LivenessSettings
 
+# timing bounds: `make test` runs these one at a time (see tests/run_suite.sh)
+pytestmark = pytest.mark.timing
+
 LIMIT = 6.0
 
 

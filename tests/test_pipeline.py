@@ -172,3 +172,7 @@ def test_cli_enqueue_wait_json(fleet: Fleet, tmp_path: Path) -> None:
     assert failed.returncode == 1
     err = json.loads(failed.stdout.strip().splitlines()[-1])["error"]
     assert err["code"] == "not-found" and err["status"] == 404 and err["trace_id"]
+    # one line per step outcome; Celery's own "received" / "succeeded in" lines are quieted
+    logs = "".join(p.read_text(errors="replace") for p in fleet.logs.glob("worker-*.log"))
+    assert "outcome=ok" in logs and "outcome=failed" in logs
+    assert "] received" not in logs and "succeeded in" not in logs

@@ -22,7 +22,7 @@ from workers.ratelimit import RateLimiter
 
 PROCESSES = 4
 # Fleets of limiter processes and a Redis restart: `make test` runs them, `make test-fast` does not.
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timing]
 
 
 @pytest.fixture(scope="module")

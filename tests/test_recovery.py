@@ -520,6 +520,7 @@ def test_a_record_left_without_its_message_is_published_by_the_sweeper(
     assert len(fleet.files_of(entity)) == 1
 
 
+@pytest.mark.timing
 def test_sigterm_lets_a_short_step_finish_and_hands_a_long_one_back(fleet: Fleet, tmp_path: Path) -> None:
     # A step that ends within the grace (5 s) finishes where it runs; the worker then exits.
     fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 2000}}})

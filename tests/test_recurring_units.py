@@ -15,7 +15,8 @@ from producers.spec import JobSpec, validate
 from tests.file_server import file_server
 from workers.name_lock import NameLocks
 
-ID = str(uuid.uuid4())
+# fixed, not random: it appears in test ids, which pytest-xdist needs equal in every process
+ID = str(uuid.uuid5(uuid.NAMESPACE_URL, __name__))
 
 
 def _v(spec: JobSpec) -> object:

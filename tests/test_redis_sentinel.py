@@ -23,6 +23,9 @@ from producers.redis_conn import (
     sentinel_target,
 )
 
+# timing bounds: `make test` runs these one at a time (see tests/run_suite.sh)
+pytestmark = pytest.mark.timing
+
 REPO = Path(__file__).resolve().parent.parent
 URL = "sentinel://:mpw@10.0.0.1:26379/2;sentinel://10.0.0.2;sentinel://10.0.0.3:26380"
 

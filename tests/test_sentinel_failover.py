@@ -26,7 +26,7 @@ from ops.local_fleet import FleetOptions, LocalFleet, SandboxOptions
 from ops.redis_ha import RedisHA
 from tests.fleet import first_step_after
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timing]
 
 JOBS = 40
 BOUND = 40.0  # seconds from the kill to every job done
