@@ -214,8 +214,7 @@ class JobStore:
 
     # -- workers -----------------------------------------------------------------------------
     def update(self, job_id: str, **fields: object) -> None:
-        mapping: dict[Any, Any] = {k: _encode(v) for k, v in fields.items()}
-        mapping["updated_at"] = _now()
+        mapping: dict[Any, Any] = encode_update(**fields)  # (redis-py's Mapping is invariant)
         self.redis.hset(job_key(job_id), mapping=mapping)
 
     def clear(self, job_id: str, *fields: str) -> None:
@@ -242,10 +241,17 @@ class JobStore:
         return int(pipe.execute()[0])
 
     def finish(
-        self, job_id: str, state: JobState, notify: bool = False, drop: Sequence[str] = (), **fields: object
+        self,
+        job_id: str,
+        state: JobState,
+        notify: bool = False,
+        drop: Sequence[str] = (),
+        clear: Sequence[str] = (),
+        **fields: object,
     ) -> None:
         """End a job: set the final state, start its expiry, keep failures in the dead letters;
-        `drop`: keys of no more use once it has ended (deleted in the same transaction).
+        `drop`: keys of no more use once it has ended (deleted in the same transaction);
+        `clear`: record fields removed with it.
 
         `notify` (the record's `notify` field: a callback or a batch waits for the job's end):
         the job joins ENDED_KEY in the same transaction, so its announcement survives a crash
@@ -257,7 +263,7 @@ class JobStore:
         key = job_key(job_id)
         pipe.hset(key, mapping=mapping)
         # The upload URL is a write credential: it has no use once the job has ended.
-        pipe.hdel(key, "upload_url")
+        pipe.hdel(key, "upload_url", *clear)
         pipe.expire(key, self.record_ttl_seconds)
         pipe.zrem(ACTIVE_KEY, job_id)
         if state in (JobState.FAILED, JobState.DEAD):
@@ -278,6 +284,13 @@ _ERROR_FIELDS = tuple(f.name for f in fields(JobError))
 
 def _now() -> str:
     return repr(time.time())
+
+
+def encode_update(**fields: object) -> dict[str, str]:
+    """A record update as Redis stores it (None "", booleans "1"/"0"), stamped `updated_at`."""
+    mapping = {k: _encode(v) for k, v in fields.items()}
+    mapping["updated_at"] = _now()
+    return mapping
 
 
 def _encode(value: object) -> str:

@@ -188,3 +188,45 @@ def test_an_idle_heartbeat_makes_no_redis_call(redis_url: str) -> None:
     time.sleep(1.0)  # five heartbeats with nothing held
     assert _calls(client, "evalsha") == before
     assert locks.beat_once(time.monotonic()) == 0
+
+
+def test_the_last_write_and_the_release_go_in_one_round_trip(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.hset(job_key("j7"), mapping={"id": "j7", "running": "put"})
+    locks = StepLocks(client)
+    token, _ = locks.acquire_and_read("j7", "put")
+    assert token is not None
+    locks.release_with("j7", "put", token, {"uploaded_upload_id": "u1", "size": "42"})
+    record = {k.decode(): v.decode() for k, v in client.hgetall(job_key("j7")).items()}
+    assert record == {"id": "j7", "uploaded_upload_id": "u1", "size": "42"}  # running cleared
+    assert client.get(lock_key("j7", "put")) is None
+    assert locks.held() == []
+    # the runner's release at the step's end is then a no-op: it does not touch a mark set since
+    client.hset(job_key("j7"), "running", "link")
+    locks.release("j7", "put", token)
+    assert client.hget(job_key("j7"), "running") == b"link"
+
+
+def test_the_last_write_does_not_bring_back_a_purged_record(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.hset(job_key("j8"), mapping={"id": "j8"})
+    locks = StepLocks(client)
+    token, _ = locks.acquire_and_read("j8", "generate")
+    assert token is not None
+    client.delete(job_key("j8"))  # `dead purge` or expiry while the step ran
+    locks.release_with("j8", "generate", token, {"upload_id": "u1"})
+    assert not client.exists(job_key("j8"))
+    assert client.get(lock_key("j8", "generate")) is None
+
+
+def test_the_last_write_of_a_holder_whose_lock_was_taken_over_leaves_the_lock(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.hset(job_key("j9"), mapping={"id": "j9", "running": "put"})
+    locks = StepLocks(client)
+    token, _ = locks.acquire_and_read("j9", "put")
+    assert token is not None
+    client.set(lock_key("j9", "put"), "their-token", ex=60)
+    locks.release_with("j9", "put", token, {"size": "1"})
+    assert client.get(lock_key("j9", "put")) == b"their-token"
+    assert client.hget(job_key("j9"), "running") == b"put"  # theirs
+    assert client.hget(job_key("j9"), "size") == b"1"

@@ -17,6 +17,7 @@ from typing import Any
 from celery import Task
 from celery.signals import worker_init
 
+from producers.records import encode_update
 from workers import metrics
 from workers.runtime import Runtime
 
@@ -90,6 +91,18 @@ class StepContext:
     def update(self, **fields: object) -> None:
         self.rt.store.update(self.job_id, **fields)
         self.record.update({k: "" if v is None else str(v) for k, v in fields.items()})
+
+    def finish_step(self, **fields: object) -> None:
+        """The step's last record write, with its lock's release in the same round trip: the
+        body has nothing left to do that the lock guards (what follows it, announcing the next
+        step's transfer or Celery publishing the next step, is safe to do twice)."""
+        if self.lock_token is None:
+            self.update(**fields)
+            return
+        mapping = encode_update(**fields)
+        self.rt.locks.release_with(self.job_id, self.step, self.lock_token, mapping)
+        self.record.update(mapping)
+        self.record.pop("running", None)
 
     def fence(self) -> None:
         """Raise LeaseLost if this run's step lock has lapsed: call it right before a request

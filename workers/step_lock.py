@@ -102,6 +102,9 @@ class StepLocks:
         self._mutex = threading.Lock()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()  # set only when a release has failed
+        # Tokens whose lock went with the step's last record write (release_with) or the job's
+        # end (forget): the runner's own release at the step's end has nothing left to do.
+        self._released: set[str] = set()
 
     def acquire_and_read(self, job_id: str, step: str) -> tuple[str | None, dict[str, str] | None]:
         """Try the lock and read the job record in one round trip: (token or None, record)."""
@@ -128,9 +131,28 @@ class StepLocks:
             self._ensure_thread()
         return token, record
 
+    def release_with(self, job_id: str, step: str, token: str, fields: dict[str, str]) -> None:
+        """A step's last record write and its lock's release in one round trip. A Redis error
+        propagates (the write may not have happened); the runner's release then tries again."""
+        args = [token]
+        for name, value in fields.items():
+            args += [name, value]
+        self._release(keys=[lock_key(job_id, step), job_key(job_id)], args=args)
+        self.forget(token)
+
+    def forget(self, token: str) -> None:
+        """The lock is gone already (released with the last write, or deleted with the job's
+        end, producers.records.JobStore.finish): no heartbeat, nothing left to release."""
+        with self._mutex:
+            self._held.pop(token, None)
+            self._released.add(token)
+
     def release(self, job_id: str, step: str, token: str) -> None:
         with self._mutex:
             self._held.pop(token, None)
+            if token in self._released:
+                self._released.discard(token)
+                return
         # A restarting Redis answers again within moments: retry a little here, so that a message
         # handed back right after this (a requeue) is not put off by its own stale lock.
         deadline = time.monotonic() + RELEASE_INLINE_SECONDS

@@ -37,6 +37,7 @@ from workers.multipart import multipart_body
 from workers.name_lock import release_job_name
 from workers.sources import ByteSource, FileSource
 from workers.step_context import StepContext
+from workers.step_lock import lock_key
 from workers.step_runner import JobEnded, announce_end, cleanup_staging, run_step
 from workers.url_source import DEFAULT_MAX_SOURCE_BYTES, open_url_source
 
@@ -85,7 +86,7 @@ def _generate(ctx: StepContext) -> dict[str, Any]:
     issued = time.time()
     upload_id, upload_url = ctx.rt.client(ctx.workspace).generate_upload_url()
     expires = url_expiry(upload_url)
-    ctx.update(
+    ctx.finish_step(
         upload_id=upload_id,
         upload_url=upload_url,
         upload_url_issued_at=issued,
@@ -125,7 +126,7 @@ def _put(ctx: StepContext) -> dict[str, Any]:
         )
     finally:
         _close(source)
-    ctx.update(
+    ctx.finish_step(
         uploaded_upload_id=record["upload_id"],
         size=outcome.size,
         md5=outcome.md5_b64,
@@ -277,10 +278,17 @@ def finish_done(
         # between leaves no done job with staged bytes behind. (A multipart or version job keeps
         # them until it is done: a redelivered step that cannot find its file sends them again.)
         cleanup_staging(ctx)
-    # a link's block acks go in the transaction that marks the job done
+    # a link's block acks go in the transaction that marks the job done, and so does the
+    # step's lock (a redelivered copy finds the job done, whoever holds the lock then)
     drop = [RedisBlockJournal(ctx.rt.redis, ctx.job_id).key] if linked else []
+    held = ctx.lock_token is not None
+    if held:
+        drop.append(lock_key(ctx.job_id, ctx.step))
     notify = ctx.record.get("notify") == "1"
-    ctx.rt.store.finish(ctx.job_id, JobState.DONE, notify=notify, drop=drop, **fields)
+    clear = ("running",) if held else ()
+    ctx.rt.store.finish(ctx.job_id, JobState.DONE, notify=notify, drop=drop, clear=clear, **fields)
+    if ctx.lock_token is not None:
+        ctx.rt.locks.forget(ctx.lock_token)
     metrics.job_finished(JobState.DONE.value, ctx.workspace)
     if not linked:
         cleanup_staging(ctx)
