@@ -282,6 +282,46 @@ def test_a_fleet_on_rabbitmq_ends_every_job_done(fleet: Fleet, vhost: Vhost, tmp
     assert retried, "no link was retried: the countdown path went untested"
 
 
+# What a worker logs when its consumer connection went away under it (a stalled event loop that
+# RabbitMQ closed for missed heartbeats shows as both).
+CONNECTION_LOST = ("Connection to broker lost", "Couldn't ack")
+
+
+@pytest.mark.slow
+def test_workers_on_rabbitmq_keep_consuming_through_bursts_of_task_events(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """Bursts of short steps (and retried links) fill a worker's task-event buffer within one
+    batching window. Celery flushed the full buffer from the pool thread that filled it, which read
+    the event connection's socket for the publish confirm while the event loop read it too: the
+    loop stopped (no message consumed, no AMQP heartbeat) until RabbitMQ closed the worker's
+    connections 20-30 s later, or for good (workers/event_batching.py). Before the fix a worker
+    lost its connections in most runs of these rounds."""
+    marks = {w.log_path: w.log_path.stat().st_size for w in fleet.workers}
+    fleet.sandbox.set_faults({"routes": {"link": {"503": 0.3}}})
+    try:
+        for burst in range(4):
+            jobs = []
+            for n in range(16):
+                f = random_file(tmp_path / f"b{burst}-{n}.bin", 1_000 + 500 * n)
+                jobs.append(fleet.uploads.enqueue(f, to=f"task:{fleet.entity('tasks')}"))
+            finals = fleet.wait(jobs, timeout=90)
+            assert [j.state.value for j in finals] == ["done"] * len(jobs), [j.error for j in finals]
+    finally:
+        fleet.sandbox.set_faults({"routes": {"link": {"503": 0}}})
+    lost = []
+    for path, mark in marks.items():
+        with path.open("rb") as log:
+            log.seek(mark)
+            text = log.read().decode(errors="replace")
+        lost += [
+            f"{path.name}: {line}"
+            for line in text.splitlines()
+            if line.startswith("[") and any(s in line for s in CONNECTION_LOST)
+        ]
+    assert not lost, "\n".join(lost)
+
+
 def test_a_step_killed_with_its_worker_is_redelivered_by_rabbitmq_within_seconds(
     fleet: Fleet, tmp_path: Path
 ) -> None:
