@@ -11,8 +11,10 @@ duty is slowed down to minutes: a step that resumes within seconds was redeliver
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from kombu import Connection
+from kombu import Connection, Exchange, Producer
 from kombu.transport.native_delayed_delivery import (
     bind_queue_to_native_delayed_delivery_exchange,
     declare_native_delayed_delivery_exchanges_and_queues,
@@ -230,6 +232,49 @@ def test_a_countdown_under_a_second_is_published_not_refused(
         app.close()
         with Connection(vhost.url) as conn:
             conn.default_channel.queue_purge(QUEUE_API)
+
+
+def test_a_retried_publish_reconnects_once_after_its_connection_died_uncollected(
+    vhost: Vhost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kombu's retried declare kept declaring on the dead connection's channel and made a fresh
+    connection after each failure, for ever (a worker's loop spun in its heartbeat event's publish
+    with thousands of connections a second): producers/transport.py declare_on_the_revived_channel."""
+    monkeypatch.setenv("BROKER_URL", vhost.url)
+    celery_config("redis://127.0.0.1:1/0")  # installs the RabbitMQ patches
+    conn = Connection(vhost.url, heartbeat=10, transport_options={"confirm_publish": True})
+    exchange = Exchange("awork.test.events", type="topic")
+    producer = Producer(conn, exchange=exchange, auto_declare=False)
+    publish = {
+        "routing_key": "worker.heartbeat",
+        "exchange": exchange.name,
+        "retry": True,
+        "declare": [exchange],
+    }
+    try:
+        producer.publish({"n": 1}, **publish)
+        dead = conn.connection
+        dead.sock.shutdown(socket.SHUT_RDWR)  # the broker closed it...
+        dead.transport.connected = False  # ...and py-amqp saw it (a failed ack or read)
+        assert conn.connection is not dead  # kombu reconnects silently; the dead one is not collected
+        made = []
+        factory = conn._connection_factory
+
+        def counted() -> object:
+            made.append(1)
+            return factory()
+
+        monkeypatch.setattr(conn, "_connection_factory", counted)
+        outcome: list[object] = []
+        publisher = threading.Thread(
+            target=lambda: outcome.append(producer.publish({"n": 2}, **publish)), daemon=True
+        )
+        publisher.start()
+        publisher.join(10)
+        assert outcome, f"the publish still retrying after 10 s, {len(made)} connections made"
+        assert len(made) <= 2
+    finally:
+        conn.close()
 
 
 # -- a fleet on RabbitMQ -----------------------------------------------------------------------------
