@@ -12,7 +12,9 @@ On RabbitMQ:
   (the `celery_delayed_*` quorum queues and exchanges, declared by each worker at start), so a
   deferred message waits in RabbitMQ, not in a worker's memory;
 - publisher confirms are on: a publish returns once RabbitMQ has the message;
-- global QoS is off (quorum queues do not support it; Celery's worker_detect_quorum_queues).
+- global QoS is off (quorum queues do not support it; Celery's worker_detect_quorum_queues);
+- a retried publish declares its exchange on a live channel after a reconnect, not in a loop of
+  fresh connections (`declare_on_the_revived_channel`, a kombu 5.7 fix).
 
 Which code depends on which transport:
 - Redis transport only (installed or included only without BROKER_URL): workers/kombu_fixes.py
