@@ -12,7 +12,9 @@ On RabbitMQ:
   (the `celery_delayed_*` quorum queues and exchanges, declared by each worker at start), so a
   deferred message waits in RabbitMQ, not in a worker's memory;
 - publisher confirms are on: a publish returns once RabbitMQ has the message;
-- global QoS is off (quorum queues do not support it; Celery's worker_detect_quorum_queues).
+- global QoS is off (quorum queues do not support it; Celery's worker_detect_quorum_queues);
+- a retried publish declares its exchange on a live channel after a reconnect, not in a loop of
+  fresh connections (`declare_on_the_revived_channel`, a kombu 5.7 fix).
 
 Which code depends on which transport:
 - Redis transport only (installed or included only without BROKER_URL): workers/kombu_fixes.py
@@ -116,6 +118,7 @@ def adjust(config: dict[str, Any], queue_names: tuple[str, ...]) -> dict[str, An
     if not is_amqp(url):
         return config
     round_up_short_countdowns()
+    declare_on_the_revived_channel()
     return {**config, **amqp_settings(url, queue_names)}
 
 
@@ -162,3 +165,39 @@ def round_up_short_countdowns() -> None:
 
     calculate_routing_key.rounds_up = True  # type: ignore[attr-defined]
     celery_base.calculate_routing_key = calculate_routing_key  # type: ignore[attr-defined]
+
+
+def declare_on_the_revived_channel() -> None:
+    """kombu 5.7's `_imaybe_declare` (a publish with retry=True declaring its exchange, as every
+    Celery event dispatcher and task producer does) retries `_maybe_declare(entity, channel)` with
+    the channel it was first given. When that channel belongs to an AMQP connection that died
+    without being collected (kombu's `Connection.connection` reconnects silently once py-amqp
+    marks a socket dead, e.g. in the event loop's heartbeat check), `channel.connection` is still
+    set: every retry declared on the dead channel, failed, and `ensure` dropped the fresh
+    connection and made another, for ever (thousands of connections a second; seen on a worker's
+    event connection, its loop stuck in the worker heartbeat's publish). Here each try declares
+    on the entity's own channel, which `ensure` revives onto the fresh connection."""
+    import kombu.common as kombu_common
+
+    # Private kombu functions: a narrow stand-in for one of them, kept in kombu's module.
+    current = kombu_common._imaybe_declare
+    if getattr(current, "revived_channel", False):
+        return
+    ensure_bound = kombu_common._ensure_channel_is_bound
+    declare = kombu_common._maybe_declare
+    disconnected = kombu_common.RecoverableConnectionError  # type: ignore[attr-defined]  # py-amqp's
+
+    def _imaybe_declare(entity: Any, channel: Any, **retry_policy: Any) -> Any:
+        entity = ensure_bound(entity, channel)
+        if not entity.channel.connection and getattr(channel, "connection", None):
+            entity.revive(channel)
+        if not entity.channel.connection:
+            raise disconnected("channel disconnected")
+
+        def declare_on_own_channel() -> Any:
+            return declare(entity, entity.channel)
+
+        return entity.channel.connection.client.ensure(entity, declare_on_own_channel, **retry_policy)()
+
+    _imaybe_declare.revived_channel = True  # type: ignore[attr-defined]
+    kombu_common._imaybe_declare = _imaybe_declare

@@ -11,8 +11,10 @@ duty is slowed down to minutes: a step that resumes within seconds was redeliver
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from kombu import Connection
+from kombu import Connection, Exchange, Producer
 from kombu.transport.native_delayed_delivery import (
     bind_queue_to_native_delayed_delivery_exchange,
     declare_native_delayed_delivery_exchanges_and_queues,
@@ -235,6 +237,49 @@ def test_a_countdown_under_a_second_is_published_not_refused(
             conn.default_channel.queue_purge(QUEUE_API)
 
 
+def test_a_retried_publish_reconnects_once_after_its_connection_died_uncollected(
+    vhost: Vhost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kombu's retried declare kept declaring on the dead connection's channel and made a fresh
+    connection after each failure, for ever (a worker's loop spun in its heartbeat event's publish
+    with thousands of connections a second): producers/transport.py declare_on_the_revived_channel."""
+    monkeypatch.setenv("BROKER_URL", vhost.url)
+    celery_config("redis://127.0.0.1:1/0")  # installs the RabbitMQ patches
+    conn = Connection(vhost.url, heartbeat=10, transport_options={"confirm_publish": True})
+    exchange = Exchange("awork.test.events", type="topic")
+    producer = Producer(conn, exchange=exchange, auto_declare=False)
+    publish = {
+        "routing_key": "worker.heartbeat",
+        "exchange": exchange.name,
+        "retry": True,
+        "declare": [exchange],
+    }
+    try:
+        producer.publish({"n": 1}, **publish)
+        dead = conn.connection
+        dead.sock.shutdown(socket.SHUT_RDWR)  # the broker closed it...
+        dead.transport.connected = False  # ...and py-amqp saw it (a failed ack or read)
+        assert conn.connection is not dead  # kombu reconnects silently; the dead one is not collected
+        made = []
+        factory = conn._connection_factory
+
+        def counted() -> object:
+            made.append(1)
+            return factory()
+
+        monkeypatch.setattr(conn, "_connection_factory", counted)
+        outcome: list[object] = []
+        publisher = threading.Thread(
+            target=lambda: outcome.append(producer.publish({"n": 2}, **publish)), daemon=True
+        )
+        publisher.start()
+        publisher.join(10)
+        assert outcome, f"the publish still retrying after 10 s, {len(made)} connections made"
+        assert len(made) <= 2
+    finally:
+        conn.close()
+
+
 # -- a fleet on RabbitMQ -----------------------------------------------------------------------------
 
 
@@ -283,6 +328,46 @@ def test_a_fleet_on_rabbitmq_ends_every_job_done(fleet: Fleet, vhost: Vhost, tmp
     assert "celery_delayed_0" in stats, stats  # the workers declared native delayed delivery
     wait_until(lambda: _queues_drained(vhost), 20, "step queues drained")
     assert retried, "no link was retried: the countdown path went untested"
+
+
+# What a worker logs when its consumer connection went away under it (a stalled event loop that
+# RabbitMQ closed for missed heartbeats shows as both).
+CONNECTION_LOST = ("Connection to broker lost", "Couldn't ack")
+
+
+@pytest.mark.slow
+def test_workers_on_rabbitmq_keep_consuming_through_bursts_of_task_events(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """Bursts of short steps (and retried links) fill a worker's task-event buffer within one
+    batching window. Celery flushed the full buffer from the pool thread that filled it, which read
+    the event connection's socket for the publish confirm while the event loop read it too: the
+    loop stopped (no message consumed, no AMQP heartbeat) until RabbitMQ closed the worker's
+    connections 20-30 s later, or for good (workers/event_batching.py). Before the fix a worker
+    lost its connections in most runs of these rounds."""
+    marks = {w.log_path: w.log_path.stat().st_size for w in fleet.workers}
+    fleet.sandbox.set_faults({"routes": {"link": {"503": 0.3}}})
+    try:
+        for burst in range(4):
+            jobs = []
+            for n in range(16):
+                f = random_file(tmp_path / f"b{burst}-{n}.bin", 1_000 + 500 * n)
+                jobs.append(fleet.uploads.enqueue(f, to=f"task:{fleet.entity('tasks')}"))
+            finals = fleet.wait(jobs, timeout=90)
+            assert [j.state.value for j in finals] == ["done"] * len(jobs), [j.error for j in finals]
+    finally:
+        fleet.sandbox.set_faults({"routes": {"link": {"503": 0}}})
+    lost = []
+    for path, mark in marks.items():
+        with path.open("rb") as log:
+            log.seek(mark)
+            text = log.read().decode(errors="replace")
+        lost += [
+            f"{path.name}: {line}"
+            for line in text.splitlines()
+            if line.startswith("[") and any(s in line for s in CONNECTION_LOST)
+        ]
+    assert not lost, "\n".join(lost)
 
 
 def test_a_step_killed_with_its_worker_is_redelivered_by_rabbitmq_within_seconds(

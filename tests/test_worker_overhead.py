@@ -3,7 +3,11 @@ kombu channel, task events sent in batches, redaction that lets plain lines thro
 
 from __future__ import annotations
 
+import threading
+
 import pytest
+from celery import Celery
+from celery.worker.consumer import events as consumer_events
 from kombu import Connection
 
 from workers import event_batching, kombu_fixes, logging_setup
@@ -54,6 +58,65 @@ def test_task_events_are_flushed_once_per_batch() -> None:
     assert consumer.flushes == 1
     event_batching.on_send_event_buffered(consumer)  # the next event starts a new batch
     assert len(consumer.hub.soon) == 2
+
+
+class _LoopConsumer:
+    """What Celery's Events bootstep reads from its consumer, on the in-memory transport."""
+
+    def __init__(self, app: Celery, hub: object | None) -> None:
+        self.app = app
+        self.hub = hub
+        self.hostname = "w@test"
+        self.amqheartbeat = 0
+        self.event_dispatcher = None
+        self.buffered: list[str] = []  # the threads that asked the loop for a flush
+
+    def connection_for_write(self, heartbeat: float | None = None) -> Connection:
+        return self.app.connection_for_write()
+
+    def on_send_event_buffered(self) -> None:
+        self.buffered.append(threading.current_thread().name)
+
+
+@pytest.mark.parametrize("hub", [object(), None], ids=["event-loop", "no-event-loop"])
+def test_a_pool_thread_never_publishes_task_events_only_the_loop_does(hub: object | None) -> None:
+    """Celery flushes the event buffer inline in the thread that buffers the 24th event: with the
+    threads pool on RabbitMQ a pool thread published, then read the dispatcher's socket for the
+    confirm while the loop read it too, and the worker stopped consuming (workers/event_batching.py)."""
+    app = Celery("events-test", broker="memory://", set_as_current=False)
+    consumer = _LoopConsumer(app, hub)
+    step = consumer_events.Events(consumer, task_events=True, without_heartbeat=True, without_gossip=True)
+    step.start(consumer)
+    dispatcher = consumer.event_dispatcher
+    assert dispatcher is not None
+    publishers: list[str] = []
+    real_publish = dispatcher._publish
+
+    def publish(event: object, *args: object, **kwargs: object) -> None:
+        publishers.append(threading.current_thread().name)
+        real_publish(event, *args, **kwargs)
+
+    dispatcher._publish = publish  # type: ignore[method-assign]
+
+    def pool_thread() -> None:
+        for n in range(200):  # received, started, succeeded of ~70 steps between two flushes
+            dispatcher.send("task-succeeded", uuid=str(n), result="x", runtime=0.01)
+
+    worker = threading.Thread(target=pool_thread, name="ThreadPoolExecutor-0_0")
+    worker.start()
+    worker.join()
+    try:
+        if hub is None:  # no loop: Celery buffers nothing and publishes each event where sent
+            assert publishers == ["ThreadPoolExecutor-0_0"] * 200
+            return
+        assert publishers == [], "a pool thread published on the event connection"
+        assert set(consumer.buffered) == {"ThreadPoolExecutor-0_0"}
+        dispatcher.flush()  # the loop thread's timer (event_batching._flush)
+        assert publishers == [threading.current_thread().name]  # one task.multi with all 200
+        assert dispatcher._group_buffer["task"] == []
+    finally:
+        step.shutdown(consumer)
+        app.close()
 
 
 def _redact_every_pattern(text: str) -> str:
