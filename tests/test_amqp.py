@@ -49,10 +49,7 @@ from producers.redrive import canvas_from
 from tests.fleet import FAST, Fleet, holder_of, wait_until
 from workers.sweeper import Sweeper
 
-pytestmark = [
-    pytest.mark.timing,
-    pytest.mark.skipif(not reachable(), reason="no RabbitMQ on 127.0.0.1:5672"),
-]
+pytestmark = pytest.mark.skipif(not reachable(), reason="no RabbitMQ on 127.0.0.1:5672")
 
 STEP_QUEUES = (QUEUE_API, QUEUE_TRANSFER, QUEUE_CALLBACKS)
 # The sweeper would re-drive a dead worker's step after 3 s of FAST; at 300 s a step that comes
@@ -370,6 +367,7 @@ def test_workers_on_rabbitmq_keep_consuming_through_bursts_of_task_events(
     assert not lost, "\n".join(lost)
 
 
+@pytest.mark.timing
 def test_a_step_killed_with_its_worker_is_redelivered_by_rabbitmq_within_seconds(
     fleet: Fleet, tmp_path: Path
 ) -> None:

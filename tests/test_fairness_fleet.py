@@ -19,9 +19,6 @@ from ops.demo_files import random_file
 from producers.records import Job
 from tests.fleet import FAST, Fleet, holder_of, wait_until
 
-# timing bounds: `make test` runs these one at a time (see tests/run_suite.sh)
-pytestmark = pytest.mark.timing
-
 MIB = 1024 * 1024
 
 
@@ -73,6 +70,7 @@ def assert_each_linked_once(fleet: Fleet, jobs: list[Job]) -> None:
         assert links[record["upload_id"]] == 1
 
 
+@pytest.mark.timing
 def test_small_files_of_one_workspace_finish_while_anothers_backlog_is_large(
     fleet: Fleet, tmp_path: Path
 ) -> None:

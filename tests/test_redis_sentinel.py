@@ -23,9 +23,6 @@ from producers.redis_conn import (
     sentinel_target,
 )
 
-# timing bounds: `make test` runs these one at a time (see tests/run_suite.sh)
-pytestmark = pytest.mark.timing
-
 REPO = Path(__file__).resolve().parent.parent
 URL = "sentinel://:mpw@10.0.0.1:26379/2;sentinel://10.0.0.2;sentinel://10.0.0.3:26380"
 
@@ -99,6 +96,7 @@ def ha(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisHA]:
 
 
 @pytest.mark.slow  # a real master, replica and sentinels (make test, not test-fast)
+@pytest.mark.timing
 def test_clients_follow_the_master_through_a_failover(ha: RedisHA, monkeypatch: pytest.MonkeyPatch) -> None:
     """Writes before, during and after a master SIGKILL: the client finds the promoted replica
     by itself, and a command issued while no master is up waits (bounded) instead of failing."""
@@ -129,6 +127,7 @@ def test_clients_follow_the_master_through_a_failover(ha: RedisHA, monkeypatch: 
 
 
 @pytest.mark.slow  # a real master, replica and sentinels (make test, not test-fast)
+@pytest.mark.timing
 def test_a_command_in_flight_at_the_kill_goes_to_the_promoted_master(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -166,6 +165,7 @@ def test_a_command_in_flight_at_the_kill_goes_to_the_promoted_master(
 
 
 @pytest.mark.slow  # a real master, replica and sentinels (make test, not test-fast)
+@pytest.mark.timing
 def test_wrong_sentinel_password_is_an_error_not_a_hang(ha: RedisHA, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REDIS_SENTINEL_MASTER", ha.master_name)
     monkeypatch.setenv("REDIS_SENTINEL_PASSWORD", "wrong")
