@@ -42,7 +42,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check producers workers ops tests
 	$(BIN)/mypy producers workers
 
-# Two phases (tests/run_suite.sh): two test files at a time, then the timing tests one at a time.
+# Two phases (tests/run_suite.sh): three test files at a time, then the timing tests one at a time.
 test: $(STAMP) node lint
 	PYTEST=$(BIN)/pytest tests/run_suite.sh $(PYTEST_ARGS)
 
