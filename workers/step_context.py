@@ -11,15 +11,18 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Task
 from celery.signals import worker_init
 
+from producers.contract import JobState
 from producers.records import encode_update
 from workers import metrics
 from workers.runtime import Runtime
+from workers.step_lock import lock_key
 
 log = logging.getLogger("awork.steps")
 
@@ -103,6 +106,23 @@ class StepContext:
         self.rt.locks.release_with(self.job_id, self.step, self.lock_token, mapping)
         self.record.update(mapping)
         self.record.pop("running", None)
+
+    def finish_job(self, state: JobState, drop: Sequence[str] = (), **fields: object) -> None:
+        """End the job (JobStore.finish) with the step's lock deleted and its `running` mark
+        cleared in the same transaction: a redelivered copy finds the job ended, whoever holds
+        the lock by then, and the runner has no release left to make."""
+        held = self.lock_token is not None
+        notify = self.record.get("notify") == "1"
+        self.rt.store.finish(
+            self.job_id,
+            state,
+            notify=notify,
+            drop=[*drop, lock_key(self.job_id, self.step)] if held else drop,
+            clear=("running",) if held else (),
+            **fields,
+        )
+        if self.lock_token is not None:
+            self.rt.locks.forget(self.lock_token)
 
     def fence(self) -> None:
         """Raise LeaseLost if this run's step lock has lapsed: call it right before a request

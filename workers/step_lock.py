@@ -73,6 +73,11 @@ def lock_key(job_id: str, step: str) -> str:
     return step_lock_key(job_id, step)
 
 
+def _keys(job_id: str, step: str) -> list[str]:
+    """KEYS of step_lock.lua: the lock and the job's record."""
+    return [lock_key(job_id, step), job_key(job_id)]
+
+
 class LeaseLost(Exception):
     """This step's lock lapsed and may be someone else's now: do nothing more in this run."""
 
@@ -102,9 +107,6 @@ class StepLocks:
         self._mutex = threading.Lock()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()  # set only when a release has failed
-        # Tokens whose lock went with the step's last record write (release_with) or the job's
-        # end (forget): the runner's own release at the step's end has nothing left to do.
-        self._released: set[str] = set()
 
     def acquire_and_read(self, job_id: str, step: str) -> tuple[str | None, dict[str, str] | None]:
         """Try the lock and read the job record in one round trip: (token or None, record)."""
@@ -121,7 +123,7 @@ class StepLocks:
         except redis.exceptions.RedisError:
             # The SET may have reached Redis before the connection broke (and survive in its AOF):
             # release it once Redis answers, as it is ours, or the step waits out the TTL.
-            self.release(job_id, step, token)
+            self._release_retrying(job_id, step, token)
             raise
         record = {_s(k): _s(v) for k, v in raw.items()} or None
         if not got:
@@ -134,25 +136,25 @@ class StepLocks:
     def release_with(self, job_id: str, step: str, token: str, fields: dict[str, str]) -> None:
         """A step's last record write and its lock's release in one round trip. A Redis error
         propagates (the write may not have happened); the runner's release then tries again."""
-        args = [token]
-        for name, value in fields.items():
-            args += [name, value]
-        self._release(keys=[lock_key(job_id, step), job_key(job_id)], args=args)
+        pairs = [part for field in fields.items() for part in field]
+        self._release(keys=_keys(job_id, step), args=[token, *pairs])
         self.forget(token)
 
     def forget(self, token: str) -> None:
         """The lock is gone already (released with the last write, or deleted with the job's
-        end, producers.records.JobStore.finish): no heartbeat, nothing left to release."""
+        end, producers.records.JobStore.finish): no heartbeat, and release() has nothing to do."""
         with self._mutex:
             self._held.pop(token, None)
-            self._released.add(token)
 
     def release(self, job_id: str, step: str, token: str) -> None:
+        """Release a lock this process holds; one released already (release_with, forget, or a
+        shutdown that handed the step back) is left alone."""
         with self._mutex:
-            self._held.pop(token, None)
-            if token in self._released:
-                self._released.discard(token)
+            if self._held.pop(token, None) is None:
                 return
+        self._release_retrying(job_id, step, token)
+
+    def _release_retrying(self, job_id: str, step: str, token: str) -> None:
         # A restarting Redis answers again within moments: retry a little here, so that a message
         # handed back right after this (a requeue) is not put off by its own stale lock.
         deadline = time.monotonic() + RELEASE_INLINE_SECONDS
@@ -168,7 +170,7 @@ class StepLocks:
 
     def _try_release(self, job_id: str, step: str, token: str) -> bool:
         try:
-            self._release(keys=[lock_key(job_id, step), job_key(job_id)], args=[token])
+            self._release(keys=_keys(job_id, step), args=[token])
         except redis.exceptions.RedisError:
             return False
         return True
@@ -235,8 +237,8 @@ class StepLocks:
     def _renew(self, job_id: str, step: str, token: str) -> bool:
         """Extend the lock if it is still ours; note when it last was."""
         started = time.monotonic()
-        keys = [lock_key(job_id, step), job_key(job_id)]
-        answer = int(self._refresh(keys=keys, args=[token, self.timings.ttl, repr(time.time())]))
+        args: list[str | int] = [token, self.timings.ttl, repr(time.time())]
+        answer = int(self._refresh(keys=_keys(job_id, step), args=args))
         ours = answer > 0
         with self._mutex:
             held = self._held.get(token)

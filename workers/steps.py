@@ -37,7 +37,6 @@ from workers.multipart import multipart_body
 from workers.name_lock import release_job_name
 from workers.sources import ByteSource, FileSource
 from workers.step_context import StepContext
-from workers.step_lock import lock_key
 from workers.step_runner import JobEnded, announce_end, cleanup_staging, run_step
 from workers.url_source import DEFAULT_MAX_SOURCE_BYTES, open_url_source
 
@@ -278,17 +277,9 @@ def finish_done(
         # between leaves no done job with staged bytes behind. (A multipart or version job keeps
         # them until it is done: a redelivered step that cannot find its file sends them again.)
         cleanup_staging(ctx)
-    # a link's block acks go in the transaction that marks the job done, and so does the
-    # step's lock (a redelivered copy finds the job done, whoever holds the lock then)
+    # a link's block acks go in the transaction that marks the job done
     drop = [RedisBlockJournal(ctx.rt.redis, ctx.job_id).key] if linked else []
-    held = ctx.lock_token is not None
-    if held:
-        drop.append(lock_key(ctx.job_id, ctx.step))
-    notify = ctx.record.get("notify") == "1"
-    clear = ("running",) if held else ()
-    ctx.rt.store.finish(ctx.job_id, JobState.DONE, notify=notify, drop=drop, clear=clear, **fields)
-    if ctx.lock_token is not None:
-        ctx.rt.locks.forget(ctx.lock_token)
+    ctx.finish_job(JobState.DONE, drop=drop, **fields)
     metrics.job_finished(JobState.DONE.value, ctx.workspace)
     if not linked:
         cleanup_staging(ctx)
