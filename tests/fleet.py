@@ -17,8 +17,10 @@ from typing import Any
 
 import redis
 
+from ops.demo_files import random_file
 from ops.local_fleet import PRODUCER_NAMES, FleetOptions, FleetWorker, LocalFleet, SandboxOptions
 from producers.client import Uploads
+from producers.keys import job_key, step_lock_key
 from producers.records import Job
 
 API_KEY = "test-key-" + secrets.token_hex(8)
@@ -201,6 +203,34 @@ def holder_of(fleet: Fleet, job_id: str, timeout: float = 20) -> FleetWorker:
 
     wait_until(look, timeout, f"a worker holding job {job_id}", interval=0.1)
     return found[0]
+
+
+def put_running(fleet: Fleet, job_id: str) -> bool:
+    """The job's put step runs: marked `running` in its record, and its step lock held."""
+    client = fleet.client()
+    try:
+        return client.hget(job_key(job_id), "running") == "put" and bool(
+            client.exists(step_lock_key(job_id, "put"))
+        )
+    finally:
+        client.close()
+
+
+def kill_a_running_put(fleet: Fleet, tmp_path: Path) -> tuple[Job, str, float]:
+    """Enqueue a file whose PUT hangs (30 s of latency on the blob route), SIGKILL the worker
+    running it, then lift the latency. Returns the job, its task entity and the monotonic time
+    of the kill."""
+    fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 30_000}}})
+    try:
+        entity = fleet.entity("tasks")
+        f = random_file(tmp_path / "slow.bin", 200_000)
+        job = fleet.uploads.enqueue(f, to=f"task:{entity}")
+        wait_until(lambda: put_running(fleet, job.id), 30, "put running")
+        holder_of(fleet, job.id).kill()
+        killed_at = time.monotonic()
+    finally:
+        fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 0}}})
+    return job, entity, killed_at
 
 
 # A worker log line of a step that completed (workers/step_runner.py logs outcome=ok).

@@ -46,7 +46,7 @@ from producers.messages import fast_path_supported
 from producers.priority import Priority
 from producers.records import JobStore
 from producers.redrive import canvas_from
-from tests.fleet import FAST, Fleet, holder_of, wait_until
+from tests.fleet import FAST, Fleet, kill_a_running_put, wait_until
 from workers.sweeper import Sweeper
 
 pytestmark = pytest.mark.skipif(not reachable(), reason="no RabbitMQ on 127.0.0.1:5672")
@@ -371,22 +371,11 @@ def test_workers_on_rabbitmq_keep_consuming_through_bursts_of_task_events(
 def test_a_step_killed_with_its_worker_is_redelivered_by_rabbitmq_within_seconds(
     fleet: Fleet, tmp_path: Path
 ) -> None:
-    fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 30_000}}})
-    entity = fleet.entity("tasks")
-    f = random_file(tmp_path / "slow.bin", 200_000)
-    job = fleet.uploads.enqueue(f, to=f"task:{entity}")
-    try:
-        wait_until(lambda: fleet.record(job.id).get("running") == "put", 30, "put running")
-        victim = holder_of(fleet, job.id)
-        victim.kill()
-        killed_at = time.monotonic()
-        fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 0}}})
-        # the next copy of the step notes the crash as it starts
-        wait_until(lambda: fleet.record(job.id).get("crashes_put") == "1", 60, "put running again")
-        resumed_in = time.monotonic() - killed_at
-        (final,) = fleet.wait([job], timeout=60)
-    finally:
-        fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 0}}})
+    job, entity, killed_at = kill_a_running_put(fleet, tmp_path)
+    # the next copy of the step notes the crash as it starts
+    wait_until(lambda: fleet.record(job.id).get("crashes_put") == "1", 60, "put running again")
+    resumed_in = time.monotonic() - killed_at
+    (final,) = fleet.wait([job], timeout=60)
     print(f"\nput resumed {resumed_in:.1f} s after its worker was SIGKILLed (RabbitMQ redelivery)")
     assert final.state.value == "done", final.error
     record = fleet.record(job.id)

@@ -34,7 +34,7 @@ from producers.client import PublishFailed, Uploads
 from producers.config import SharedSettings
 from producers.keys import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, job_key
 from producers.redrive import canvas_from
-from tests.fleet import FAST, Fleet, holder_of, wait_until
+from tests.fleet import FAST, Fleet, holder_of, kill_a_running_put, put_running, wait_until
 from workers.queue_metrics import BrokerLayout
 from workers.sweeper import (
     MAYBE_LOST,
@@ -339,28 +339,12 @@ def unacked_jobs(fleet: Fleet) -> list[str]:
         client.close()
 
 
-def step_running(fleet: Fleet, job_id: str, step: str) -> bool:
-    client = fleet.client()
-    try:
-        return client.hget(job_key(job_id), "running") == step and bool(
-            client.exists(f"{job_key(job_id)}:lock:{step}")
-        )
-    finally:
-        client.close()
 
 
 def test_a_step_killed_with_its_worker_resumes_on_another_within_two_minutes(
     fleet: Fleet, tmp_path: Path
 ) -> None:
-    fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 30_000}}})
-    entity = fleet.entity("tasks")
-    f = random_file(tmp_path / "slow.bin", 200_000)
-    job = fleet.uploads.enqueue(f, to=f"task:{entity}")
-    wait_until(lambda: step_running(fleet, job.id, "put"), 30, "put running")
-    victim = holder_of(fleet, job.id)
-    victim.kill()
-    killed_at = time.monotonic()
-    fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 0}}})
+    job, entity, killed_at = kill_a_running_put(fleet, tmp_path)
     (final,) = fleet.wait([job], timeout=120)
     resumed_in = time.monotonic() - killed_at
     assert final.state.value == "done", final.error
@@ -398,7 +382,7 @@ def test_a_step_that_keeps_killing_its_worker_goes_to_dead_letters(fleet: Fleet,
     deadline = time.monotonic() + 120
     while fleet.record(job.id).get("state") != "dead":
         assert time.monotonic() < deadline, f"not dead after {kills} kills: {fleet.record(job.id)}"
-        if step_running(fleet, job.id, "put"):
+        if put_running(fleet, job.id):
             victim = fleet.holder(job.id)
             if victim is not None:
                 victim.kill()
@@ -526,7 +510,7 @@ def test_sigterm_lets_a_short_step_finish_and_hands_a_long_one_back(fleet: Fleet
     fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 2000}}})
     entity = fleet.entity("tasks")
     short = fleet.uploads.enqueue(random_file(tmp_path / "short.bin", 5000), to=f"task:{entity}")
-    wait_until(lambda: step_running(fleet, short.id, "put"), 30, "short put running")
+    wait_until(lambda: put_running(fleet, short.id), 30, "short put running")
     victim = holder_of(fleet, short.id)
     victim.signal(signal.SIGTERM)
     began = time.monotonic()
@@ -543,7 +527,7 @@ def test_sigterm_lets_a_short_step_finish_and_hands_a_long_one_back(fleet: Fleet
     fleet.sandbox.set_faults({"routes": {"blob": {"latency_ms": 60_000}}})
     entity2 = fleet.entity("tasks")
     long = fleet.uploads.enqueue(random_file(tmp_path / "long.bin", 5000), to=f"task:{entity2}")
-    wait_until(lambda: step_running(fleet, long.id, "put"), 30, "long put running")
+    wait_until(lambda: put_running(fleet, long.id), 30, "long put running")
     fleet.wait_ready()
     victim = holder_of(fleet, long.id)
     # (its PUT keeps the 60 s it was given; the next one is quick)
