@@ -19,6 +19,11 @@ frames where its CPU goes, by own time and by inclusive time:
     .venv/bin/python -m ops.bench.cpu_per_job --jobs 400 --profile --skip-direct --skip-floor
 
 The CPU figures of a profiled run include the sampler's pauses; compare runs without it.
+
+`--monitor N` adds a pass of N more jobs under Redis MONITOR (ops/bench/redis_monitor.py): the
+commands clients sent a job (round trips, a script call counted once) apart from those the
+scripts ran inside Redis, and each script's calls and size. Its CPU is not reported (MONITOR
+costs Redis CPU of its own).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import requests
 from celery import Celery, chain
 
 from ops.bench.pipeline_vs_direct import direct_upload
+from ops.bench.redis_monitor import Monitor
 from ops.demo_files import random_file
 from ops.local_fleet import ping_workers, worker_argv
 from ops.processes import Child
@@ -189,7 +195,7 @@ def run_direct(api: str, files: list[Path], task_id: str, threads: int) -> dict[
 
 def run_pipeline(
     env: dict[str, str], redis_server: RedisServer, sandbox: SandboxProcess, files: list[Path],
-    task_id: str, args: argparse.Namespace, profile_to: Path | None,
+    task_id: str, args: argparse.Namespace, profile_to: Path | None, monitor: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     worker = launch_worker("workers", env, args.concurrency, args.root / "logs" / "worker.log", args.loglevel)
     client = redis.Redis.from_url(redis_server.url)
@@ -205,6 +211,7 @@ def run_pipeline(
         assert worker.pid is not None and redis_server.proc is not None
         if profile_to is not None:
             spy = start_profiler(worker.pid, profile_to)
+        watch = Monitor("127.0.0.1", redis_server.port) if monitor else None
         meter = Meter(worker.pid, redis_server.proc.pid, client).start()
         started = time.monotonic()
         jobs = up.enqueue_many([JobSpec(f, f"task:{task_id}") for f in files])
@@ -212,6 +219,12 @@ def run_pipeline(
         seconds = time.monotonic() - started
         time.sleep(0.5)  # the last link's record write
         meter.stop()
+        if watch is not None:
+            tally = watch.stop()
+            states = Counter(j.state.value for j in up.wait_many([j.id for j in jobs], timeout=60, poll=0.5))
+            row = meter.row(len(files))
+            counts = tally.per_job(len(files))
+            return {"commands_per_job": row["commands_per_job"], **counts, "states": dict(states)}
         if spy is not None:
             stop_profiler(spy)
         states = Counter(j.state.value for j in up.wait_many([j.id for j in jobs], timeout=60, poll=0.5))
@@ -319,6 +332,17 @@ def print_profile(raw: Path, limit: int) -> None:
 
 
 # -- main ------------------------------------------------------------------------------------
+def print_monitor(m: dict[str, Any]) -> None:
+    print(
+        f"\nunder MONITOR: {m['commands_per_job']} commands a job = {m['sent_per_job']} sent by clients"
+        f" + {m['in_scripts_per_job']} run inside scripts"
+    )
+    print("sent a job: " + ", ".join(f"{k} {v}" for k, v in m["sent"].items()))
+    for name, s in m["scripts"].items():
+        calls, inside = s["calls_per_job"], s["commands_inside_per_call"]
+        print(f"  {name:<22} {calls:>5} calls a job x {inside:>5} commands inside")
+
+
 def print_table(result: dict[str, Any]) -> None:
     print(f"{'':<10}{'worker ms':>10}{'redis ms':>10}{'total ms':>10}{'cmds/job':>10}{'jobs/s':>10}")
     for name in ("pipeline", "floor"):
@@ -350,6 +374,7 @@ def main() -> int:
     p.add_argument("--skip-floor", action="store_true")
     p.add_argument("--profile", action="store_true", help="sample the pipeline worker with py-spy")
     p.add_argument("--top", type=int, default=30, help="frames listed by --profile")
+    p.add_argument("--monitor", type=int, default=0, metavar="N", help="N more jobs under Redis MONITOR")
     args = p.parse_args()
 
     args.root = Path(tempfile.mkdtemp(prefix="bench-cpu-", dir="var" if Path("var").is_dir() else None))
@@ -384,7 +409,15 @@ def main() -> int:
         result["pipeline"] = run_pipeline(env, redis_server, sandbox, files, task_id, args, raw)
         if not args.skip_floor:
             result["floor"] = run_floor(env, redis_server, args.jobs, args)
+        if args.monitor:
+            sandbox.reset()
+            watched = files[: args.monitor]
+            result["monitor"] = run_pipeline(
+                env, redis_server, sandbox, watched, task_id, args, None, monitor=True
+            )
         print_table(result)
+        if "monitor" in result:
+            print_monitor(result["monitor"])
         print(json.dumps(result))
         if raw is not None:
             print_profile(raw, args.top)
