@@ -4,6 +4,7 @@ kombu channel, task events sent in batches, redaction that lets plain lines thro
 from __future__ import annotations
 
 import threading
+from collections import Counter
 
 import pytest
 from celery import Celery
@@ -23,6 +24,35 @@ def test_a_kombu_channel_reuses_one_redis_client(redis_url: str) -> None:
         given = object()
         with channel.conn_or_acquire(given) as passed:
             assert passed is given
+
+
+def test_a_delivered_message_and_its_ack_cost_redis_two_commands_each_without_multi(redis_url: str) -> None:
+    """Before plain_pipeline, kombu wrapped both in MULTI/EXEC: 4 commands each."""
+    import redis
+
+    kombu_fixes.install()
+    admin = redis.Redis.from_url(redis_url)
+    with Connection(redis_url, transport_options={"visibility_timeout": 3600}) as conn:
+        queue = conn.SimpleQueue("overhead-ack")
+        queue.put({"n": 1})
+        admin.config_resetstat()
+        message = queue.get(timeout=5)
+        delivered = _calls(admin)
+        assert admin.hlen("unacked") == 1 and admin.zcard("unacked_index") == 1  # held while it runs
+        message.ack()
+        acked = _calls(admin) - delivered
+        queue.close()
+    assert admin.hlen("unacked") == 0 and admin.zcard("unacked_index") == 0
+    for seen in (delivered, acked):
+        assert "multi" not in seen and "exec" not in seen, seen
+    assert delivered["zadd"] == 1 and delivered["hset"] == 1, delivered
+    assert acked["zrem"] == 1 and acked["hdel"] == 1, acked
+
+
+def _calls(client: object) -> Counter[str]:
+    stats = client.info("commandstats")  # type: ignore[attr-defined]
+    calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+    return Counter({k: n for k, n in calls.items() if k != "info"})
 
 
 class _Hub:
