@@ -9,7 +9,9 @@ One run, one private Redis, one sandbox (no added latency, rate limits far above
 - direct: the same three awork requests per file (generate URL, PUT, link) from as many
   threads with `requests`, no queue and no records: CPU per job of that (this) process;
 - floor: Celery's own cost for a chain of three no-op tasks on the same worker settings
-  (producers.broker.celery_config, same pool and concurrency).
+  (producers.broker.celery_config, same pool and concurrency): stock, and "floor_patched" with
+  the project's changes to Celery's own costs loaded (CELERY_PATCHES: kombu's bookkeeping without
+  MULTI/EXEC, one Redis client per channel, task events in batches), as the pipeline's worker runs.
 
     .venv/bin/python -m ops.bench.cpu_per_job --jobs 400 --size 2048
 
@@ -68,16 +70,27 @@ NOOP_TASK = "bench.noop"
 NOOP_DONE_KEY = "bench:noop:done"
 TICKS = os.sysconf("SC_CLK_TCK")
 
-# The app of the floor's worker: `celery -A ops.bench.cpu_per_job:noop_app worker`.
-noop_app = Celery("bench-noop", set_as_current=False)
-noop_app.conf.update(celery_config(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")))
+# The modules that change what Celery itself costs a worker (kombu's bookkeeping, client reuse,
+# task events in batches): loaded by the "patched" floor, not by the stock one.
+CELERY_PATCHES = ["workers.kombu_fixes", "workers.event_batching"]
 
 
-@noop_app.task(name=NOOP_TASK, ignore_result=True)
 def noop(n: int, last: bool = False) -> None:
     """A step that does nothing; the chain's last one counts the chain as done."""
     if last:
         _done_counter().incr(NOOP_DONE_KEY)
+
+
+def _noop_app(name: str, include: list[str]) -> Celery:
+    app = Celery(name, set_as_current=False, include=include)
+    app.conf.update(celery_config(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")))
+    app.task(name=NOOP_TASK, ignore_result=True)(noop)
+    return app
+
+
+# The apps of the floor's worker: `celery -A ops.bench.cpu_per_job:noop_app worker`.
+noop_app = _noop_app("bench-noop", [])
+patched_noop_app = _noop_app("bench-noop-patched", CELERY_PATCHES)
 
 
 _counter: list[redis.Redis] = []
@@ -237,13 +250,13 @@ def run_pipeline(
 
 
 def run_floor(
-    env: dict[str, str], redis_server: RedisServer, jobs: int, args: argparse.Namespace
+    env: dict[str, str], redis_server: RedisServer, jobs: int, args: argparse.Namespace, app: str = "noop_app"
 ) -> dict[str, Any]:
     worker = launch_worker(
-        "ops.bench.cpu_per_job:noop_app",
+        f"ops.bench.cpu_per_job:{app}",
         env,
         args.concurrency,
-        args.root / "logs" / "floor.log",
+        args.root / "logs" / f"{app}.log",
         args.loglevel,
     )
     client = redis.Redis.from_url(redis_server.url)
@@ -251,6 +264,7 @@ def run_floor(
     publisher.conf.update(celery_config(redis_server.url))
     try:
         assert worker.pid is not None and redis_server.proc is not None
+        client.delete(NOOP_DONE_KEY)
         meter = Meter(worker.pid, redis_server.proc.pid, client).start()
         started = time.monotonic()
         for n in range(jobs):
@@ -344,24 +358,25 @@ def print_monitor(m: dict[str, Any]) -> None:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"{'':<10}{'worker ms':>10}{'redis ms':>10}{'total ms':>10}{'cmds/job':>10}{'jobs/s':>10}")
-    for name in ("pipeline", "floor"):
+    w = 15
+    print(f"{'':<{w}}{'worker ms':>10}{'redis ms':>10}{'total ms':>10}{'cmds/job':>10}{'jobs/s':>10}")
+    for name in ("pipeline", "floor", "floor_patched"):
         r = result.get(name)
         if r:
             print(
-                f"{name:<10}{r['worker_ms']:>10}{r['redis_ms']:>10}{r['total_ms']:>10}"
+                f"{name:<{w}}{r['worker_ms']:>10}{r['redis_ms']:>10}{r['total_ms']:>10}"
                 f"{r['commands_per_job']:>10}{r['jobs_per_s']:>10}"
             )
-    p, f = result.get("pipeline"), result.get("floor")
+    p, f = result.get("pipeline"), result.get("floor_patched") or result.get("floor")
     if p and f:
         print(
-            f"{'beyond':<10}{p['worker_ms'] - f['worker_ms']:>10.2f}{p['redis_ms'] - f['redis_ms']:>10.2f}"
+            f"{'beyond':<{w}}{p['worker_ms'] - f['worker_ms']:>10.2f}{p['redis_ms'] - f['redis_ms']:>10.2f}"
             f"{p['total_ms'] - f['total_ms']:>10.2f}{p['commands_per_job'] - f['commands_per_job']:>10.1f}"
-            f"{'':>10}  (pipeline minus the floor: what the steps add to Celery's own cost)"
+            f"{'':>10}  (pipeline minus the floor it runs on: what the steps add to Celery's own cost)"
         )
     d = result.get("direct")
     if d:
-        print(f"{'direct':<10}{d['cpu_ms']:>10}{'-':>10}{d['cpu_ms']:>10}{'-':>10}{d['jobs_per_s']:>10}")
+        print(f"{'direct':<{w}}{d['cpu_ms']:>10}{'-':>10}{d['cpu_ms']:>10}{'-':>10}{d['jobs_per_s']:>10}")
 
 
 def main() -> int:
@@ -409,6 +424,7 @@ def main() -> int:
         result["pipeline"] = run_pipeline(env, redis_server, sandbox, files, task_id, args, raw)
         if not args.skip_floor:
             result["floor"] = run_floor(env, redis_server, args.jobs, args)
+            result["floor_patched"] = run_floor(env, redis_server, args.jobs, args, "patched_noop_app")
         if args.monitor:
             sandbox.reset()
             watched = files[: args.monitor]
