@@ -244,6 +244,54 @@ def test_pacing_spreads_a_burst(r: fakeredis.FakeRedis, clock: Clock) -> None:
     assert rl.acquire("w", lim) == pytest.approx(0.05, abs=1e-6)
 
 
+def test_entries_beyond_the_future_bound_do_not_count(r: fakeredis.FakeRedis, clock: Clock) -> None:
+    """Entries more than FUTURE (1 s) after now (the Redis clock stepped back) neither block nor
+    show in a snapshot; those within 1 s count. Trimming is not needed for this: every count
+    stops at now + 1 s."""
+    rl = limiter(r, clock)
+    lim = WorkspaceLimits(10, 5, 1.0)
+    minute_log, second_log = rl.keys("w")[:2]
+    ahead = {f"x{i}": (T0 + 1.0) * 1e6 + 1 for i in range(10)}  # 1 s + 1 us ahead
+    r.zadd(minute_log, ahead)
+    r.zadd(second_log, ahead)
+    snap = rl.snapshot("w", lim)
+    assert (snap["used_last_minute"], snap["used_last_second"]) == (0, 0)
+    assert rl.acquire("w", lim) == 0.0
+    r.zadd(second_log, {"x-edge": (T0 + 1.0) * 1e6})  # exactly 1 s ahead: counts
+    assert rl.snapshot("w", lim)["used_last_second"] == 2
+
+
+def test_a_clock_step_back_drops_grants_from_the_future(r: fakeredis.FakeRedis, clock: Clock) -> None:
+    rl = limiter(r, clock)
+    lim = WorkspaceLimits(10, 5, 1.0)
+    for _ in range(5):
+        assert rl.acquire("w", lim) == 0.0
+    clock.set(T0 - 0.5)  # stepped back less than 1 s: the five still count
+    d = rl.try_acquire("w", lim)
+    assert (d.blocked_by, d.wait) == ("second", pytest.approx(1.5 + US, abs=1e-7))
+    clock.set(T0 - 5)  # stepped back 5 s: the five are beyond now + 1 s
+    assert rl.acquire("w", lim) == 0.0
+    # ...and were removed at first sight, as a trim on every call would have: they do not come
+    # back when the clock catches up with them.
+    clock.set(T0 + 0.5)
+    snap = rl.snapshot("w", lim)
+    assert (snap["used_last_minute"], snap["used_last_second"]) == (1, 0)
+    assert r.zcard(rl.keys("w")[0]) == 1
+
+
+def test_old_entries_are_trimmed(r: fakeredis.FakeRedis, clock: Clock) -> None:
+    """Trimming runs at most once a second, but it runs: the logs hold what their retention
+    (70 s, 4 s) plus one trim period allows, not every grant ever made."""
+    rl = limiter(r, clock)
+    lim = WorkspaceLimits(1000, 50, 1.0)
+    for i in range(400):  # 200 s at 2 grants a second
+        clock.set(T0 + i * 0.5)
+        assert rl.acquire("w", lim) == 0.0
+    minute_log, second_log = rl.keys("w")[:2]
+    assert r.zcard(minute_log) <= 2 * 71 + 1
+    assert r.zcard(second_log) <= 2 * 5 + 1
+
+
 # -- pause --------------------------------------------------------------------------------
 
 
