@@ -84,6 +84,8 @@ else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
+local NOW = fmt(now)            -- as strings, formatted once (string.format is not free)
+local UPTO = fmt(now + FUTURE)  -- the upper bound of every count
 local cfg_m = tonumber(ARGV[3])
 local cfg_s = tonumber(ARGV[4])
 local margin = tonumber(ARGV[5])
@@ -157,8 +159,8 @@ end
 -- every call.
 local function trim_future()
   if hi and hi > now + FUTURE then
-    redis.call('ZREMRANGEBYSCORE', KM, '(' .. fmt(now + FUTURE), '+inf')
-    redis.call('ZREMRANGEBYSCORE', KS, '(' .. fmt(now + FUTURE), '+inf')
+    redis.call('ZREMRANGEBYSCORE', KM, '(' .. UPTO, '+inf')
+    redis.call('ZREMRANGEBYSCORE', KS, '(' .. UPTO, '+inf')
     hi = now + FUTURE
     put('hi', fmt(hi))
   end
@@ -171,7 +173,7 @@ local function trim_old()
     redis.call('ZREMRANGEBYSCORE', KM, '-inf', '(' .. fmt(now - RET_M))
     redis.call('ZREMRANGEBYSCORE', KS, '-inf', '(' .. fmt(now - RET_S))
     trimmed = now
-    put('trimmed', fmt(now))
+    put('trimmed', NOW)
   end
 end
 
@@ -180,7 +182,7 @@ local function wrote_logs()
   put('seq', fmt(seq))
   if not hi or now > hi then
     hi = now
-    put('hi', fmt(now))
+    put('hi', NOW)
   end
 end
 
@@ -204,7 +206,7 @@ local function set_pause(dur, reason)
   pu = new_until
   put('until', fmt(new_until))
   put('reason', reason)
-  put('since', fmt(now))
+  put('since', NOW)
   return new_until
 end
 
@@ -213,7 +215,7 @@ local function add_outside(n, key)
   local first = (seq or now) + 1
   local last = first + n - 1
   seq = last
-  local score = fmt(now)
+  local score = NOW
   local i = first
   while i <= last do
     local args = {}
@@ -230,13 +232,13 @@ end
 
 -- How long until fewer than `limit` entries lie in [t - window, t + FUTURE]; 0 if that holds now.
 local function window_wait(key, window, limit)
-  local lo, hi_ = fmt(now - window), fmt(now + FUTURE)
-  local count = redis.call('ZCOUNT', key, lo, hi_)
+  local lo = fmt(now - window)
+  local count = redis.call('ZCOUNT', key, lo, UPTO)
   if count < limit then
     return 0
   end
   -- The (count - limit)-th entry (0-based, oldest first) is the last that must age out.
-  local e = redis.call('ZRANGEBYSCORE', key, lo, hi_, 'WITHSCORES', 'LIMIT', count - limit, 1)
+  local e = redis.call('ZRANGEBYSCORE', key, lo, UPTO, 'WITHSCORES', 'LIMIT', count - limit, 1)
   if #e < 2 then
     return 1
   end
@@ -284,12 +286,12 @@ if op == 'acquire' then
   end
   if wait > 0 then
     commit()  -- only after a clock step back: trim_future's mark
-    return {fmt(wait), why, fmt(now)}
+    return {fmt(wait), why, NOW}
   end
 
   seq = (seq or now) + 1
   local member = 'g' .. fmt(seq)
-  local score = fmt(now)
+  local score = NOW
   redis.call('ZADD', KM, score, member)
   redis.call('ZADD', KS, score, member)
   keep(KM, 'exp_m', exp_m, now + RET_M + MARGIN_EXP)
@@ -303,13 +305,13 @@ if op == 'acquire' then
     put('tat', fmt(base + math.ceil(WS / ls)))
   end
   commit()
-  return {'0', 'ok', fmt(now)}
+  return {'0', 'ok', NOW}
 
 elseif op == 'pause' then
   -- ARGV 8: duration in microseconds, 9: reason
   local u = set_pause(tonumber(ARGV[8]), ARGV[9])
   commit()
-  return {fmt(u), fmt(now)}
+  return {fmt(u), NOW}
 
 elseif op == 'observe' then
   -- ARGV 8: pause duration in microseconds ("" = no pause; "-1" = until the next minute
@@ -365,7 +367,7 @@ elseif op == 'observe' then
       local lim = lim_s or learned_s or raw_s
       local used = math.min(lim, lim - rem_s)
       if used > 0 then
-        local ours = redis.call('ZCOUNT', KS, fmt(now - WS - look_s), fmt(now + FUTURE))
+        local ours = redis.call('ZCOUNT', KS, fmt(now - WS - look_s), UPTO)
         if used - ours > 0 then
           added_s = used - ours
           add_outside(added_s, KS)
@@ -379,7 +381,7 @@ elseif op == 'observe' then
       local lim = lim_m or learned_m or raw_m
       local used = math.min(lim, lim - rem_m)
       if used > 0 then
-        local ours = redis.call('ZCOUNT', KM, fmt(now - WM - look_m), fmt(now + FUTURE))
+        local ours = redis.call('ZCOUNT', KM, fmt(now - WM - look_m), UPTO)
         if used - ours > 0 then
           added_m = used - ours
           add_outside(added_m, KM)
@@ -392,13 +394,13 @@ elseif op == 'observe' then
     end
   end
   commit()
-  return {paused, added_m, added_s, fmt(now)}
+  return {paused, added_m, added_s, NOW}
 
 elseif op == 'snapshot' then
   trim_future()
   commit()
   local function count(key, window)
-    local members = redis.call('ZRANGEBYSCORE', key, fmt(now - window), fmt(now + FUTURE))
+    local members = redis.call('ZRANGEBYSCORE', key, fmt(now - window), UPTO)
     local outside = 0
     for _, m in ipairs(members) do
       if string.sub(m, 1, 1) == 'o' then
@@ -414,7 +416,7 @@ elseif op == 'snapshot' then
     paused, reason = fmt(pu), reason_raw or ''
   end
   return {
-    fmt(now), used_m, used_s, out_m, out_s, paused, reason,
+    NOW, used_m, used_s, out_m, out_s, paused, reason,
     learned_m and fmt(learned_m) or '', learned_s and fmt(learned_s) or '',
     effective(cfg_m, learned_m), effective(cfg_s, learned_s),
   }
