@@ -295,9 +295,7 @@ def test_old_entries_are_trimmed(r: fakeredis.FakeRedis, clock: Clock) -> None:
 # -- pause --------------------------------------------------------------------------------
 
 
-def test_pause_stops_the_workspace_and_resumes_by_itself(
-    r: fakeredis.FakeRedis, clock: Clock
-) -> None:
+def test_pause_stops_the_workspace_and_resumes_by_itself(r: fakeredis.FakeRedis, clock: Clock) -> None:
     rl = limiter(r, clock)
     lim = WorkspaceLimits(1000, 50, 1.0)
     rl.pause("w", 5, "429 test")
@@ -356,8 +354,7 @@ def test_pause_state_expires_with_the_pause(r: fakeredis.FakeRedis) -> None:
         ({"ratelimit-reset": "86400"}, MAX_PAUSE_SECONDS, "429 ratelimit-reset"),
         ({}, DEFAULT_PAUSE_SECONDS, "429 no reset header"),
         ({"Retry-After": "soon"}, DEFAULT_PAUSE_SECONDS, "429 no reset header"),
-        ({"x-ratelimit-remaining-second": "0", "x-ratelimit-remaining-minute": "9"}, 1.0,
-         "429 second spent"),
+        ({"x-ratelimit-remaining-second": "0", "x-ratelimit-remaining-minute": "9"}, 1.0, "429 second spent"),
         ({"x-ratelimit-remaining-minute": "0"}, None, "429 minute spent"),
     ],
 )
@@ -430,9 +427,7 @@ def _ok_headers(limit_m: int, rem_m: int, limit_s: int, rem_s: int) -> dict[str,
     }
 
 
-def test_outside_usage_is_learned_once_and_slows_the_fleet(
-    r: fakeredis.FakeRedis, clock: Clock
-) -> None:
+def test_outside_usage_is_learned_once_and_slows_the_fleet(r: fakeredis.FakeRedis, clock: Clock) -> None:
     rl = limiter(r, clock)
     lim = WorkspaceLimits(100, 100, 1.0)
     for _ in range(3):

@@ -101,6 +101,7 @@ DEFAULT_PACE_TOLERANCE = 0.1
 DEFAULT_LEARNED_TTL = 600.0
 """How long awork's advertised limits are remembered after the last response that carried them."""
 
+
 @dataclass(frozen=True)
 class Decision:
     """What `try_acquire` decided.
