@@ -99,7 +99,8 @@ SCRIPT_PATH = Path(__file__).with_name("ratelimit.lua")
 
 DEFAULT_PACE_TOLERANCE = 0.1
 DEFAULT_LEARNED_TTL = 600.0
-"""How long awork's advertised limits are remembered after the last response that carried them."""
+"""How long awork's advertised limits are remembered after the last response that carried them
+(up to 5 s longer: ratelimit.lua writes an unchanged figure again at most every 5 s)."""
 
 
 @dataclass(frozen=True)
