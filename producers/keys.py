@@ -114,9 +114,20 @@ RATE_LIMIT_PREFIX = f"{NAMESPACE}rl"
 FAIR_PREFIX = f"{NAMESPACE}fair:"  # fair_share.lua derives `wait:`, `lease:`... keys from it
 
 
+# Its parts, in the order ratelimit.lua takes them as KEYS: the minute log and the second log
+# (zsets) and the state (a hash: pause, learned limits, member counter, pacing, bookkeeping).
+# Up to 2026-11 the state was four keys (`pause`, `learned`, `seq`, `pace`), left to expire.
+RATE_LIMIT_PARTS = ("m", "s", "state")
+
+
 def rate_limit_key(workspace: str, part: str, prefix: str = RATE_LIMIT_PREFIX) -> str:
-    """One of the rate limiter's keys of a workspace (workers.ratelimit): m, s, pause, ..."""
+    """One of the rate limiter's keys of a workspace (workers.ratelimit): m, s or state."""
     return f"{prefix}:{{{workspace}}}:{part}"
+
+
+def rate_limit_keys(workspace: str, prefix: str = RATE_LIMIT_PREFIX) -> list[str]:
+    """The rate limiter's keys of a workspace, in RATE_LIMIT_PARTS order (ratelimit.lua's KEYS)."""
+    return [rate_limit_key(workspace, part, prefix) for part in RATE_LIMIT_PARTS]
 
 
 def fair_waiting_key(workspace: str) -> str:

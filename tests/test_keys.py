@@ -58,7 +58,8 @@ def test_fleet_keys_keep_their_formats() -> None:
     assert keys.SWEEPER_LEASE_KEY == "awork:sweeper:lease"
     assert keys.KEEPALIVE_LEASE_KEY == "awork:connections:keepalive-lease"
     assert keys.RATE_LIMIT_PREFIX == "awork:rl"
-    assert keys.rate_limit_key("acme", "pause") == "awork:rl:{acme}:pause"
+    assert keys.rate_limit_key("acme", "state") == "awork:rl:{acme}:state"
+    assert keys.rate_limit_keys("acme") == ["awork:rl:{acme}:m", "awork:rl:{acme}:s", "awork:rl:{acme}:state"]
     assert keys.FAIR_PREFIX == "awork:fair:"
     assert keys.fair_waiting_key("acme") == "awork:fair:wait:acme"
     assert keys.fair_lease_key("acme") == "awork:fair:lease:acme"
@@ -78,7 +79,7 @@ def test_the_modules_build_keys_from_here() -> None:
     assert waiting_key("acme") == keys.fair_waiting_key("acme")
     assert REFRESHED_KEY == keys.CONNECTIONS_REFRESHED_KEY
     assert refresh_lock_key("acme") == keys.connection_refresh_lock_key("acme")
-    assert RateLimiter(fakeredis.FakeRedis()).keys("acme")[2] == keys.rate_limit_key("acme", "pause")
+    assert RateLimiter(fakeredis.FakeRedis()).keys("acme") == keys.rate_limit_keys("acme")
 
 
 # Modules that still write a key format out themselves; none may join this list.

@@ -244,12 +244,58 @@ def test_pacing_spreads_a_burst(r: fakeredis.FakeRedis, clock: Clock) -> None:
     assert rl.acquire("w", lim) == pytest.approx(0.05, abs=1e-6)
 
 
+def test_entries_beyond_the_future_bound_do_not_count(r: fakeredis.FakeRedis, clock: Clock) -> None:
+    """Entries more than FUTURE (1 s) after now (the Redis clock stepped back) neither block nor
+    show in a snapshot; those within 1 s count. Trimming is not needed for this: every count
+    stops at now + 1 s."""
+    rl = limiter(r, clock)
+    lim = WorkspaceLimits(10, 5, 1.0)
+    minute_log, second_log = rl.keys("w")[:2]
+    ahead = {f"x{i}": (T0 + 1.0) * 1e6 + 1 for i in range(10)}  # 1 s + 1 us ahead
+    r.zadd(minute_log, ahead)
+    r.zadd(second_log, ahead)
+    snap = rl.snapshot("w", lim)
+    assert (snap["used_last_minute"], snap["used_last_second"]) == (0, 0)
+    assert rl.acquire("w", lim) == 0.0
+    r.zadd(second_log, {"x-edge": (T0 + 1.0) * 1e6})  # exactly 1 s ahead: counts
+    assert rl.snapshot("w", lim)["used_last_second"] == 2
+
+
+def test_a_clock_step_back_drops_grants_from_the_future(r: fakeredis.FakeRedis, clock: Clock) -> None:
+    rl = limiter(r, clock)
+    lim = WorkspaceLimits(10, 5, 1.0)
+    for _ in range(5):
+        assert rl.acquire("w", lim) == 0.0
+    clock.set(T0 - 0.5)  # stepped back less than 1 s: the five still count
+    d = rl.try_acquire("w", lim)
+    assert (d.blocked_by, d.wait) == ("second", pytest.approx(1.5 + US, abs=1e-7))
+    clock.set(T0 - 5)  # stepped back 5 s: the five are beyond now + 1 s
+    assert rl.acquire("w", lim) == 0.0
+    # ...and were removed at first sight, as a trim on every call would have: they do not come
+    # back when the clock catches up with them.
+    clock.set(T0 + 0.5)
+    snap = rl.snapshot("w", lim)
+    assert (snap["used_last_minute"], snap["used_last_second"]) == (1, 0)
+    assert r.zcard(rl.keys("w")[0]) == 1
+
+
+def test_old_entries_are_trimmed(r: fakeredis.FakeRedis, clock: Clock) -> None:
+    """Trimming runs at most once a second, but it runs: the logs hold what their retention
+    (70 s, 4 s) plus one trim period allows, not every grant ever made."""
+    rl = limiter(r, clock)
+    lim = WorkspaceLimits(1000, 50, 1.0)
+    for i in range(400):  # 200 s at 2 grants a second
+        clock.set(T0 + i * 0.5)
+        assert rl.acquire("w", lim) == 0.0
+    minute_log, second_log = rl.keys("w")[:2]
+    assert r.zcard(minute_log) <= 2 * 71 + 1
+    assert r.zcard(second_log) <= 2 * 5 + 1
+
+
 # -- pause --------------------------------------------------------------------------------
 
 
-def test_pause_stops_the_workspace_and_resumes_by_itself(
-    r: fakeredis.FakeRedis, clock: Clock
-) -> None:
+def test_pause_stops_the_workspace_and_resumes_by_itself(r: fakeredis.FakeRedis, clock: Clock) -> None:
     rl = limiter(r, clock)
     lim = WorkspaceLimits(1000, 50, 1.0)
     rl.pause("w", 5, "429 test")
@@ -283,11 +329,15 @@ def test_pause_rejects_nonsense(r: fakeredis.FakeRedis) -> None:
         rl.acquire("a}b", WorkspaceLimits.standard())
 
 
-def test_pause_key_expires_with_the_pause(r: fakeredis.FakeRedis) -> None:
+def test_pause_state_expires_with_the_pause(r: fakeredis.FakeRedis) -> None:
+    # The pause lives in the state hash (keys()[2]), which lasts at least 1 s beyond the pause,
+    # and (holding nothing else) at most REFRESH (5 s) more.
     rl = limiter(r)
     rl.pause("w", 3)
-    pause_key = rl.keys("w")[2]
-    assert 3000 < r.pttl(pause_key) <= 4000
+    state_key = rl.keys("w")[2]
+    assert 4000 <= r.pttl(state_key) <= 9000
+    rl.pause("w", 300)
+    assert 301_000 <= r.pttl(state_key) <= 306_000
 
 
 # -- observe: 429 -------------------------------------------------------------------------
@@ -304,8 +354,7 @@ def test_pause_key_expires_with_the_pause(r: fakeredis.FakeRedis) -> None:
         ({"ratelimit-reset": "86400"}, MAX_PAUSE_SECONDS, "429 ratelimit-reset"),
         ({}, DEFAULT_PAUSE_SECONDS, "429 no reset header"),
         ({"Retry-After": "soon"}, DEFAULT_PAUSE_SECONDS, "429 no reset header"),
-        ({"x-ratelimit-remaining-second": "0", "x-ratelimit-remaining-minute": "9"}, 1.0,
-         "429 second spent"),
+        ({"x-ratelimit-remaining-second": "0", "x-ratelimit-remaining-minute": "9"}, 1.0, "429 second spent"),
         ({"x-ratelimit-remaining-minute": "0"}, None, "429 minute spent"),
     ],
 )
@@ -378,9 +427,7 @@ def _ok_headers(limit_m: int, rem_m: int, limit_s: int, rem_s: int) -> dict[str,
     }
 
 
-def test_outside_usage_is_learned_once_and_slows_the_fleet(
-    r: fakeredis.FakeRedis, clock: Clock
-) -> None:
+def test_outside_usage_is_learned_once_and_slows_the_fleet(r: fakeredis.FakeRedis, clock: Clock) -> None:
     rl = limiter(r, clock)
     lim = WorkspaceLimits(100, 100, 1.0)
     for _ in range(3):
@@ -454,11 +501,26 @@ def test_learned_lower_limits_are_used(r: fakeredis.FakeRedis, clock: Clock) -> 
     assert (snap["learned_per_minute"], snap["learned_per_second"]) == (20, 5)
     assert (snap["effective_per_minute"], snap["effective_per_second"]) == (18, 4)
     assert sum(rl.acquire("w", lim) == 0.0 for _ in range(10)) == 4
-    assert 29_000 < r.pttl(rl.keys("w")[3]) <= 30_000
+    assert r.pttl(rl.keys("w")[2]) > 30_000  # the state outlasts the learned limits
     # A higher advertised limit does not raise ours.
     rl.observe("w", lim, 200, {"x-ratelimit-limit-minute": "3000", "x-ratelimit-limit-second": "50"})
     snap = rl.snapshot("w", lim)
     assert (snap["effective_per_minute"], snap["effective_per_second"]) == (54, 18)
+    # Kept learned_ttl after the last response that carried them, and at most 5 s longer (an
+    # unchanged figure is written again only when its end comes nearer than learned_ttl).
+    clock.set(T0 + 10)
+    rl.observe("w", lim, 200, {"x-ratelimit-limit-minute": "20"})
+    clock.set(T0 + 40)
+    snap = rl.snapshot("w", lim)
+    assert (snap["learned_per_minute"], snap["learned_per_second"]) == (20, 50)
+    clock.set(T0 + 10 + 35 + US)
+    snap = rl.snapshot("w", lim)
+    assert (snap["learned_per_minute"], snap["learned_per_second"]) == (None, None)
+    assert (snap["effective_per_minute"], snap["effective_per_second"]) == (54, 18)
+    # A forgotten figure does not come back with the next one learned.
+    rl.observe("w", lim, 200, {"x-ratelimit-limit-minute": "30"})
+    snap = rl.snapshot("w", lim)
+    assert (snap["learned_per_minute"], snap["learned_per_second"]) == (30, None)
 
 
 def test_garbage_headers_are_ignored(r: fakeredis.FakeRedis) -> None:
@@ -488,9 +550,11 @@ def test_every_key_expires(r: fakeredis.FakeRedis) -> None:
     assert all(k.startswith("awork:rl:{w}:") for k in keys)
     ttl = {k.rsplit(":", 1)[1]: r.pttl(k) for k in keys}
     assert all(v > 0 for v in ttl.values()), ttl
-    assert ttl["m"] <= 71_000 and ttl["seq"] <= 71_000
-    assert ttl["s"] <= 5_000 and ttl["pace"] <= 2_000 and ttl["pause"] <= 3_000
-    assert ttl["learned"] <= 600_000
+    # Expiries are set REFRESH (5 s) beyond the retention + 1 s, so that they need pushing out
+    # only about once per REFRESH; the state outlasts the logs and the learned limits (600 s).
+    assert 71_000 <= ttl["m"] <= 76_000
+    assert 5_000 <= ttl["s"] <= 10_000
+    assert max(ttl["m"], 601_000) <= ttl["state"] <= 611_000
 
 
 def test_idle_workspace_leaves_nothing_behind(r: fakeredis.FakeRedis) -> None:

@@ -6,7 +6,8 @@ minute. Celery's `rate_limit` is per worker, so the fleet shares state in Redis 
 Lua script (`ratelimit.lua`, run with EVALSHA and reloaded by redis-py after a Redis restart or
 SCRIPT FLUSH) decides atomically, on the Redis server's clock, whether a request may go now.
 
-Algorithm (per workspace; keys `awork:rl:{workspace}:*`, all with expiries):
+Algorithm (per workspace; keys `awork:rl:{workspace}:m`, `:s` and `:state`, all with expiries,
+named by `producers.keys.rate_limit_keys`):
 
 * A sliding log of grant times (sorted sets, microseconds of Redis TIME). A token is granted
   only if fewer than Lm grants lie in the closed interval [now - 60 s, now] and fewer than Ls in
@@ -32,6 +33,14 @@ Algorithm (per workspace; keys `awork:rl:{workspace}:*`, all with expiries):
   agreement and is a lower bound: it never throttles for usage that did not happen, but while
   our own fleet runs near the limit it cannot tell outside usage apart, and a 429 pause is
   then the backstop.
+
+Cost: the script reads the state hash (pause, learned limits, member counter, pacing) with one
+HMGET and writes what changed with one HSET; old log entries are trimmed at most once a second
+and expiries pushed out about once per 5 s, and every count has explicit bounds so that neither
+changes a decision. A granted acquire runs 7 Redis commands, a refused one 2-6, an observe of a
+2xx with rate-limit headers 4 (the head of ratelimit.lua counts them). Changing this layout
+across a rolling upgrade: both versions share the two logs, but not pauses, learned limits or
+pacing, until every worker runs the same version (see ratelimit.lua).
 
 Reading awork's headers (the pause a 429 asks for, the figures `observe()` hands the script):
 `workers.ratelimit_headers`. Limits are `WorkspaceLimits` (see `workers.limits_config`): effective limit =
@@ -69,7 +78,7 @@ from typing import Any
 
 import redis
 
-from producers.keys import RATE_LIMIT_PREFIX, rate_limit_key
+from producers.keys import RATE_LIMIT_PREFIX, rate_limit_keys
 from workers.errors import RateLimited
 from workers.limits_config import (
     DEFAULT_MARGIN,
@@ -90,7 +99,9 @@ SCRIPT_PATH = Path(__file__).with_name("ratelimit.lua")
 
 DEFAULT_PACE_TOLERANCE = 0.1
 DEFAULT_LEARNED_TTL = 600.0
-"""How long awork's advertised limits are remembered after the last response that carried them."""
+"""How long awork's advertised limits are remembered after the last response that carried them
+(up to 5 s longer: ratelimit.lua writes an unchanged figure again at most every 5 s)."""
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -153,8 +164,7 @@ class RateLimiter:
         """The workspace's keys, in the order ratelimit.lua expects them."""
         if not workspace or "{" in workspace or "}" in workspace:
             raise ValueError(f"workspace: expected a non-empty name without braces, got {workspace!r}")
-        parts = ("m", "s", "pause", "learned", "seq", "pace")
-        return [rate_limit_key(workspace, part, self.prefix) for part in parts]
+        return rate_limit_keys(workspace, self.prefix)
 
     def _run(self, workspace: str, limits: WorkspaceLimits, op: str, *extra: str) -> list[Any]:
         now = "" if self._clock is None else str(round(self._clock() * 1_000_000))
