@@ -29,7 +29,7 @@ from kombu.transport.native_delayed_delivery import (
 )
 
 from ops.demo_files import random_file
-from ops.rabbitmq import RabbitUnavailable, Vhost, message_stats, reachable, ready_in
+from ops.rabbitmq import Vhost, message_stats, reachable, ready_in
 from ops.redis_server import RedisServer
 from producers.broker import celery_config
 from producers.canvas import message_options, publisher_app
@@ -58,16 +58,6 @@ BROKER_ONLY = {**FAST, "AWORK_SWEEPER_STALL": "300", "AWORK_SWEEPER_LOST_COUNTDO
 # 40% of links meet a 503 below: with tests/fleet.py's 6 attempts one of 12 jobs went dead about
 # once in 20 runs (0.4**6 x 12); with 12 attempts that is about once in 5,000.
 RETRY_ENOUGH = {"AWORK_MAX_ATTEMPTS": "12"}
-
-
-@pytest.fixture(scope="module")
-def vhost() -> Iterator[Vhost]:
-    try:
-        v = Vhost().create()
-    except RabbitUnavailable as exc:
-        pytest.skip(str(exc))
-    yield v
-    v.delete()
 
 
 # -- configuration ---------------------------------------------------------------------------------
