@@ -49,6 +49,7 @@ QUORUM = {"x-queue-type": "quorum"}
 # broker's side) within about two intervals.
 AMQP_HEARTBEAT_SECONDS = 10
 AMQP_CONNECT_TIMEOUT_SECONDS = 5.0
+NOT_FOUND = 404  # the AMQP reply code of a passive declare naming no queue
 
 
 def broker_url(redis_url: str) -> str:
@@ -135,12 +136,15 @@ def ready_messages(app: Any, queue_names: tuple[str, ...]) -> int | None:
 
 
 def queue_ready(conn: Any, name: str) -> int:
-    """Messages ready in one queue; a queue no worker has declared yet holds none."""
+    """Messages ready in one queue; a queue no worker has declared yet holds none. Any other
+    refusal (403 ACCESS_REFUSED, 405 RESOURCE_LOCKED, ...) raises: it says nothing of the queue."""
     channel = conn.channel()
     try:
         return int(channel.queue_declare(queue=name, passive=True).message_count)
-    except conn.channel_errors:
-        return 0  # 404 NOT_FOUND (the broker closed this channel)
+    except conn.channel_errors as exc:
+        if getattr(exc, "code", None) != NOT_FOUND:
+            raise
+        return 0  # the broker closed this channel
     finally:
         try:
             channel.close()

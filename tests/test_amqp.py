@@ -46,6 +46,7 @@ from producers.messages import fast_path_supported
 from producers.priority import Priority
 from producers.records import JobStore
 from producers.redrive import canvas_from
+from producers.transport import queue_ready
 from tests.fleet import FAST, Fleet, kill_a_running_put, wait_until
 from workers.sweeper import Sweeper
 
@@ -154,6 +155,16 @@ def test_the_declared_queues_are_quorum_queues(vhost: Vhost, monkeypatch: pytest
                 QUEUE_API, durable=True, auto_delete=False, arguments={"x-queue-type": "classic"}
             )
     assert set(STEP_QUEUES) <= set(message_stats(vhost.name))
+
+
+def test_a_queue_reads_empty_only_when_rabbitmq_has_no_such_queue(vhost: Vhost) -> None:
+    """404 NOT_FOUND is a queue no worker declared yet (0 messages); any other refusal of the
+    passive declare says nothing about the queue, and the sweeper must not read it as empty."""
+    with Connection(vhost.url) as owner, Connection(vhost.url) as other:
+        assert queue_ready(other, "awork.test.never-declared") == 0
+        owner.default_channel.queue_declare("awork.test.exclusive", exclusive=True)
+        with pytest.raises(Exception, match="RESOURCE_LOCKED"):
+            queue_ready(other, "awork.test.exclusive")  # 405: another connection's exclusive queue
 
 
 def test_the_sweeper_leaves_a_quiet_job_queued_in_rabbitmq_alone(
