@@ -21,14 +21,15 @@ Which code depends on which transport:
   (kombu Redis-channel guards), workers/resume.py's ResumeStep (hands back what kombu's
   `unacked` hash held across a reconnect), the sweeper's duties that read
   kombu's `unacked` hash (orphaned messages, finished jobs' unacknowledged messages), the
-  producers' direct-to-list fast path (producers/messages.py) and the queue-length metrics that
-  read the lists (workers/metrics.py). RabbitMQ redelivers a dead consumer's unacknowledged
+  producers' direct-to-list fast path (producers/messages.py) and the `unacked_messages` gauge
+  (workers/queue_metrics.py). RabbitMQ redelivers a dead consumer's unacknowledged
   messages as soon as its connection closes, and confirms each publish, so none of these is
   needed there.
 - Both, done differently: the sweeper's net for a quiet job whose message is nowhere (a job
   with no sign of life, or a countdown long overdue) looks for the message in kombu's lists on
   Redis; on RabbitMQ, whose queues cannot be searched, it acts only while the step queues are
-  empty (`ready_messages`).
+  empty (`ready_messages`). The `queue_depth` gauge reads kombu's lists on Redis and passive
+  declares on RabbitMQ (workers/queue_metrics.py).
 - Broker-neutral: everything else, the sweeper's other duties included (records never
   published, steps whose worker died, fair-share slots, stale callbacks).
 """
