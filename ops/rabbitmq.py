@@ -110,6 +110,19 @@ def message_stats(vhost: str) -> dict[str, int]:
     return stats
 
 
+def close_connections(vhost: str, reason: str = "closed by a test") -> int:
+    """Close every client connection to `vhost` from the broker's side (CONNECTION_FORCED, as a
+    broker shutting down does); how many it closed."""
+    out = _ctl("list_connections", "--quiet", "--no-table-headers", "pid", "vhost")
+    closed = 0
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1] == vhost:
+            _ctl("close_connection", parts[0], reason)
+            closed += 1
+    return closed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["create"]:

@@ -21,14 +21,15 @@ Which code depends on which transport:
   (kombu Redis-channel guards), workers/resume.py's ResumeStep (hands back what kombu's
   `unacked` hash held across a reconnect), the sweeper's duties that read
   kombu's `unacked` hash (orphaned messages, finished jobs' unacknowledged messages), the
-  producers' direct-to-list fast path (producers/messages.py) and the queue-length metrics that
-  read the lists (workers/metrics.py). RabbitMQ redelivers a dead consumer's unacknowledged
+  producers' direct-to-list fast path (producers/messages.py) and the `unacked_messages` gauge
+  (workers/queue_metrics.py). RabbitMQ redelivers a dead consumer's unacknowledged
   messages as soon as its connection closes, and confirms each publish, so none of these is
   needed there.
 - Both, done differently: the sweeper's net for a quiet job whose message is nowhere (a job
   with no sign of life, or a countdown long overdue) looks for the message in kombu's lists on
   Redis; on RabbitMQ, whose queues cannot be searched, it acts only while the step queues are
-  empty (`ready_messages`).
+  empty (`ready_messages`). The `queue_depth` gauge reads kombu's lists on Redis and passive
+  declares on RabbitMQ (workers/queue_metrics.py).
 - Broker-neutral: everything else, the sweeper's other duties included (records never
   published, steps whose worker died, fair-share slots, stale callbacks).
 """
@@ -49,6 +50,7 @@ QUORUM = {"x-queue-type": "quorum"}
 # broker's side) within about two intervals.
 AMQP_HEARTBEAT_SECONDS = 10
 AMQP_CONNECT_TIMEOUT_SECONDS = 5.0
+NOT_FOUND = 404  # the AMQP reply code of a passive declare naming no queue
 
 
 def broker_url(redis_url: str) -> str:
@@ -135,12 +137,15 @@ def ready_messages(app: Any, queue_names: tuple[str, ...]) -> int | None:
 
 
 def queue_ready(conn: Any, name: str) -> int:
-    """Messages ready in one queue; a queue no worker has declared yet holds none."""
+    """Messages ready in one queue; a queue no worker has declared yet holds none. Any other
+    refusal (403 ACCESS_REFUSED, 405 RESOURCE_LOCKED, ...) raises: it says nothing of the queue."""
     channel = conn.channel()
     try:
         return int(channel.queue_declare(queue=name, passive=True).message_count)
-    except conn.channel_errors:
-        return 0  # 404 NOT_FOUND (the broker closed this channel)
+    except conn.channel_errors as exc:
+        if getattr(exc, "code", None) != NOT_FOUND:
+            raise
+        return 0  # the broker closed this channel
     finally:
         try:
             channel.close()

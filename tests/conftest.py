@@ -1,4 +1,5 @@
-"""Shared fixtures: a private redis-server per session (never the machine's Redis on 6379)."""
+"""Shared fixtures: a private redis-server per session (never the machine's Redis on 6379), and a
+private vhost on the machine's RabbitMQ per test module (deleted afterwards)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from ops.rabbitmq import RabbitUnavailable, Vhost
 from ops.redis_server import RedisServer
 
 # `make test-fast` runs `pytest -m "not slow"`. A test that starts worker processes (a `fleet`
@@ -32,6 +34,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("redis"), appendonly=False).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def vhost() -> Iterator[Vhost]:
+    """A vhost of the module's own on 127.0.0.1:5672 (guest); skips where there is no RabbitMQ."""
+    try:
+        v = Vhost().create()
+    except RabbitUnavailable as exc:
+        pytest.skip(str(exc))
+    yield v
+    v.delete()
 
 
 @pytest.fixture

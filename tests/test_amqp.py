@@ -29,7 +29,7 @@ from kombu.transport.native_delayed_delivery import (
 )
 
 from ops.demo_files import random_file
-from ops.rabbitmq import RabbitUnavailable, Vhost, message_stats, reachable, ready_in
+from ops.rabbitmq import Vhost, message_stats, reachable, ready_in
 from ops.redis_server import RedisServer
 from producers.broker import celery_config
 from producers.canvas import message_options, publisher_app
@@ -46,6 +46,7 @@ from producers.messages import fast_path_supported
 from producers.priority import Priority
 from producers.records import JobStore
 from producers.redrive import canvas_from
+from producers.transport import queue_ready
 from tests.fleet import FAST, Fleet, kill_a_running_put, wait_until
 from workers.sweeper import Sweeper
 
@@ -58,16 +59,6 @@ BROKER_ONLY = {**FAST, "AWORK_SWEEPER_STALL": "300", "AWORK_SWEEPER_LOST_COUNTDO
 # 40% of links meet a 503 below: with tests/fleet.py's 6 attempts one of 12 jobs went dead about
 # once in 20 runs (0.4**6 x 12); with 12 attempts that is about once in 5,000.
 RETRY_ENOUGH = {"AWORK_MAX_ATTEMPTS": "12"}
-
-
-@pytest.fixture(scope="module")
-def vhost() -> Iterator[Vhost]:
-    try:
-        v = Vhost().create()
-    except RabbitUnavailable as exc:
-        pytest.skip(str(exc))
-    yield v
-    v.delete()
 
 
 # -- configuration ---------------------------------------------------------------------------------
@@ -164,6 +155,16 @@ def test_the_declared_queues_are_quorum_queues(vhost: Vhost, monkeypatch: pytest
                 QUEUE_API, durable=True, auto_delete=False, arguments={"x-queue-type": "classic"}
             )
     assert set(STEP_QUEUES) <= set(message_stats(vhost.name))
+
+
+def test_a_queue_reads_empty_only_when_rabbitmq_has_no_such_queue(vhost: Vhost) -> None:
+    """404 NOT_FOUND is a queue no worker declared yet (0 messages); any other refusal of the
+    passive declare says nothing about the queue, and the sweeper must not read it as empty."""
+    with Connection(vhost.url) as owner, Connection(vhost.url) as other:
+        assert queue_ready(other, "awork.test.never-declared") == 0
+        owner.default_channel.queue_declare("awork.test.exclusive", exclusive=True)
+        with pytest.raises(Exception, match="RESOURCE_LOCKED"):
+            queue_ready(other, "awork.test.exclusive")  # 405: another connection's exclusive queue
 
 
 def test_the_sweeper_leaves_a_quiet_job_queued_in_rabbitmq_alone(

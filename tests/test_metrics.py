@@ -15,14 +15,17 @@ from pathlib import Path
 import pytest
 import redis
 import requests
-from prometheus_client import CollectorRegistry
+from kombu import Connection
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ops.processes import Child, stop_all
+from ops.rabbitmq import Vhost, close_connections
 from ops.redis_server import free_port
 from producers.config import ConfigError
 from producers.contract import QUEUE_API, QUEUE_TRANSFER, TASK_GENERATE_UPLOAD_URL, TASK_PUT_FILE
 from producers.keys import DEAD_KEY
+from tests.fleet import wait_until
 from workers import metrics, metrics_server, queue_metrics
 from workers.errors import PermanentError, RateLimited, TransientError, UploadUrlExpired
 
@@ -227,6 +230,105 @@ def test_layout_follows_the_transport_options() -> None:
     default = queue_metrics.BrokerLayout.from_transport_options({})
     assert default.list_keys(QUEUE_API) == [QUEUE_API, f"{QUEUE_API}\x06\x163", f"{QUEUE_API}\x06\x166",
                                             f"{QUEUE_API}\x06\x169"]  # fmt: skip
+
+
+# -- queue depth from RabbitMQ (BROKER_URL=amqp://...) ------------------------------------------
+def amqp_collector(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, broker_url: str, *queues: str
+) -> tuple[queue_metrics.QueueDepthCollector, CollectorRegistry]:
+    """The collector a worker registers with BROKER_URL set, on a registry of its own."""
+    monkeypatch.setenv("BROKER_URL", broker_url)
+    registry = CollectorRegistry()
+    layout = queue_metrics.BrokerLayout(queues=queues) if queues else None
+    collector = metrics_server.register_queue_collector(redis_url, layout, registry)
+    return collector, registry
+
+
+def test_queue_depth_on_rabbitmq_counts_the_messages_ready_in_each_step_queue(
+    vhost: Vhost, redis_url: str, monkeypatch: pytest.MonkeyPatch, metrics_off: None
+) -> None:
+    """RabbitMQ has no kombu lists in Redis: the depth is a passive declare's message count (one
+    quorum queue holds every priority), and a queue no worker has declared yet holds 0."""
+    absent = f"awork.test.absent-{uuid.uuid4().hex[:6]}"
+    collector, registry = amqp_collector(redis_url, monkeypatch, vhost.url, QUEUE_API, QUEUE_TRANSFER, absent)
+    app = publisher(redis_url)
+    kwargs = {"job_id": "j", "workspace": "default", "target": "task:x", "file_name": "a.txt"}
+    try:
+        with app.connection_for_write() as conn:
+            for priority in (None, 0, 4, 9, 9):
+                app.send_task(TASK_GENERATE_UPLOAD_URL, kwargs=kwargs, queue=QUEUE_API,
+                              priority=priority, connection=conn)  # fmt: skip
+            app.send_task(TASK_PUT_FILE, kwargs=kwargs, queue=QUEUE_TRANSFER, connection=conn)
+        redis.Redis.from_url(redis_url).zadd(DEAD_KEY, {"job-a": 1.0, "job-b": 2.0})
+
+        def depth(queue: str) -> float | None:
+            return registry.get_sample_value("awork_uploads_queue_depth", {"queue": queue})
+
+        wait_until(lambda: depth(QUEUE_API) == 5, 10, "5 messages ready in awork.api")
+        assert collector.amqp is not None
+        kept = collector.amqp._conn
+        assert (depth(QUEUE_TRANSFER), depth(absent)) == (1, 0)
+        assert registry.get_sample_value("awork_uploads_broker_up") == 1
+        assert registry.get_sample_value("awork_uploads_dead_letters") == 2  # a Redis key still
+        assert registry.get_sample_value("awork_uploads_unacked_messages") is None  # AMQP cannot tell
+        assert collector.amqp._conn is kept  # one connection across scrapes
+        assert not redis.Redis.from_url(redis_url).keys(f"{QUEUE_API}*")  # nothing read from Redis lists
+    finally:
+        app.close()
+        with Connection(vhost.url) as conn:
+            for queue in (QUEUE_API, QUEUE_TRANSFER):
+                conn.default_channel.queue_purge(queue)
+
+
+def test_a_connection_the_broker_closed_is_replaced_within_the_scrape(
+    vhost: Vhost, redis_url: str, monkeypatch: pytest.MonkeyPatch, metrics_off: None
+) -> None:
+    """After a broker restart the kept connection is dead: the scrape reads on a fresh one."""
+    collector, registry = amqp_collector(redis_url, monkeypatch, vhost.url)
+    assert registry.get_sample_value("awork_uploads_broker_up") == 1
+    assert collector.amqp is not None
+    kept = collector.amqp._conn
+    assert close_connections(vhost.name) >= 1
+    assert registry.get_sample_value("awork_uploads_broker_up") == 1
+    assert collector.amqp._conn is not None and collector.amqp._conn is not kept
+
+
+def test_a_scrape_survives_an_unreachable_rabbitmq(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, metrics_off: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing listens: broker_up 0 at once (one attempt, not kombu's retry after a 2 s sleep),
+    the dead letters still from Redis, and the URL's password nowhere."""
+    url = f"amqp://guest:s3cret-pw@127.0.0.1:{free_port()}/awork"
+    _, registry = amqp_collector(redis_url, monkeypatch, url)
+    for _ in range(2):
+        started = time.monotonic()
+        assert registry.get_sample_value("awork_uploads_broker_up") == 0
+        assert time.monotonic() - started < 1.5
+    assert registry.get_sample_value("awork_uploads_queue_depth", {"queue": QUEUE_API}) is None
+    assert registry.get_sample_value("awork_uploads_dead_letters") == 0
+    assert "s3cret-pw" not in caplog.text + generate_latest(registry).decode()
+    assert "cannot read queue depth from RabbitMQ" in caplog.text
+
+
+def test_a_scrape_returns_within_the_timeout_when_rabbitmq_never_answers(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker that takes the TCP connection and says nothing: each scrape ends after `timeout`,
+    also while the earlier scrape's read is still waiting."""
+    silent = _listening(free_port())  # the kernel accepts; nobody ever answers
+    try:
+        url = f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}/awork"
+        collector = queue_metrics.QueueDepthCollector(redis_url, timeout=0.5, broker_url=url)
+        registry = CollectorRegistry()
+        registry.register(collector)
+        for _ in range(3):
+            started = time.monotonic()
+            assert registry.get_sample_value("awork_uploads_broker_up") == 0
+            assert time.monotonic() - started < 1.5
+        assert registry.get_sample_value("awork_uploads_dead_letters") == 0
+        collector.close()
+    finally:
+        silent.close()
 
 
 # -- real workers ---------------------------------------------------------------------------------

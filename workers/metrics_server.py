@@ -13,6 +13,9 @@ The endpoint (``start_metrics_server``):
 - Pools: with ``threads`` (our default), ``solo``, ``gevent`` or ``eventlet`` the worker process
   serves once it is ready (``worker_ready``). With ``prefork`` each child process serves its own
   counters on its own port (``worker_process_init``); the parent, which runs no tasks, does not.
+
+The broker's gauges (workers/queue_metrics.py) come from the broker the worker consumes from:
+kombu's lists in Redis, or RabbitMQ when ``BROKER_URL`` is an amqp:// URL.
 """
 
 from __future__ import annotations
@@ -94,14 +97,24 @@ def bind_first_free(
 
 
 def register_queue_collector(
-    redis_url: str, layout: BrokerLayout | None = None, registry: CollectorRegistry = REGISTRY
+    redis_url: str,
+    layout: BrokerLayout | None = None,
+    registry: CollectorRegistry = REGISTRY,
+    broker_url: str | None = None,
 ) -> QueueDepthCollector:
-    """Add the queue-depth collector to `registry` once (later calls return the same one)."""
+    """Add the queue-depth collector to `registry` once (later calls return the same one).
+
+    `broker_url` is where the step messages are (None: BROKER_URL, else `redis_url`, as
+    producers.transport.broker_url reads it); an amqp:// URL reads the queues on RabbitMQ."""
+    from producers.transport import broker_url as configured_broker_url
+
     with _server_lock:
         existing = _collectors.get(id(registry))
         if existing is not None:
             return existing[1]
-        collector = QueueDepthCollector(redis_url, layout)
+        if broker_url is None:
+            broker_url = configured_broker_url(redis_url)
+        collector = QueueDepthCollector(redis_url, layout, broker_url=broker_url)
         registry.register(collector)
         registry.register(FairShareCollector(redis_url))
         _collectors[id(registry)] = (registry, collector)
@@ -114,11 +127,14 @@ def start_metrics_server(
     registry: CollectorRegistry = REGISTRY,
     redis_url: str | None = None,
     layout: BrokerLayout | None = None,
+    broker_url: str | None = None,
 ) -> int | None:
     """Serve this process's metrics when `port_env` is set; return the port (None when off).
 
     Once per process: a second call in the same process returns the port already bound.
     Never raises for a busy port range: the worker is more important than its metrics.
+    `redis_url` (default REDIS_URL) and `broker_url` (default BROKER_URL, else Redis) are where the
+    broker's gauges are read (``register_queue_collector``).
     """
     global _server
     env = os.environ if environ is None else environ
@@ -127,9 +143,9 @@ def start_metrics_server(
         return None
     addr = env.get(ADDR_ENV, "").strip() or DEFAULT_ADDR
     if redis_url is None:
-        redis_url = _broker_url()
+        redis_url = _redis_url()
     if redis_url:
-        register_queue_collector(redis_url, layout, registry)
+        register_queue_collector(redis_url, layout, registry, broker_url)
     with _server_lock:
         if _server is not None and _server.pid == os.getpid():
             return _server.port
@@ -153,11 +169,12 @@ def stop_metrics_server() -> None:
         _collectors.clear()
     for registry, collector in collectors:
         registry.unregister(collector)
+        collector.close()
     if server is not None and server.pid == os.getpid():
         server.stop()
 
 
-def _broker_url() -> str | None:
+def _redis_url() -> str | None:
     from producers.config import ConfigError, SharedSettings
 
     try:
