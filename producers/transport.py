@@ -28,8 +28,8 @@ Which code depends on which transport:
 - Both, done differently: the sweeper's net for a quiet job whose message is nowhere (a job
   with no sign of life, or a countdown long overdue) looks for the message in kombu's lists on
   Redis; on RabbitMQ, whose queues cannot be searched, it acts only while the step queues are
-  empty (`ready_messages`). The `queue_depth` gauge reads kombu's lists on Redis and passive
-  declares on RabbitMQ (workers/queue_metrics.py).
+  empty. The `queue_depth` gauge reads kombu's lists on Redis and passive declares on RabbitMQ;
+  both RabbitMQ reads go through workers/queue_metrics.py `AmqpQueueDepths`, bounded in time.
 - Broker-neutral: everything else, the sweeper's other duties included (records never
   published, steps whose worker died, fair-share slots, stale callbacks).
 """
@@ -122,18 +122,6 @@ def adjust(config: dict[str, Any], queue_names: tuple[str, ...]) -> dict[str, An
     round_up_short_countdowns()
     declare_on_the_revived_channel()
     return {**config, **amqp_settings(url, queue_names)}
-
-
-def ready_messages(app: Any, queue_names: tuple[str, ...]) -> int | None:
-    """Messages waiting in these RabbitMQ queues (passive declares), or None when unknown.
-
-    RabbitMQ cannot be searched for a job's message the way kombu's Redis lists can, so the
-    sweeper takes a quiet job for lost only when the step queues hold nothing at all."""
-    try:
-        with app.connection_for_write() as conn:
-            return sum(queue_ready(conn, name) for name in queue_names)
-    except Exception:
-        return None
 
 
 def queue_ready(conn: Any, name: str) -> int:

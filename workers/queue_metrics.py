@@ -87,7 +87,7 @@ class AmqpQueueDepths:
     - The connection fails fast: ``timeout`` for the TCP connect and each step of the AMQP
       handshake, socket read and write timeouts of ``timeout`` for the declares, and one attempt
       (``ensure_connection(max_retries=0)``: kombu's ``Connection.connect()``/``channel()`` retry
-      once after a 2 s sleep, the way ``producers.transport.ready_messages`` connects).
+      once after a 2 s sleep, which a plain ``app.connection_for_write()`` would do).
     - The read itself runs in a short-lived thread the scrape waits for at most ``timeout``
       (name resolution, which no socket timeout bounds, and a broker that stalls mid-frame).
       A read still running holds the lock: the next scrape waits for it until its own deadline

@@ -75,11 +75,11 @@ from producers.keys import (
 )
 from producers.records import STEPS, JobStore
 from producers.redrive import canvas_from, resume_step
-from producers.transport import ready_messages, uses_redis_transport
+from producers.transport import uses_redis_transport
 from workers import fair_gate
 from workers.fair_share import FairSettings, FairShare, waiting_key
 from workers.orphan_staging import remove_orphan_staging
-from workers.queue_metrics import BrokerLayout
+from workers.queue_metrics import AmqpQueueDepths, BrokerLayout
 from workers.step_lock import DEFAULT_LOCK_TTL_SECONDS
 from workers.sweeper_rules import (
     DEFAULT_TIMINGS,
@@ -132,6 +132,12 @@ class Sweeper:
         self.fair = FairShare(client, lock_ttl, FairSettings.from_env())
         # kombu's Redis transport: read its `unacked` hash and queue lists (producers/transport.py).
         self.redis_transport = uses_redis_transport(redis_url)
+        # RabbitMQ: how many messages wait in the step queues, read within a bounded time.
+        self._rabbit_queues = (
+            None
+            if self.redis_transport
+            else AmqpQueueDepths(str(self.app.conf.broker_url), (QUEUE_API, QUEUE_TRANSFER))
+        )
 
     # -- one pass ----------------------------------------------------------------------------
     def sweep_once(self, now: float | None = None) -> SweepResult:
@@ -181,9 +187,7 @@ class Sweeper:
                 else:
                     result.redriven += 1
                     result.restored += int(restored)
-        if maybe_lost and (
-            self.redis_transport or ready_messages(self.app, (QUEUE_API, QUEUE_TRANSFER)) == 0
-        ):
+        if maybe_lost and (self.redis_transport or self._step_queues_empty()):
             queued = self.queued_job_ids() if self.redis_transport else set()
             for record in maybe_lost:
                 if record["id"] not in queued:
@@ -193,6 +197,18 @@ class Sweeper:
         result.pruned = self.prune_indexes()
         result.announced = announce_stale(self.redis, self.app, now)
         return result
+
+    def _step_queues_empty(self) -> bool:
+        """RabbitMQ's queues cannot be searched for a job's message: a quiet job is taken for
+        lost only when RabbitMQ answered, within AmqpQueueDepths' timeout, that the step queues
+        hold nothing. A broker that does not answer (or hangs mid-frame) means "not known", and
+        the pass goes on without waiting for it."""
+        assert self._rabbit_queues is not None
+        try:
+            return sum(self._rabbit_queues.read().values()) == 0
+        except Exception as exc:
+            log.warning("sweeper: cannot read the step queues from RabbitMQ: %s", type(exc).__name__)
+            return False
 
     def forget_finished(self, held: dict[str, list[tuple[str, float]]], now: float) -> int:
         """Drop unacknowledged messages of jobs that have ended (or whose record is gone), held
@@ -400,6 +416,8 @@ class Sweeper:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._rabbit_queues is not None:
+            self._rabbit_queues.close()
 
 
 def _s(value: bytes | str) -> str:
