@@ -4,7 +4,7 @@
 -- Keys are built from the prefix (one Redis, no cluster: like the rest of the project).
 --
 -- The jobs are in sorted sets per workspace (lease:, wait:, demand:) and stay the truth. The
--- book (one MessagePack string) holds the rest, so that a call on the hot path reads it once
+-- book (one JSON string) holds the rest, so that a call on the hot path reads it once
 -- instead of asking every set: the fleet's capacity until its earliest worker expires, and the
 -- active workspaces in joining order with their weight, virtual time, lease count, waiting
 -- count and `due`, a time at or before the earliest expiry in their lease and demand sets.
@@ -36,13 +36,20 @@ end
 
 local book, dirty
 
+-- Numbers as text with 17 digits: a double comes back as it went (cjson's own keeps 14).
+local function text(x)
+  if x == nil then return nil end
+  return string.format("%.17g", x)
+end
+
 local function save()
   if not dirty then return end
   local ws = {}
   for i, s in ipairs(book.ws) do -- what a call works out (allowed, demand) is not kept
-    ws[i] = {name = s.name, t = s.t, w = s.w, vt = s.vt, n = s.n, q = s.q, due = s.due}
+    ws[i] = {name = s.name, t = text(s.t), w = text(s.w), vt = text(s.vt), n = text(s.n),
+             q = text(s.q), due = text(s.due)}
   end
-  redis.call("SET", BOOK, cmsgpack.pack({cap = book.cap, cap_due = book.cap_due, ws = ws}))
+  redis.call("SET", BOOK, cjson.encode({cap = text(book.cap), cap_due = text(book.cap_due), ws = ws}))
 end
 
 local function lower_due(s, t)
@@ -102,8 +109,12 @@ local function load()
   dirty = false
   local raw = redis.call("GET", BOOK)
   if raw then
-    book = cmsgpack.unpack(raw)
-    if book.ws == nil then book.ws = {} end
+    local kept = cjson.decode(raw)
+    book = {cap = num(kept.cap, nil), cap_due = num(kept.cap_due, nil), ws = {}}
+    for i, s in ipairs(kept.ws or {}) do
+      book.ws[i] = {name = s.name, t = num(s.t, now), w = num(s.w, 1), vt = num(s.vt, 0),
+                    n = num(s.n, nil), q = num(s.q, nil), due = num(s.due, nil)}
+    end
     return
   end
   -- none yet (or the layout before it): take the active workspaces from the sets it replaces
