@@ -13,7 +13,9 @@ Why this mechanism. Celery queues are first in, first out: with workspace A's 1,
 
 How it works. A transfer step (`put_file`, `multipart_upload`) asks `admit` before it starts.
 All state is in Redis, changed by one Lua script (workers/fair_share.lua), so every worker of the
-fleet sees the same:
+fleet sees the same. The jobs are in sorted sets per workspace; the rest (capacity, the active
+workspaces with their weights, virtual times and counts) is one value, `awork:fair:book`, that a
+call reads once: a transfer costs about ten Redis commands over its three calls, not thirty.
 
 - capacity C: the transfer slots of the live workers (each registers its thread count, renewed
   every REGISTER_EVERY_SECONDS; a dead worker's registration lapses);
