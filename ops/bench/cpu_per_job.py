@@ -11,7 +11,8 @@ One run, one private Redis, one sandbox (no added latency, rate limits far above
 - floor: Celery's own cost for a chain of three no-op tasks on the same worker settings
   (producers.broker.celery_config, same pool and concurrency): stock, and "floor_patched" with
   the project's changes to Celery's own costs loaded (CELERY_PATCHES: kombu's bookkeeping without
-  MULTI/EXEC, one Redis client per channel, task events in batches), as the pipeline's worker runs.
+  MULTI/EXEC, one Redis client per channel, task events in batches; no `task-sent` events), as the
+  pipeline's worker runs.
 
     .venv/bin/python -m ops.bench.cpu_per_job --jobs 400 --size 2048
 
@@ -84,6 +85,8 @@ def noop(n: int, last: bool = False) -> None:
 def _noop_app(name: str, include: list[str]) -> Celery:
     app = Celery(name, set_as_current=False, include=include)
     app.conf.update(celery_config(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")))
+    if include:  # as workers/signals.py does for the fleet: no `task-sent` event per next step
+        app.conf.task_send_sent_event = False
     app.task(name=NOOP_TASK, ignore_result=True)(noop)
     return app
 
@@ -262,6 +265,8 @@ def run_floor(
     client = redis.Redis.from_url(redis_server.url)
     publisher = Celery("bench-noop-publisher", set_as_current=False)
     publisher.conf.update(celery_config(redis_server.url))
+    if app != "noop_app":  # the fleet's producers send pre-built messages, no `task-sent` event
+        publisher.conf.task_send_sent_event = False
     try:
         assert worker.pid is not None and redis_server.proc is not None
         client.delete(NOOP_DONE_KEY)
