@@ -53,7 +53,6 @@ from collections.abc import Iterator
 from queue import Empty
 from typing import Any
 
-from kombu.asynchronous import get_event_loop
 from kombu.exceptions import MessageStateError
 from kombu.message import Message
 from kombu.transport import redis as kombu_redis
@@ -197,32 +196,7 @@ def plain_pipeline(self: Any, pipe: Any = None, client: Any = None) -> Iterator[
         yield acquired.pipeline(transaction=False)
 
 
-def _nothing() -> None:
-    """A callback whose only effect is that the event loop runs its next turn now."""
-
-
-_qos_ack = kombu_redis.QoS.ack
-
-
-@functools.wraps(_qos_ack)
-def ack_and_wake_the_loop(self: Any, delivery_tag: str) -> Any:
-    """kombu's ack, then a wake-up of the worker's event loop when a pool thread acked.
-
-    With the Redis transport the loop asks for the next message (BRPOP) only while the channel
-    has a free prefetch slot, and it checks that on its next turn. A pool thread's ack frees a
-    slot but wakes nothing, so with every thread busy (prefetch multiplier 1, late acks) the
-    freed thread waited for whatever woke the loop next: a timer or another socket, often tens
-    of milliseconds. `call_soon` from another thread writes to the hub's waker, so the loop turns
-    at once and asks for the next message; one pending wake-up covers any number of acks."""
-    result = _qos_ack(self, delivery_tag)
-    hub = get_event_loop()
-    if hub is not None:
-        hub.call_soon(_nothing)
-    return result
-
-
 def install() -> None:
-    kombu_redis.QoS.ack = ack_and_wake_the_loop  # type: ignore[method-assign]
     kombu_redis.QoS.pipe_or_acquire = plain_pipeline  # type: ignore[method-assign]
     kombu_redis.Channel.conn_or_acquire = reused_client  # type: ignore[method-assign]
     kombu_redis.Channel._receive_one = bounded_pubsub_reads  # type: ignore[attr-defined]
