@@ -167,6 +167,19 @@ def test_a_queue_reads_empty_only_when_rabbitmq_has_no_such_queue(vhost: Vhost) 
             queue_ready(other, "awork.test.exclusive")  # 405: another connection's exclusive queue
 
 
+def _quiet_job(client: redis.Redis) -> dict[str, str]:
+    """A published job whose record has shown no sign of life for an hour."""
+    old = repr(time.time() - 3600)
+    record = {
+        "id": uuid.uuid4().hex, "state": "queued", "workspace": "default", "target": "task:t",
+        "route": "byuploadid", "file_name": "q.txt", "content_type": "text/plain",
+        "source_kind": "file", "source": "", "staged_owned": "0", "published": "1",
+        "created_at": old, "updated_at": old,
+    }  # fmt: skip
+    JobStore(client).create(record, None)
+    return record
+
+
 def test_the_sweeper_leaves_a_quiet_job_queued_in_rabbitmq_alone(
     vhost: Vhost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -176,15 +189,8 @@ def test_the_sweeper_leaves_a_quiet_job_queued_in_rabbitmq_alone(
     server = RedisServer(tmp_path / "redis").start()
     try:
         client = redis.Redis.from_url(server.url)
-        old = repr(time.time() - 3600)
-        job_id = uuid.uuid4().hex
-        record = {
-            "id": job_id, "state": "queued", "workspace": "default", "target": "task:t",
-            "route": "byuploadid", "file_name": "q.txt", "content_type": "text/plain",
-            "source_kind": "file", "source": "", "staged_owned": "0", "published": "1",
-            "created_at": old, "updated_at": old,
-        }  # fmt: skip
-        JobStore(client).create(record, None)
+        record = _quiet_job(client)
+        job_id = record["id"]
         app = publisher_app(server.url)
         try:
             canvas_from(app, record, "generate").apply_async()
@@ -221,15 +227,7 @@ def test_a_sweeper_pass_does_not_wait_for_a_rabbitmq_that_never_answers(
     server = RedisServer(tmp_path / "redis").start()
     try:
         client = redis.Redis.from_url(server.url)
-        old = repr(time.time() - 3600)
-        job_id = uuid.uuid4().hex
-        record = {
-            "id": job_id, "state": "queued", "workspace": "default", "target": "task:t",
-            "route": "byuploadid", "file_name": "q.txt", "content_type": "text/plain",
-            "source_kind": "file", "source": "", "staged_owned": "0", "published": "1",
-            "created_at": old, "updated_at": old,
-        }  # fmt: skip
-        JobStore(client).create(record, None)
+        job_id = _quiet_job(client)["id"]
         sweeper = Sweeper(client, server.url)
         assert not sweeper.redis_transport
         for _ in range(2):
@@ -237,6 +235,7 @@ def test_a_sweeper_pass_does_not_wait_for_a_rabbitmq_that_never_answers(
             result = sweeper.sweep_once(now=time.time() + 3600)
             assert time.monotonic() - started < 5
             assert result.redriven == 0  # not known to be lost: left for a pass that can tell
+        assert client.hget(job_key(job_id), "redrives") is None
         sweeper.stop()
         client.close()
     finally:

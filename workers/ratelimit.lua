@@ -361,34 +361,27 @@ elseif op == 'observe' then
   if ARGV[14] == '1' then
     -- Second window first: its outside entries go to the second log only. The minute log
     -- learns from the minute figures, which already include those requests.
-    local rem_s = tonumber(ARGV[13])
-    local look_s = tonumber(ARGV[16])
-    if rem_s and look_s <= RET_S - WS then
-      local lim = lim_s or learned_s or raw_s
-      local used = math.min(lim, lim - rem_s)
-      if used > 0 then
-        local ours = redis.call('ZCOUNT', KS, fmt(now - WS - look_s), UPTO)
-        if used - ours > 0 then
-          added_s = used - ours
-          add_outside(added_s, KS)
-          keep(KS, 'exp_s', exp_s, now + RET_S + MARGIN_EXP)
-        end
+    -- How many requests awork counted in one window beyond those our log holds (added to it).
+    local function learn(key, window, retain, remaining, look, lim, exp_field, exp_at)
+      if not (remaining and look <= retain - window) then
+        return 0
       end
-    end
-    local rem_m = tonumber(ARGV[11])
-    local look_m = tonumber(ARGV[15])
-    if rem_m and look_m <= RET_M - WM then
-      local lim = lim_m or learned_m or raw_m
-      local used = math.min(lim, lim - rem_m)
-      if used > 0 then
-        local ours = redis.call('ZCOUNT', KM, fmt(now - WM - look_m), UPTO)
-        if used - ours > 0 then
-          added_m = used - ours
-          add_outside(added_m, KM)
-          keep(KM, 'exp_m', exp_m, now + RET_M + MARGIN_EXP)
-        end
+      local used = math.min(lim, lim - remaining)
+      if used <= 0 then
+        return 0
       end
+      local ours = redis.call('ZCOUNT', key, fmt(now - window - look), UPTO)
+      if used - ours <= 0 then
+        return 0
+      end
+      add_outside(used - ours, key)
+      keep(key, exp_field, exp_at, now + retain + MARGIN_EXP)
+      return used - ours
     end
+    added_s = learn(KS, WS, RET_S, tonumber(ARGV[13]), tonumber(ARGV[16]),
+      lim_s or learned_s or raw_s, 'exp_s', exp_s)
+    added_m = learn(KM, WM, RET_M, tonumber(ARGV[11]), tonumber(ARGV[15]),
+      lim_m or learned_m or raw_m, 'exp_m', exp_m)
     if added_s > 0 or added_m > 0 then
       wrote_logs()
     end
