@@ -198,7 +198,7 @@ def test_the_sweeper_leaves_a_quiet_job_queued_in_rabbitmq_alone(
             app.close()
         wait_until(lambda: ready_in(vhost.url, QUEUE_API) == 1, 10, "message in RabbitMQ")
         sweeper = Sweeper(client, server.url)
-        assert not sweeper.redis_transport
+        assert not sweeper.broker.redis_transport
         result = sweeper.sweep_once(now=time.time() + 3600)
         assert result.redriven == 0 and result.republished == 0
         assert ready_in(vhost.url, QUEUE_API) == 1  # not published a second time
@@ -229,7 +229,7 @@ def test_a_sweeper_pass_does_not_wait_for_a_rabbitmq_that_never_answers(
         client = redis.Redis.from_url(server.url)
         job_id = _quiet_job(client)["id"]
         sweeper = Sweeper(client, server.url)
-        assert not sweeper.redis_transport
+        assert not sweeper.broker.redis_transport
         for _ in range(2):
             started = time.monotonic()
             result = sweeper.sweep_once(now=time.time() + 3600)

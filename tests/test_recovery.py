@@ -35,16 +35,10 @@ from producers.config import SharedSettings
 from producers.keys import ACTIVE_KEY, DEAD_KEY, INDEX_KEY, job_key
 from producers.redrive import canvas_from
 from tests.fleet import FAST, Fleet, holder_of, kill_a_running_put, put_running, wait_until
+from workers.orphan_staging import remove_orphan_staging
 from workers.queue_metrics import BrokerLayout
-from workers.sweeper import (
-    MAYBE_LOST,
-    Sweeper,
-    message_job_id,
-    payload_job_id,
-    remove_orphan_staging,
-    stalled_reason,
-)
-from workers.sweeper_rules import SweeperTimings
+from workers.sweeper import Sweeper
+from workers.sweeper_rules import MAYBE_LOST, SweeperTimings, message_job_id, payload_job_id, stalled_reason
 
 NO_FAULTS = {
     "routes": {
@@ -337,8 +331,6 @@ def unacked_jobs(fleet: Fleet) -> list[str]:
         return [j for j in (message_job_id(raw) for raw in client.hvals("unacked")) if j]
     finally:
         client.close()
-
-
 
 
 def test_a_step_killed_with_its_worker_resumes_on_another_within_two_minutes(

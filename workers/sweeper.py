@@ -31,7 +31,8 @@ With BROKER_URL on RabbitMQ (producers/transport.py) the duties that read kombu'
 are off (orphaned messages, unacknowledged messages of ended jobs): RabbitMQ redelivers a dead
 consumer's messages as soon as its connection closes and confirms every publish. A quiet job
 whose message may be lost is re-driven there only while the step queues are empty (RabbitMQ's
-queues cannot be searched for it). The other duties do not depend on the broker.
+queues cannot be searched for it). What the broker holds is read by workers/broker_messages.py;
+the other duties do not depend on the broker.
 
 Each pass also fills free transfer slots from the fair-share waiting lists (a wake-up lost with
 a worker, or slots a new worker brought).
@@ -53,13 +54,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import redis
 from celery import Celery
 
 from producers.broker import celery_config
-from producers.contract import QUEUE_API, QUEUE_TRANSFER
 from producers.endings import announce_stale
 from producers.job_ids import is_job_id
 from producers.keys import (
@@ -68,7 +67,6 @@ from producers.keys import (
     ENDED_KEY,
     INDEX_KEY,
     KOMBU_UNACKED_INDEX_KEY,
-    KOMBU_UNACKED_KEY,
     SWEEPER_LEASE_KEY,
     job_key,
     step_lock_key,
@@ -77,16 +75,14 @@ from producers.records import STEPS, JobStore
 from producers.redrive import canvas_from, resume_step
 from producers.transport import uses_redis_transport
 from workers import fair_gate
+from workers.broker_messages import BrokerMessages
 from workers.fair_share import FairSettings, FairShare, waiting_key
 from workers.orphan_staging import remove_orphan_staging
-from workers.queue_metrics import AmqpQueueDepths, BrokerLayout
 from workers.step_lock import DEFAULT_LOCK_TTL_SECONDS
 from workers.sweeper_rules import (
     DEFAULT_TIMINGS,
     MAYBE_LOST,
     SweeperTimings,
-    message_job_id,
-    payload_job_id,
     stalled_reason,
 )
 
@@ -96,8 +92,6 @@ log = logging.getLogger("awork.sweeper")
 ORPHAN_EVERY_PASSES = 40  # about every 10 minutes at the default interval
 BATCH = 500
 PRUNE_BATCH = 500
-# kombu's Redis transport: delivered, unacknowledged messages (tag -> [payload, exchange,
-# routing key]) and their delivery times (tag -> unix time).
 
 
 @dataclass
@@ -128,22 +122,16 @@ class Sweeper:
         self.token = f"{time.time()}-{id(self)}"
         self._stop = threading.Event()
         self._prune_offsets: dict[str, int] = {}
-        self._conn: Any = None
         self.fair = FairShare(client, lock_ttl, FairSettings.from_env())
-        # kombu's Redis transport: read its `unacked` hash and queue lists (producers/transport.py).
-        self.redis_transport = uses_redis_transport(redis_url)
-        # RabbitMQ: how many messages wait in the step queues, read within a bounded time.
-        self._rabbit_queues = (
-            None
-            if self.redis_transport
-            else AmqpQueueDepths(str(self.app.conf.broker_url), (QUEUE_API, QUEUE_TRANSFER))
-        )
+        # What the broker holds: kombu's `unacked` hash and queue lists on Redis, the step
+        # queues' depth on RabbitMQ (producers/transport.py).
+        self.broker = BrokerMessages(client, self.app, uses_redis_transport(redis_url))
 
     # -- one pass ----------------------------------------------------------------------------
     def sweep_once(self, now: float | None = None) -> SweepResult:
         now = time.time() if now is None else now
         result = SweepResult()
-        held = self.unacked_messages() if self.redis_transport else {}
+        held = self.broker.unacked()
         maybe_lost: list[dict[str, str]] = []
         seen: set[str] = set()
         start = 0
@@ -187,54 +175,17 @@ class Sweeper:
                 else:
                     result.redriven += 1
                     result.restored += int(restored)
-        if maybe_lost and (self.redis_transport or self._step_queues_empty()):
-            queued = self.queued_job_ids() if self.redis_transport else set()
+        if maybe_lost and self.broker.can_tell_lost_jobs():
+            queued = self.broker.queued_job_ids()
             for record in maybe_lost:
                 if record["id"] not in queued:
                     self._redrive(record, "lost-job", [])
                     result.redriven += 1
-        result.forgotten = self.forget_finished({j: m for j, m in held.items() if j not in seen}, now)
+        ended = {j: m for j, m in held.items() if j not in seen}
+        result.forgotten = self.broker.forget_finished(ended, now, self.timings.orphan_message)
         result.pruned = self.prune_indexes()
         result.announced = announce_stale(self.redis, self.app, now)
         return result
-
-    def _step_queues_empty(self) -> bool:
-        """RabbitMQ's queues cannot be searched for a job's message: a quiet job is taken for
-        lost only when RabbitMQ answered, within AmqpQueueDepths' timeout, that the step queues
-        hold nothing. A broker that does not answer (or hangs mid-frame) means "not known", and
-        the pass goes on without waiting for it."""
-        assert self._rabbit_queues is not None
-        try:
-            return sum(self._rabbit_queues.read().values()) == 0
-        except Exception as exc:
-            log.warning("sweeper: cannot read the step queues from RabbitMQ: %s", type(exc).__name__)
-            return False
-
-    def forget_finished(self, held: dict[str, list[tuple[str, float]]], now: float) -> int:
-        """Drop unacknowledged messages of jobs that have ended (or whose record is gone), held
-        longer than `orphan_message`: left behind by a worker that died or lost its
-        connection before its ack. Delivered again they would only be skipped; without this they
-        would sit in Redis until the visibility timeout."""
-        if not held:
-            return 0
-        jobs = list(held)
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in jobs:
-            pipe.hget(job_key(job_id), "state")
-        finished = {"done", "failed", "dead", "canceled"}
-        tags = [
-            tag
-            for job_id, state in zip(jobs, pipe.execute(), strict=True)
-            if state is None or _s(state) in finished
-            for tag, delivered in held[job_id]
-            if now - delivered > self.timings.orphan_message
-        ]
-        if tags:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.zrem(KOMBU_UNACKED_INDEX_KEY, *tags)
-            pipe.hdel(KOMBU_UNACKED_KEY, *tags)
-            pipe.execute()
-        return len(tags)
 
     def dispatch_slots(self) -> int:
         """Fill free transfer slots from the fair-share waiting lists; returns jobs published.
@@ -243,23 +194,6 @@ class Sweeper:
         return fair_gate.publish(
             self.app, JobStore(self.redis), fair, fair.dispatch() if fair.settings.enabled else fair.drain()
         )
-
-    def queued_job_ids(self) -> set[str]:
-        """Job ids of every message waiting in the step queues (every priority's list)."""
-        out: set[str] = set()
-        layout = BrokerLayout()
-        for queue in [key for q in (QUEUE_API, QUEUE_TRANSFER) for key in layout.list_keys(q)]:
-            start = 0
-            while True:
-                raws: list[bytes] = self.redis.lrange(queue, start, start + BATCH - 1)  # type: ignore[assignment]
-                for raw in raws:
-                    job_id = payload_job_id(raw)
-                    if job_id:
-                        out.add(job_id)
-                if len(raws) < BATCH:
-                    break
-                start += BATCH
-        return out
 
     def _zrange(self, key: str, start: int, end: int) -> list[str]:
         ids: list[bytes] = self.redis.zrange(key, start, end)  # type: ignore[assignment]
@@ -285,28 +219,13 @@ class Sweeper:
             out.append((waiting, bool(next(replies))))
         return out
 
-    def unacked_messages(self) -> dict[str, list[tuple[str, float]]]:
-        """job id -> (delivery tag, delivered at) of its messages that workers hold unacknowledged
-        (running, waiting for a thread or for their countdown, or lost with their worker)."""
-        index: list[tuple[bytes, float]] = self.redis.zrange(KOMBU_UNACKED_INDEX_KEY, 0, -1, withscores=True)  # type: ignore[assignment]
-        out: dict[str, list[tuple[str, float]]] = {}
-        if not index:
-            return out
-        tags = [_s(t) for t, _ in index]
-        raws: list[bytes | None] = self.redis.hmget(KOMBU_UNACKED_KEY, tags)  # type: ignore[assignment]
-        for (_, delivered), tag, raw in zip(index, tags, raws, strict=True):
-            job_id = message_job_id(raw) if raw else None
-            if job_id:
-                out.setdefault(job_id, []).append((tag, float(delivered)))
-        return out
-
     def _redrive(self, record: dict[str, str], reason: str, tags: list[str]) -> bool:
         """Hand the job's lost messages back to their queues, or publish it again; True when
         messages were restored."""
         job_id = record["id"]
         restored = 0
         if reason != "unpublished" and tags:
-            restored = self._restore(tags)
+            restored = self.broker.restore(tags)
         how = f"{restored} message(s) restored"
         if not restored:
             first = resume_step(record)
@@ -321,30 +240,6 @@ class Sweeper:
         pipe.execute()
         log.warning("sweeper: job=%s re-driven (%s): %s", job_id, reason, how)
         return restored > 0
-
-    def _restore(self, tags: list[str]) -> int:
-        """Move unacknowledged messages back to the head of their queues (kombu's restore)."""
-        restored = 0
-        try:
-            if self._conn is None:
-                self._conn = self.app.connection_for_write()
-            qos = self._conn.default_channel.qos
-            for tag in tags:
-                if self.redis.hexists(KOMBU_UNACKED_KEY, tag):
-                    qos.restore_by_tag(tag)
-                    restored += 1
-        except Exception:
-            log.warning("sweeper: could not restore messages %s", tags, exc_info=True)
-            self._close_conn()
-        return restored
-
-    def _close_conn(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.release()
-            except Exception:
-                log.debug("sweeper: closing its broker connection failed", exc_info=True)
-            self._conn = None
 
     def prune_indexes(self) -> int:
         """Drop ids whose records have expired (or were purged) from the job index and the dead
@@ -386,8 +281,8 @@ class Sweeper:
                 self.pass_once(housekeeping=passes % ORPHAN_EVERY_PASSES == 0)
             except Exception:
                 log.warning("sweeper pass failed", exc_info=True)
-                self._close_conn()
-        self._close_conn()
+                self.broker.close_connection()
+        self.broker.close()
 
     def idle(self) -> bool:
         """Nothing for a pass to look at (one EXISTS): no unfinished job (a job waiting for a
@@ -416,8 +311,7 @@ class Sweeper:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._rabbit_queues is not None:
-            self._rabbit_queues.close()
+        self.broker.close()
 
 
 def _s(value: bytes | str) -> str:
