@@ -73,8 +73,10 @@ class DeadLetters:
             pipe.zadd(INDEX_KEY, {job_id: created})
             pipe.zadd(ACTIVE_KEY, {job_id: created})
             pipe.execute()
-            canvas_from(self.up._app, record, first).apply_async()
+            # read before the message goes out: a worker may take it at once, and the caller is
+            # told the state the retry set, not whichever step a worker reached meanwhile
             out.append(self.up.status(job_id))
+            canvas_from(self.up._app, record, first).apply_async()
         return out
 
     def retry_all(self) -> list[Job]:

@@ -397,6 +397,33 @@ def test_a_step_that_keeps_killing_its_worker_goes_to_dead_letters(fleet: Fleet,
     assert len(fleet.files_of(entity)) == 1
 
 
+def test_a_retried_dead_letter_reports_the_state_the_retry_set(
+    producer_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry used to read the job back after publishing it: with a worker quick enough to
+    take the message first, the CLI reported `linking` instead of `queued` (seen once in CI)."""
+    from producers import dead_letters
+    from producers.keys import DEAD_KEY
+
+    client = redis.Redis.from_url(producer_env["REDIS_URL"])
+    job_id = uuid.uuid4().hex
+    client.hset(
+        job_key(job_id),
+        mapping={"id": job_id, "state": "failed", "failed_step": "link", "created_at": repr(time.time())},
+    )
+    client.zadd(DEAD_KEY, {job_id: time.time()})
+
+    class TakenAtOnce:  # a worker that takes the message the moment it is published
+        def apply_async(self) -> None:
+            client.hset(job_key(job_id), "state", "linking")
+
+    monkeypatch.setattr(dead_letters, "canvas_from", lambda *_: TakenAtOnce())
+    with Uploads.from_env() as up:
+        (job,) = dead_letters.DeadLetters(up).retry([job_id])
+    assert job.state.value == "queued"
+    assert client.hget(job_key(job_id), "state") == b"linking"  # the message did go out
+
+
 def test_dead_letters_list_retry_and_purge_through_the_cli(fleet: Fleet, tmp_path: Path) -> None:
     task_id = str(uuid.uuid4())  # not in awork (yet)
     job = fleet.uploads.enqueue(random_file(tmp_path / "late-task.bin", 30_000), to=f"task:{task_id}")
