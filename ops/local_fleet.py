@@ -19,7 +19,6 @@ had started before raising, so no process outlives the fleet.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import socket
 import sys
@@ -34,7 +33,7 @@ from urllib.parse import urlsplit
 import redis
 
 from ops.processes import Child, stop_all
-from ops.redis_server import RedisServer, free_port
+from ops.redis_server import RedisServer, free_port, new_password
 from ops.sandbox.launcher import SandboxProcess
 from ops.tcp_proxy import TcpProxy
 from producers.client import Uploads
@@ -195,7 +194,7 @@ class LocalFleet:
                 client.close()
             self.env["REDIS_URL"] = self.options.redis_url
         else:
-            password = secrets.token_urlsafe(16) if self.options.redis_password else None
+            password = new_password() if self.options.redis_password else None
             self.redis = RedisServer(
                 self.root / "redis",
                 password=password,

@@ -15,7 +15,6 @@ production sentinels keep their own settings.
 from __future__ import annotations
 
 import os
-import secrets
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import redis
 
-from ops.redis_server import find_redis_server, free_port
+from ops.redis_server import find_redis_server, free_port, new_password
 
 MASTER_NAME = "mymaster"
 SENTINELS = 3
@@ -67,8 +66,8 @@ class RedisHA:
     the sentinels; both are generated unless given (None turns one off)."""
 
     root: Path
-    password: str | None = field(default_factory=lambda: secrets.token_urlsafe(12))
-    sentinel_password: str | None = field(default_factory=lambda: secrets.token_urlsafe(12))
+    password: str | None = field(default_factory=new_password)
+    sentinel_password: str | None = field(default_factory=new_password)
     master_name: str = MASTER_NAME
     nodes: list[_Node] = field(default_factory=list)
     sentinels: list[_Node] = field(default_factory=list)

@@ -6,6 +6,7 @@ Never someone else's Redis: each instance has its own port, data directory and A
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -14,6 +15,14 @@ import time
 from pathlib import Path
 
 import redis
+
+
+def new_password() -> str:
+    """A random password for a private redis-server, in hex: the server reads a command-line
+    argument that starts with "--" as the next option, so a token_urlsafe password did that one
+    time in 4,096 ("FATAL CONFIG FILE ERROR ... 'requirepass' wrong number of arguments", seen
+    once in CI)."""
+    return secrets.token_hex(16)
 
 
 def free_port() -> int:

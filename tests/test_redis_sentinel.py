@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from ops.redis_ha import RedisHA
+from ops.redis_server import new_password
 from producers.broker import celery_config
 from producers.config import ConfigError, SharedSettings, redact_url
 from producers.messages import fast_path_supported
@@ -79,6 +80,14 @@ def test_shared_settings_accept_sentinel(monkeypatch: pytest.MonkeyPatch, sentin
     monkeypatch.delenv("REDIS_SENTINEL_MASTER")
     with pytest.raises(ConfigError, match=r"^REDIS_SENTINEL_MASTER:"):
         SharedSettings.from_env()
+
+
+def test_generated_redis_passwords_are_never_read_as_an_option() -> None:
+    """redis-server takes a command-line argument starting with "--" for the next option: a
+    token_urlsafe password did that one time in 4,096 and the HA test's master did not start
+    (CI). The local fleet and RedisHA draw theirs from new_password()."""
+    drawn = [new_password() for _ in range(3000)] + [RedisHA(Path("unused")).password or ""]
+    assert not [p for p in drawn if p.startswith("-")]
 
 
 def test_failover_retry_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
