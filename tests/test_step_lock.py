@@ -190,12 +190,20 @@ def test_an_idle_heartbeat_makes_no_redis_call(redis_url: str) -> None:
     assert locks.beat_once(time.monotonic()) == 0
 
 
-def test_the_last_write_and_the_release_go_in_one_round_trip(redis_url: str) -> None:
+def _holding(
+    redis_url: str, job_id: str, step: str, record: dict[str, str]
+) -> tuple[redis.Redis, StepLocks, str]:
+    """A job record and this process holding its step's lock."""
     client = redis.Redis.from_url(redis_url)
-    client.hset(job_key("j7"), mapping={"id": "j7", "running": "put"})
+    client.hset(job_key(job_id), mapping=record)
     locks = StepLocks(client)
-    token, _ = locks.acquire_and_read("j7", "put")
+    token, _ = locks.acquire_and_read(job_id, step)
     assert token is not None
+    return client, locks, token
+
+
+def test_the_last_write_and_the_release_go_in_one_round_trip(redis_url: str) -> None:
+    client, locks, token = _holding(redis_url, "j7", "put", {"id": "j7", "running": "put"})
     locks.release_with("j7", "put", token, {"uploaded_upload_id": "u1", "size": "42"})
     record = {k.decode(): v.decode() for k, v in client.hgetall(job_key("j7")).items()}
     assert record == {"id": "j7", "uploaded_upload_id": "u1", "size": "42"}  # running cleared
@@ -208,11 +216,7 @@ def test_the_last_write_and_the_release_go_in_one_round_trip(redis_url: str) -> 
 
 
 def test_the_last_write_does_not_bring_back_a_purged_record(redis_url: str) -> None:
-    client = redis.Redis.from_url(redis_url)
-    client.hset(job_key("j8"), mapping={"id": "j8"})
-    locks = StepLocks(client)
-    token, _ = locks.acquire_and_read("j8", "generate")
-    assert token is not None
+    client, locks, token = _holding(redis_url, "j8", "generate", {"id": "j8"})
     client.delete(job_key("j8"))  # `dead purge` or expiry while the step ran
     locks.release_with("j8", "generate", token, {"upload_id": "u1"})
     assert not client.exists(job_key("j8"))
@@ -220,11 +224,7 @@ def test_the_last_write_does_not_bring_back_a_purged_record(redis_url: str) -> N
 
 
 def test_the_last_write_of_a_holder_whose_lock_was_taken_over_leaves_the_lock(redis_url: str) -> None:
-    client = redis.Redis.from_url(redis_url)
-    client.hset(job_key("j9"), mapping={"id": "j9", "running": "put"})
-    locks = StepLocks(client)
-    token, _ = locks.acquire_and_read("j9", "put")
-    assert token is not None
+    client, locks, token = _holding(redis_url, "j9", "put", {"id": "j9", "running": "put"})
     client.set(lock_key("j9", "put"), "their-token", ex=60)
     locks.release_with("j9", "put", token, {"size": "1"})
     assert client.get(lock_key("j9", "put")) == b"their-token"
