@@ -17,6 +17,7 @@ from celery import Celery
 
 from producers.contract import QUEUE_API, QUEUE_TRANSFER
 from producers.keys import KOMBU_UNACKED_INDEX_KEY, KOMBU_UNACKED_KEY, job_key
+from producers.transport import broker_url, is_amqp
 from workers.queue_metrics import AmqpQueueDepths, BrokerLayout
 from workers.sweeper_rules import FINISHED, message_job_id, payload_job_id
 
@@ -28,15 +29,16 @@ Held = dict[str, list[tuple[str, float]]]
 
 
 class BrokerMessages:
-    def __init__(self, client: redis.Redis, app: Celery, redis_transport: bool) -> None:
+    def __init__(self, client: redis.Redis, app: Celery, redis_url: str) -> None:
+        """`app` publishes restores; where the messages are is read once from `redis_url` and
+        BROKER_URL (producers.transport.broker_url)."""
         self.redis = client
         self.app = app
-        self.redis_transport = redis_transport
+        url = broker_url(redis_url)
+        self.redis_transport = not is_amqp(url)
         self._conn: Any = None  # a kombu connection, for restores
         self._rabbit_queues = (
-            None
-            if redis_transport
-            else AmqpQueueDepths(str(app.conf.broker_url), (QUEUE_API, QUEUE_TRANSFER))
+            None if self.redis_transport else AmqpQueueDepths(url, (QUEUE_API, QUEUE_TRANSFER))
         )
 
     def unacked(self) -> Held:

@@ -73,7 +73,6 @@ from producers.keys import (
 )
 from producers.records import STEPS, JobStore
 from producers.redrive import canvas_from, resume_step
-from producers.transport import uses_redis_transport
 from workers import fair_gate
 from workers.broker_messages import BrokerMessages
 from workers.fair_share import FairSettings, FairShare, waiting_key
@@ -125,7 +124,7 @@ class Sweeper:
         self.fair = FairShare(client, lock_ttl, FairSettings.from_env())
         # What the broker holds: kombu's `unacked` hash and queue lists on Redis, the step
         # queues' depth on RabbitMQ (producers/transport.py).
-        self.broker = BrokerMessages(client, self.app, uses_redis_transport(redis_url))
+        self.broker = BrokerMessages(client, self.app, redis_url)
 
     # -- one pass ----------------------------------------------------------------------------
     def sweep_once(self, now: float | None = None) -> SweepResult:
