@@ -252,15 +252,12 @@ class QueueDepthCollector(Collector):
         if self.amqp is not None:
             yield from self._collect_amqp(self.amqp)
             return
-        up = GaugeMetricFamily(f"{PREFIX}broker_up", "1 when this scrape could read the broker, else 0.")
         try:
             depths, unacked, dead = self.read()
         except (redis.RedisError, OSError) as exc:
             log.warning("metrics: cannot read queue depth from Redis: %s", type(exc).__name__)
-            up.add_metric([], 0)
-            yield up
+            yield _up_family(False)
             return
-        up.add_metric([], 1)
         yield _depth_family(depths, "all priority sub-queues, read from Redis")
         yield GaugeMetricFamily(
             f"{PREFIX}unacked_messages",
@@ -269,10 +266,9 @@ class QueueDepthCollector(Collector):
             value=unacked,
         )
         yield _dead_family(dead)
-        yield up
+        yield _up_family(True)
 
     def _collect_amqp(self, amqp: AmqpQueueDepths) -> Iterable[Metric]:
-        up = GaugeMetricFamily(f"{PREFIX}broker_up", "1 when this scrape could read the broker, else 0.")
         depths: dict[str, int] | None = None
         try:
             depths = amqp.read()
@@ -287,8 +283,7 @@ class QueueDepthCollector(Collector):
             yield _depth_family(depths, "messages ready, by a passive declare on RabbitMQ")
         if dead is not None:
             yield _dead_family(dead)
-        up.add_metric([], 0 if depths is None else 1)
-        yield up
+        yield _up_family(depths is not None)
 
     def close(self) -> None:
         """Close the RabbitMQ connection kept across scrapes (the Redis client's pool closes by
@@ -307,6 +302,12 @@ def _depth_family(depths: Mapping[str, int], how: str) -> GaugeMetricFamily:
     for queue, n in depths.items():
         depth.add_metric([queue], n)
     return depth
+
+
+def _up_family(up: bool) -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        f"{PREFIX}broker_up", "1 when this scrape could read the broker, else 0.", value=int(up)
+    )
 
 
 def _dead_family(dead: int) -> GaugeMetricFamily:
