@@ -82,18 +82,22 @@ def noop(n: int, last: bool = False) -> None:
         _done_counter().incr(NOOP_DONE_KEY)
 
 
-def _noop_app(name: str, include: list[str]) -> Celery:
-    app = Celery(name, set_as_current=False, include=include)
-    app.conf.update(celery_config(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")))
-    if include:  # as workers/signals.py does for the fleet: no `task-sent` event per next step
+def floor_app(name: str, patched: bool, redis_url: str | None = None) -> Celery:
+    """The floor's Celery app (its worker's, or its publisher's). Patched as the fleet is: the
+    CELERY_PATCHES loaded, and no `task-sent` events (workers/signals.py for what workers
+    publish; the fleet's producers send pre-built messages)."""
+    url = redis_url or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    app = Celery(name, set_as_current=False, include=CELERY_PATCHES if patched else [])
+    app.conf.update(celery_config(url))
+    if patched:
         app.conf.task_send_sent_event = False
     app.task(name=NOOP_TASK, ignore_result=True)(noop)
     return app
 
 
 # The apps of the floor's worker: `celery -A ops.bench.cpu_per_job:noop_app worker`.
-noop_app = _noop_app("bench-noop", [])
-patched_noop_app = _noop_app("bench-noop-patched", CELERY_PATCHES)
+noop_app = floor_app("bench-noop", patched=False)
+patched_noop_app = floor_app("bench-noop-patched", patched=True)
 
 
 _counter: list[redis.Redis] = []
@@ -253,8 +257,9 @@ def run_pipeline(
 
 
 def run_floor(
-    env: dict[str, str], redis_server: RedisServer, jobs: int, args: argparse.Namespace, app: str = "noop_app"
+    env: dict[str, str], redis_server: RedisServer, jobs: int, args: argparse.Namespace, patched: bool = False
 ) -> dict[str, Any]:
+    app = "patched_noop_app" if patched else "noop_app"
     worker = launch_worker(
         f"ops.bench.cpu_per_job:{app}",
         env,
@@ -263,10 +268,7 @@ def run_floor(
         args.loglevel,
     )
     client = redis.Redis.from_url(redis_server.url)
-    publisher = Celery("bench-noop-publisher", set_as_current=False)
-    publisher.conf.update(celery_config(redis_server.url))
-    if app != "noop_app":  # the fleet's producers send pre-built messages, no `task-sent` event
-        publisher.conf.task_send_sent_event = False
+    publisher = floor_app("bench-noop-publisher", patched, redis_server.url)
     try:
         assert worker.pid is not None and redis_server.proc is not None
         client.delete(NOOP_DONE_KEY)
@@ -429,7 +431,7 @@ def main() -> int:
         result["pipeline"] = run_pipeline(env, redis_server, sandbox, files, task_id, args, raw)
         if not args.skip_floor:
             result["floor"] = run_floor(env, redis_server, args.jobs, args)
-            result["floor_patched"] = run_floor(env, redis_server, args.jobs, args, "patched_noop_app")
+            result["floor_patched"] = run_floor(env, redis_server, args.jobs, args, patched=True)
         if args.monitor:
             sandbox.reset()
             watched = files[: args.monitor]
