@@ -28,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import redis
 import requests
 
 from ops.demo_files import random_file
@@ -84,14 +83,12 @@ def run_pipeline(fleet: LocalFleet, files: list[Path], task_id: str) -> tuple[fl
     `wait_many` (every unfinished record read every 0.1 s: 15,000 reads in a 500-job run) or by
     polling the sandbox's file list took CPU from the workers on the same two cores."""
     up = Uploads(fleet.shared_settings(fleet.env))
-    client = redis.Redis.from_url(fleet.env["REDIS_URL"])
     started = time.monotonic()
     jobs = up.enqueue_many([JobSpec(f, f"task:{task_id}") for f in files])
     deadline = started + 1800
-    while client.zcard(ACTIVE_KEY) and time.monotonic() < deadline:
+    while up.redis.zcard(ACTIVE_KEY) and time.monotonic() < deadline:
         time.sleep(0.02)
     seconds = time.monotonic() - started
-    client.close()
     final = up.wait_many([j.id for j in jobs], timeout=120, poll=0.5)
     states: dict[str, int] = {}
     for j in final:
