@@ -12,9 +12,17 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import redis
+
+
+def command_calls(client: redis.Redis) -> Counter[str]:
+    """Commands the server has run so far, by name (INFO commandstats: the commands Lua scripts
+    run count too, and the INFO calls that read them)."""
+    stats: dict[str, dict[str, int]] = client.info("commandstats")  # type: ignore[assignment]
+    return Counter({k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()})
 
 
 def new_password() -> str:

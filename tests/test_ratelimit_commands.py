@@ -15,6 +15,7 @@ import time
 
 import redis
 
+from ops.redis_server import command_calls
 from workers.limits_config import WorkspaceLimits
 from workers.ratelimit import RateLimiter
 
@@ -28,18 +29,13 @@ HEADERS = {
 }
 
 
-def _calls(client: redis.Redis) -> dict[str, int]:
-    stats = client.info("commandstats")
-    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
-
-
 def _inside_per_call(client: redis.Redis, call: object, n: int = N) -> tuple[float, dict[str, int]]:
     """Commands the script ran per call (all commands but EVALSHA and INFO), and by name."""
     assert callable(call)
-    before = _calls(client)
+    before = command_calls(client)
     for _ in range(n):
         call()
-    after = _calls(client)
+    after = command_calls(client)
     delta = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
     assert delta.pop("evalsha") == n
     delta.pop("info", None)

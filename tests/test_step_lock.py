@@ -9,6 +9,7 @@ import time
 import pytest
 import redis
 
+from ops.redis_server import command_calls
 from producers.keys import job_key
 from workers.step_lock import LeaseLost, LockTimings, StepLocks, lock_key
 
@@ -149,8 +150,7 @@ def test_a_lock_taken_by_a_first_send_whose_answer_was_lost_is_ours(
 
 
 def _calls(client: redis.Redis, command: str) -> int:
-    stats = client.info("commandstats")
-    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+    return command_calls(client)[command]
 
 
 def test_the_heartbeat_renews_only_locks_a_heartbeat_old(redis_url: str) -> None:

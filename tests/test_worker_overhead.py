@@ -7,10 +7,12 @@ import threading
 from collections import Counter
 
 import pytest
+import redis
 from celery import Celery
 from celery.worker.consumer import events as consumer_events
 from kombu import Connection
 
+from ops.redis_server import command_calls
 from workers import event_batching, kombu_fixes, logging_setup
 
 
@@ -49,10 +51,10 @@ def test_a_delivered_message_and_its_ack_cost_redis_two_commands_each_without_mu
     assert acked["zrem"] == 1 and acked["hdel"] == 1, acked
 
 
-def _calls(client: object) -> Counter[str]:
-    stats = client.info("commandstats")  # type: ignore[attr-defined]
-    calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
-    return Counter({k: n for k, n in calls.items() if k != "info"})
+def _calls(client: redis.Redis) -> Counter[str]:
+    calls = command_calls(client)
+    del calls["info"]
+    return calls
 
 
 class _Hub:

@@ -44,7 +44,7 @@ from celery import Celery
 from ops.demo_files import random_file
 from ops.processes import Child, stop_all
 from ops.rabbitmq import Vhost
-from ops.redis_server import RedisServer
+from ops.redis_server import RedisServer, command_calls
 from ops.sandbox.launcher import SandboxProcess
 from ops.stack import ping_workers, worker_argv
 from producers.broker import celery_config
@@ -168,8 +168,7 @@ class Snapshot:
 
     @classmethod
     def take(cls, client: redis.Redis, workers: list[Child]) -> Snapshot:
-        stats = client.info("commandstats")
-        calls = Counter({k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()})
+        calls = command_calls(client)
         net = client.info("stats")
         cpu = client.info("cpu")
         return cls(

@@ -58,7 +58,7 @@ from ops.bench.redis_monitor import Monitor
 from ops.demo_files import random_file
 from ops.local_fleet import ping_workers, worker_argv
 from ops.processes import Child
-from ops.redis_server import RedisServer
+from ops.redis_server import RedisServer, command_calls
 from ops.sandbox.launcher import SandboxProcess
 from producers.broker import celery_config
 from producers.client import Uploads
@@ -133,11 +133,6 @@ def tree_cpu(pid: int) -> float:
         members |= found
         grew = bool(found)
     return sum(cpu.get(p, 0.0) for p in members)
-
-
-def command_calls(client: redis.Redis) -> Counter[str]:
-    stats: dict[str, dict[str, int]] = client.info("commandstats")  # type: ignore[assignment]
-    return Counter({k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()})
 
 
 @dataclass
